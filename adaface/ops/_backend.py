@@ -1,0 +1,84 @@
+"""Which implementation an op runs: the PyTorch reference, the Triton kernels, or the C++/CUDA extension."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+
+BUILD_HINT = (
+    "The C++/CUDA extension `adaface._C` is not built. Build it with "
+    "`pip install --no-build-isolation -e .` in an environment where torch is installed "
+    "(a CUDA toolkit with nvcc gives the CUDA kernels, otherwise the CPU kernels are built); "
+    "ADAFACE_BUILD_EXT=0 disables it on purpose."
+)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
+
+
+@functools.cache
+def load_extension() -> ModuleType:
+    """Import `adaface._C` (which registers `torch.ops.adaface.*`), or raise with build instructions."""
+    try:
+        return importlib.import_module("adaface._C")
+    except ImportError as exc:
+        raise RuntimeError(f"{BUILD_HINT} (import error: {exc})") from exc
+
+
+def extension_available() -> bool:
+    try:
+        load_extension()
+    except RuntimeError:
+        return False
+    return True
+
+
+def extension_has_cuda() -> bool:
+    return extension_available() and bool(getattr(load_extension(), "WITH_CUDA", False))
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tuple[str, ...]) -> str:
+    """Turn the user's `backend` into the one that runs, with a clear error when it cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and "triton" in supports and triton_importable():
+            return "triton"
+        return "torch"
+    if backend not in supports:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (available: {supports})")
+    if backend == "triton":
+        if not triton_importable():
+            raise RuntimeError(f"{op}: backend='triton' needs the `triton` package")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"{op}: backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                "before importing adaface to run the kernels on the CPU through Triton's interpreter"
+            )
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type}; use 'cpp' for CPU")
+        load_extension()
+        if not extension_has_cuda():
+            raise RuntimeError(f"{op}: `adaface._C` was built without CUDA kernels. {BUILD_HINT}")
+    elif backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"{op}: backend='cpp' needs CPU tensors, got {device.type}; use 'cuda'")
+        load_extension()
+    return backend

@@ -1,0 +1,55 @@
+"""Input validation shared by the public ops: errors name the argument and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    layout: str | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    where = f" ({layout})" if layout else ""
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: `{name}` must have {ndim} dimensions{where}, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(
+            f"{op}: `{name}` must have at least {min_ndim} dimension(s){where}, got shape {tuple(t.shape)}"
+        )
+    if dtypes and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{op}: `{name}` must have dtype in ({names}), got {t.dtype}")
+    return t
+
+
+def check_same(op: str, named: dict[str, torch.Tensor], *, shape: bool = True) -> None:
+    """All tensors share device and dtype (and shape, when asked)."""
+    items = list(named.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `{first_name}` is on {first.device}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: `{name}` has dtype {t.dtype} but `{first_name}` has {first.dtype}")
+        if shape and t.shape != first.shape:
+            raise ValueError(
+                f"{op}: `{name}` must have the shape of `{first_name}` {tuple(first.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+
+
+def check_eps(op: str, eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"{op}: `eps` must be a non-negative number, got {eps!r}")

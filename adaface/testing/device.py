@@ -1,0 +1,25 @@
+"""Where kernels run in tests and benchmarks: CUDA when present, else the CPU under Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def configure_triton_interpreter() -> torch.device:
+    """Set TRITON_INTERPRET=1 when there is no CUDA device; call before any kernel module is imported."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device a figure was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu} ({os.cpu_count()} cores, torch {torch.__version__})"

@@ -1,0 +1,71 @@
+"""Installation and packaging properties."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_imports_from_any_directory(tmp_path):
+    res = _run("import adaface, adaface.kernels, adaface.ops; print(adaface.kernels.__name__)", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "adaface.kernels"
+
+
+def test_top_level_kernels_module_is_not_shadowed(tmp_path):
+    """The folder kernels/ is installed as adaface.kernels, never as an importable top-level `kernels`."""
+    res = _run(
+        "import importlib.util, adaface; spec = importlib.util.find_spec('kernels'); "
+        "print('none' if spec is None else spec.origin)",
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert str(ROOT / "kernels") not in res.stdout
+
+
+def test_import_is_light(tmp_path):
+    """`import adaface, adaface.ops` must not pull in insightface, onnxruntime or diffusers."""
+    code = (
+        "import sys, adaface, adaface.ops\n"
+        "heavy = [m for m in ('insightface', 'onnxruntime', 'diffusers') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    res = _run(code, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import adaface
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        adaface.nope  # noqa: B018
+
+
+def test_tiny_sd15_loads_through_diffusers(tiny_sd15_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15_dir), safety_checker=None)
+    ids = pipe.tokenizer("a photo of z in the forest").input_ids
+    assert len(ids) == 9  # bos + 7 single-token words + eos: the tiny BPE merges whole words
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_extension_when_built_reports_its_flavour():
+    from adaface.ops import _backend
+
+    if not _backend.extension_available():
+        pytest.skip("adaface._C not built in this environment")
+    assert _backend.load_extension().WITH_CUDA in (0, 1)
