@@ -1,0 +1,83 @@
+"""Compositional delta loss (paper eq. 4–6): 1 − cos between two orthogonally-subtracted feature deltas.
+
+Per row of the last dimension C:
+    Δs = ortho(subj_comp, subj_single),  Δc = ortho(cls_comp, cls_single)
+    loss_row = 1 − cos(Δs, Δc)       (cosine as torch.nn.functional.cosine_similarity, eps 1e-8)
+with ortho(a, b) = a − (a·b)/(b·b + eps)·b. Losses are returned in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import resolve_backend
+from ._checks import check_eps, check_same, check_tensor
+from .ortho import ortho_subtract_reference
+
+_OP = "delta_cosine_loss"
+REDUCTIONS = ("mean", "sum", "none")
+COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
+
+
+def reduce_rows(loss_rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss_rows.mean() if loss_rows.numel() else loss_rows.sum()
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows
+
+
+def delta_cosine_loss_reference(
+    subj_single: torch.Tensor,
+    subj_comp: torch.Tensor,
+    cls_single: torch.Tensor,
+    cls_comp: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Plain PyTorch. `upcast=True` computes in fp32; `upcast=False` in the inputs' dtype."""
+    delta_s = ortho_subtract_reference(subj_comp, subj_single, eps, upcast=upcast)
+    delta_c = ortho_subtract_reference(cls_comp, cls_single, eps, upcast=upcast)
+    if upcast:
+        delta_s, delta_c = delta_s.float(), delta_c.float()
+    loss_rows = (1 - F.cosine_similarity(delta_s, delta_c, dim=-1, eps=COSINE_EPS)).float()
+    return reduce_rows(loss_rows, reduction)
+
+
+def delta_cosine_loss(
+    subj_single: torch.Tensor,
+    subj_comp: torch.Tensor,
+    cls_single: torch.Tensor,
+    cls_comp: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`1 − cos(ortho(subj_comp, subj_single), ortho(cls_comp, cls_single))` per row of `[..., C]` inputs.
+
+    `reduction`: "mean" (scalar), "sum" (scalar) or "none" (shape `[...]`); fp32 result. Gradients flow to
+    every input that requires grad (detach the class side yourself when it is the teacher).
+    """
+    named = {"subj_single": subj_single, "subj_comp": subj_comp, "cls_single": cls_single, "cls_comp": cls_comp}
+    for name, t in named.items():
+        check_tensor(_OP, name, t, min_ndim=1, layout="[..., C]")
+    check_same(_OP, named)
+    check_eps(_OP, eps)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{_OP}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    which = resolve_backend(backend, subj_single.device, _OP, supports=("torch", "triton", "cuda", "cpp"))
+    if which == "triton":
+        from adaface.kernels.delta_cosine import delta_cosine_rows_triton
+
+        rows = delta_cosine_rows_triton(subj_single, subj_comp, cls_single, cls_comp, float(eps))
+        return reduce_rows(rows, reduction)
+    if which in ("cuda", "cpp"):
+        from ._extension import delta_cosine_rows_ext
+
+        rows = delta_cosine_rows_ext(subj_single, subj_comp, cls_single, cls_comp, float(eps))
+        return reduce_rows(rows, reduction)
+    return delta_cosine_loss_reference(subj_single, subj_comp, cls_single, cls_comp, eps=eps, reduction=reduction)

@@ -1,0 +1,118 @@
+"""Elastic face-preserving loss (paper eq. 7–8): soft-warp the composition features onto the single ones.
+
+    A = softmax(scale · q_subj q_compᵀ) over M        (scale 1: the paper's logits are unscaled on purpose)
+    warped = A · feat_comp
+    loss = masked mean over rows n of (1 − cos(warped[n], feat_subj[n]))
+This is attention with q = q_subj, k = q_comp, v = feat_comp followed by a row cosine; the kernels never
+build the N×M matrix. The loss is returned in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import resolve_backend
+from ._checks import check_tensor
+
+_OP = "soft_warp_loss"
+COSINE_EPS = 1e-8
+
+
+def _mask_weights(mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
+    """[B, N] fp32 row weights (1 = row counts)."""
+    if mask is None:
+        return torch.ones(B, N, device=device, dtype=torch.float32)
+    return mask.to(torch.float32)
+
+
+def masked_row_mean(loss_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·loss / Σ w, and exactly 0 (with a valid graph) when no row is selected."""
+    total = weights.sum()
+    return (loss_rows * weights).sum() / torch.clamp(total, min=1.0) if total.numel() else loss_rows.sum()
+
+
+def soft_warp_loss_reference(
+    q_subj: torch.Tensor,
+    q_comp: torch.Tensor,
+    feat_subj: torch.Tensor,
+    feat_comp: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Plain PyTorch: materialises the [B, N, M] matrix. `upcast=False` computes in the inputs' dtype."""
+    ct = torch.float32 if upcast else q_subj.dtype
+    logits = torch.einsum("bnd,bmd->bnm", q_subj.to(ct), q_comp.to(ct)) * scale
+    attn = torch.softmax(logits.float(), dim=-1).to(ct)
+    warped = torch.einsum("bnm,bmc->bnc", attn, feat_comp.to(ct))
+    loss_rows = (1 - F.cosine_similarity(warped, feat_subj.to(ct), dim=-1, eps=COSINE_EPS)).float()
+    B, N = q_subj.shape[:2]
+    return masked_row_mean(loss_rows, _mask_weights(mask, B, N, q_subj.device))
+
+
+def _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale) -> None:
+    check_tensor(_OP, "q_subj", q_subj, ndim=3, layout="[B, N, Dq]")
+    check_tensor(_OP, "q_comp", q_comp, ndim=3, layout="[B, M, Dq]")
+    check_tensor(_OP, "feat_subj", feat_subj, ndim=3, layout="[B, N, C]")
+    check_tensor(_OP, "feat_comp", feat_comp, ndim=3, layout="[B, M, C]")
+    B, N, Dq = q_subj.shape
+    M = q_comp.shape[1]
+    C = feat_subj.shape[2]
+    expected = {
+        "q_comp": (q_comp, (B, M, Dq), "[B, M, Dq]"),
+        "feat_subj": (feat_subj, (B, N, C), "[B, N, C]"),
+        "feat_comp": (feat_comp, (B, M, C), "[B, M, C]"),
+    }
+    for name, (t, shape, layout) in expected.items():
+        if t.dtype != q_subj.dtype:
+            raise ValueError(f"{_OP}: `{name}` has dtype {t.dtype} but `q_subj` has {q_subj.dtype}")
+        if t.device != q_subj.device:
+            raise ValueError(f"{_OP}: `{name}` is on {t.device} but `q_subj` is on {q_subj.device}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{_OP}: `{name}` must have shape {layout} = {shape}, got {tuple(t.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{_OP}: `mask` must be a tensor [B, N] or None, got {type(mask).__name__}")
+        if tuple(mask.shape) != (B, N):
+            raise ValueError(f"{_OP}: `mask` must have shape [B, N] = {(B, N)}, got {tuple(mask.shape)}")
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise ValueError(f"{_OP}: `mask` must be bool or 0/1 float, got {mask.dtype}")
+        if mask.device != q_subj.device:
+            raise ValueError(f"{_OP}: `mask` is on {mask.device} but `q_subj` is on {q_subj.device}")
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"{_OP}: `scale` must be a number, got {type(scale).__name__}")
+
+
+def soft_warp_loss(
+    q_subj: torch.Tensor,
+    q_comp: torch.Tensor,
+    feat_subj: torch.Tensor,
+    feat_comp: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Masked mean of `1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj)`; scalar fp32.
+
+    q_subj [B, N, Dq], q_comp [B, M, Dq], feat_subj [B, N, C], feat_comp [B, M, C], mask [B, N] (bool or
+    0/1 float; None = every row). An all-zero mask gives 0 with a valid graph.
+    """
+    _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale)
+    which = resolve_backend(backend, q_subj.device, _OP, supports=("torch", "triton", "cuda", "cpp"))
+    B, N = q_subj.shape[:2]
+    if which == "triton":
+        from adaface.kernels.soft_warp import soft_warp_rows_triton
+
+        weights = _mask_weights(mask, B, N, q_subj.device)
+        rows = soft_warp_rows_triton(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+        return masked_row_mean(rows, weights)
+    if which in ("cuda", "cpp"):
+        from ._extension import soft_warp_rows_ext
+
+        weights = _mask_weights(mask, B, N, q_subj.device)
+        rows = soft_warp_rows_ext(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+        return masked_row_mean(rows, weights)
+    return soft_warp_loss_reference(q_subj, q_comp, feat_subj, feat_comp, mask, scale=scale)
