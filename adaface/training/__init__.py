@@ -1,0 +1,1 @@
+"""Training building blocks composed by the scripts in training/: losses, checkpoints, schedules."""
