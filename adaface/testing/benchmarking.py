@@ -1,0 +1,47 @@
+"""Shared benchmark plumbing: peak memory on CUDA and CPU, and the figures recorded with every result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .device import device_name
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated by torch while `fn()` runs, above what was allocated before it.
+
+    CUDA: the caching allocator's peak counter. CPU: torch's profiler memory events (every allocation and
+    free of CPU tensors, in order), whose running sum's maximum is the peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.cpu_memory_usage]
+    events.sort(key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def record(benchmark: Any, device: torch.device, **extra: Any) -> None:
+    """Attach the device and any figures (bytes moved, flops, peak memory) to a pytest-benchmark result."""
+    benchmark.extra_info["device"] = device_name(device)
+    benchmark.extra_info.update(extra)
