@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One prepared GPU check, run from the repo root on a CUDA machine (`bash bench/device_check.sh`):
+#   1. installs adaface there without network (--no-deps --no-build-isolation), compiling the CUDA extension;
+#   2. runs the tests marked `gpu` (CUDA kernels against the references and against each other);
+#   3. runs the benchmarks at paper scale and prints one compact table (median, ratios, GB/s, TFLOP/s,
+#      peak memory, device).
+# Budget: under 8 minutes on an H100. Packages the machine lacks (diffusers, prodigyopt) travel as wheels
+# in .whl/ (see the device tool's README); they are installed to /tmp/site when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-/tmp/adaface-device-check}
+mkdir -p "$OUT_DIR"
+t0=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+MAX_JOBS=${MAX_JOBS:-16} ADAFACE_REQUIRE_EXT=1 timeout 240 \
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 \
+    || { echo "install failed, see $OUT_DIR/install.log"; tail -20 "$OUT_DIR/install.log"; }
+python3 -c "import torch, triton, adaface.ops._backend as b; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'ext', b.extension_available(), 'ext cuda', b.extension_has_cuda())"
+echo "install: $(( $(date +%s) - t0 )) s"
+
+timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -15
+echo "gpu tests: $(( $(date +%s) - t0 )) s"
+
+timeout 300 python3 -m pytest -q bench/ -p no:cacheprovider --benchmark-json="$OUT_DIR/bench.json" \
+    --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-warmup=on --benchmark-disable-gc \
+    2>&1 | tee "$OUT_DIR/bench.log" | tail -15
+python3 bench/summarize.py "$OUT_DIR/bench.json" | tee "$OUT_DIR/table.txt"
+echo "total: $(( $(date +%s) - t0 )) s"
