@@ -180,3 +180,145 @@ def save_tiny_sd15(path: str | os.PathLike, cfg: TinyConfig = TinyConfig(), seed
     )
     pipe.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arc2Face, AnimateDiff and insightface: tiny stand-ins in the released layouts (appended for the models issue).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_tiny_arc2face(
+    path: str | os.PathLike, cfg: TinyConfig = TinyConfig(), seed: int = 1, with_tokenizer: bool = False
+) -> Path:
+    """The released Arc2Face layout: `arc2face/` (diffusers UNet, safetensors) and `encoder/` (CLIPTextModel
+    as `config.json` + `pytorch_model.bin`, keys under `text_model.` as transformers 4.x wrote them).
+
+    The release ships no tokenizer (Arc2Face uses SD-1.5's); `with_tokenizer=True` adds a `tokenizer/` folder.
+    """
+    path = Path(path)
+    tiny_unet(cfg, seed).save_pretrained(str(path / "arc2face"), safe_serialization=True)
+    enc = tiny_text_encoder(cfg, seed)
+    enc_dir = path / "encoder"
+    enc_dir.mkdir(parents=True, exist_ok=True)
+    config = enc.config.to_dict()
+    config["architectures"] = ["CLIPTextModel"]
+    config.pop("_attn_implementation_autoset", None)
+    (enc_dir / "config.json").write_text(json.dumps(config, indent=2))
+    inner = getattr(enc, "text_model", enc)
+    state = {f"text_model.{k}": v.clone() for k, v in inner.state_dict().items()}
+    torch.save(state, enc_dir / "pytorch_model.bin")
+    if with_tokenizer:
+        save_tiny_tokenizer(path / "tokenizer")
+    return path
+
+
+def tiny_motion_adapter(cfg: TinyConfig = TinyConfig(), seed: int = 0):
+    """An AnimateDiff MotionAdapter matching `tiny_unet`'s blocks."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    return MotionAdapter(
+        block_out_channels=cfg.unet_channels,
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=8,
+        use_motion_mid_block=False,
+    ).eval()
+
+
+TINY_FACE_INPUT = 112
+TINY_DET_INPUT = 128
+
+
+def _onnx_model(nodes, inputs, outputs, initializers, name: str):
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="adaface-tiny")
+    model.ir_version = 8  # readable by older onnxruntime releases too
+    return model
+
+
+def tiny_arcface_onnx(seed: int = 0):
+    """A recognition model insightface's ArcFaceONNX accepts: [N, 3, 112, 112] → [N, 512] (pool + linear)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    pooled = 3 * (TINY_FACE_INPUT // 8) ** 2
+    weight = numpy_helper.from_array(rng.standard_normal((pooled, 512)).astype(np.float32), "fc_weight")
+    nodes = [
+        helper.make_node("AveragePool", ["input.1"], ["pooled"], name="pool", kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["flat", "fc_weight"], ["683"], name="fc"),
+    ]
+    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, TINY_FACE_INPUT, TINY_FACE_INPUT])
+    out = helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", 512])
+    return _onnx_model(nodes, [inp], [out], [weight], "tiny_arcface")
+
+
+def tiny_scrfd_onnx():
+    """An SCRFD-shaped detector (9 batched outputs: scores, boxes, 5 keypoints at strides 8/16/32, 2 anchors).
+
+    It "detects" bright regions: an anchor's score is sigmoid(10 · (mean brightness of its stride cell − 0.5))
+    on insightface's normalised input, its box spans one stride around the anchor and its keypoints sit at fixed
+    face-like offsets. A dark image has no face; a bright square on a dark background is one.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    s = TINY_DET_INPUT
+    consts = [
+        numpy_helper.from_array(np.array([10.0], np.float32), "gain"),
+        numpy_helper.from_array(np.array([0.5], np.float32), "offset"),
+        numpy_helper.from_array(np.array([0.5, 0.5, 0.5, 0.5], np.float32), "box_dist"),
+        numpy_helper.from_array(
+            np.array([-0.2, -0.2, 0.2, -0.2, 0.0, 0.0, -0.15, 0.2, 0.15, 0.2], np.float32), "kps_dist"
+        ),
+    ]
+    nodes = [helper.make_node("ReduceMean", ["input.1"], ["gray"], name="gray", axes=[1], keepdims=1)]
+    scores, boxes, kpss = [], [], []
+    for stride in (8, 16, 32):
+        t = f"s{stride}"
+        consts.append(numpy_helper.from_array(np.array([1, -1, 1], np.int64), f"{t}_shape1"))
+        consts.append(numpy_helper.from_array(np.array([1, 1, 4], np.int64), f"{t}_tile4"))
+        consts.append(numpy_helper.from_array(np.array([1, 1, 10], np.int64), f"{t}_tile10"))
+        nodes += [
+            helper.make_node("AveragePool", ["gray"], [f"{t}_pool"], name=f"{t}_pool",
+                             kernel_shape=[stride, stride], strides=[stride, stride]),
+            helper.make_node("Sub", [f"{t}_pool", "offset"], [f"{t}_centred"], name=f"{t}_centre"),
+            helper.make_node("Mul", [f"{t}_centred", "gain"], [f"{t}_logit"], name=f"{t}_gain"),
+            helper.make_node("Sigmoid", [f"{t}_logit"], [f"{t}_prob"], name=f"{t}_sigmoid"),
+            # [1, 1, h, w] → [1, h, w, 1] → two anchors per location → [1, h·w·2, 1]
+            helper.make_node("Transpose", [f"{t}_prob"], [f"{t}_hw"], name=f"{t}_t", perm=[0, 2, 3, 1]),
+            helper.make_node("Concat", [f"{t}_hw", f"{t}_hw"], [f"{t}_anchors"], name=f"{t}_cat", axis=3),
+            helper.make_node("Reshape", [f"{t}_anchors", f"{t}_shape1"], [f"score_{stride}"], name=f"{t}_score"),
+            helper.make_node("Mul", [f"score_{stride}", "offset"], [f"{t}_zero0"], name=f"{t}_z0"),
+            helper.make_node("Sub", [f"{t}_zero0", f"{t}_zero0"], [f"{t}_zero"], name=f"{t}_z"),
+            helper.make_node("Tile", [f"{t}_zero", f"{t}_tile4"], [f"{t}_z4"], name=f"{t}_z4"),
+            helper.make_node("Add", [f"{t}_z4", "box_dist"], [f"bbox_{stride}"], name=f"{t}_box"),
+            helper.make_node("Tile", [f"{t}_zero", f"{t}_tile10"], [f"{t}_z10"], name=f"{t}_z10"),
+            helper.make_node("Add", [f"{t}_z10", "kps_dist"], [f"kps_{stride}"], name=f"{t}_kps"),
+        ]
+        n = (s // stride) ** 2 * 2
+        scores.append(helper.make_tensor_value_info(f"score_{stride}", TensorProto.FLOAT, [1, n, 1]))
+        boxes.append(helper.make_tensor_value_info(f"bbox_{stride}", TensorProto.FLOAT, [1, n, 4]))
+        kpss.append(helper.make_tensor_value_info(f"kps_{stride}", TensorProto.FLOAT, [1, n, 10]))
+    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, s, s])
+    return _onnx_model(nodes, [inp], scores + boxes + kpss, consts, "tiny_scrfd")
+
+
+def save_tiny_antelopev2(root: str | os.PathLike, *, with_detector: bool = True, seed: int = 0) -> Path:
+    """An insightface model root `root/models/antelopev2/` with a tiny detector and recognition model.
+
+    File names follow the release (`scrfd_10g_bnkps.onnx`, `glintr100.onnx`); returns the pack folder.
+    """
+    import onnx
+
+    pack = Path(root) / "models" / "antelopev2"
+    pack.mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_arcface_onnx(seed), str(pack / "glintr100.onnx"))
+    if with_detector:
+        onnx.save(tiny_scrfd_onnx(), str(pack / "scrfd_10g_bnkps.onnx"))
+    return pack
