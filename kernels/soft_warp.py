@@ -1,0 +1,536 @@
+"""Soft-warp (elastic face-preserving) row losses: flash-attention forward/backward followed by a row cosine.
+
+Per batch b, with q = q_subj [N, Dq], k = q_comp [M, Dq], v = feat_comp [M, C], f = feat_subj [N, C]:
+
+Forward (streaming over M, the N×M matrix is never stored):
+    S = scale · q kᵀ                              (blocked over Dq: S = Σ_chunks q[:, d] k[:, d]ᵀ)
+    online softmax per row: m = max_j S, l = Σ_j exp(S − m), lse = m + log l   (kept in base 2 internally)
+    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; the C dimension is split across programs,
+                                                          each program redoing the cheap-to-stream S)
+    cosine exactly as torch.nn.functional.cosine_similarity(O, f, eps):
+        n_o = max(|O|, eps),  n_f = max(|f|, eps),  cos = O·f / (n_o n_f),  row = 1 − cos
+Saved for the backward: O (fp32 [B, N, C]), lse ([B, N] fp32) and the compacted row order / count.
+
+Row selection: rows with weight 0 are never computed. `order[b]` lists the selected rows first (a stable
+argsort of `weight == 0`, done on the device, no host sync) and `count[b]` how many there are; row-parallel
+programs whose block lies past `count[b]` do no work, column-parallel programs loop only to `count[b]`.
+Unselected rows get loss 0 and zero gradients.
+
+Backward, with g = dL/drow (per row). torch's cosine clamps the norms under no_grad, so the gradient of
+cos goes through the unclamped norms |O|, |f| and the clamped divisors n_o, n_f:
+    dO = dL/dO = a·f + b_o·O,      dL/df = a·O + b_f·f,
+    a = −g / (n_o n_f),  b_o = g·cos / (n_o |O|),  b_f = g·cos / (n_f |f|)     (b = 0 where the norm is 0)
+  (for |O|, |f| ≥ eps this is −g·(f/(|O||f|) − cos·O/|O|²), as usual).
+Then flash-attention backward with that dO (dO is rounded once to the matmul dtype, and D is computed from
+that rounded dO and the fp32 O, so that D and the dP below agree; with near one-hot softmax rows
+dP − D is a small difference of large numbers):
+    D = rowsum(dO ∘ O)                                   (fp32; exactly 0 in exact arithmetic, since cos is
+                                                          scale invariant in O so dO ⊥ O: what is computed is
+                                                          the rounding residue that makes dP − D consistent)
+    P = exp(S − lse)  (recomputed),   dP = dO vᵀ          (blocked over C)
+    dS = P ∘ (dP − D)
+    dq_subj = scale · dS k,   dq_comp = scale · dSᵀ q,   dfeat_comp = Pᵀ dO
+Three backward kernels: row-parallel dq_subj (loop over M), column-parallel dq_comp and dfeat_comp (loop
+over the selected rows); each splits its output's feature dimension across programs (recomputing S / dP),
+and only runs for the inputs that require grad. A small row kernel computes dO, D and dfeat_subj first.
+Matmuls take the inputs' dtype (fp16/bf16) with fp32 accumulation; fp32 inputs use full-precision fp32 dots
+(TF32 would put errors of several units into logits of size 1e4, 3×TF32 still ~1e-3: fp32 is the accuracy
+path, bf16/fp16 the fast one); bf16 tiles are cast to fp32 under the interpreter, whose bf16 tl.dot is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from adaface.ops._backend import interpreting
+
+COSINE_EPS = 1e-8
+LOG2E = math.log2(math.e)
+
+# allocation hooks (tests swap them for NaN-filled allocators to catch elements a kernel forgets to write)
+_empty = torch.empty
+_empty_like = torch.empty_like
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_rows(
+    a_ptr, ra, ma, b_ptr, rb, mb, K,
+    BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+):
+    """[BA, BB] fp32 = Σ_k a[ra, k] · b[rb, k] over the contiguous last dimension K, in BK chunks."""
+    acc = tl.zeros([BA, BB], dtype=tl.float32)
+    offs_k = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        km = (k0 + offs_k) < K
+        a = tl.load(a_ptr + ra[:, None] * K + (k0 + offs_k)[None, :], mask=ma[:, None] & km[None, :], other=0.0)
+        bt = tl.load(b_ptr + rb[None, :] * K + (k0 + offs_k)[:, None], mask=mb[None, :] & km[:, None], other=0.0)
+        acc += tl.dot(a.to(COMPUTE), bt.to(COMPUTE), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(
+    qs_ptr, qc_ptr, fc_ptr, order_ptr, count_ptr, o_ptr, lse_ptr,
+    N, M, Dq, C, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, OUT_C: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    cnt = tl.load(count_ptr + b)
+    start_n = pid_n * BLOCK_N
+    if start_n < cnt:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rmask = offs_n < cnt
+        rows = tl.load(order_ptr + b * N + offs_n, mask=rmask, other=0).to(tl.int64)
+        qs_b = qs_ptr + b * N * Dq
+        qc_b = qc_ptr + b * M * Dq
+        fc_b = fc_ptr + b * M * C
+        offs_c = pid_c * OUT_C + tl.arange(0, OUT_C)
+        cm = offs_c < C
+        m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, OUT_C], dtype=tl.float32)
+        for start_m in range(0, M, BLOCK_M):
+            offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+            colm = offs_m < M
+            s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, BLOCK_D, COMPUTE, PREC)
+            s = tl.where(colm[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(fc_b + offs_m[:, None] * C + offs_c[None, :], mask=colm[:, None] & cm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v.to(COMPUTE), input_precision=PREC)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(o_ptr + b * N * C + rows[:, None] * C + offs_c[None, :], o, mask=rmask[:, None] & cm[None, :])
+        if pid_c == 0:
+            tl.store(lse_ptr + b * N + rows, m_i + tl.log2(l_safe), mask=rmask)
+
+
+@triton.jit
+def _row_sums(o_b, fs_b, offs_r, sel, C, BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr):
+    """Per row: O·f, |O|², |f|² (fp32), over C in BLOCK_CC chunks; unselected rows load nothing."""
+    acc_of = tl.zeros([BLOCK_R, BLOCK_CC], dtype=tl.float32)
+    acc_oo = tl.zeros([BLOCK_R, BLOCK_CC], dtype=tl.float32)
+    acc_ff = tl.zeros([BLOCK_R, BLOCK_CC], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_CC)
+    for c0 in range(0, C, BLOCK_CC):
+        m = sel[:, None] & ((c0 + offs_c) < C)[None, :]
+        idx = offs_r[:, None] * C + (c0 + offs_c)[None, :]
+        o = tl.load(o_b + idx, mask=m, other=0.0)
+        f = tl.load(fs_b + idx, mask=m, other=0.0).to(tl.float32)
+        acc_of += o * f
+        acc_oo += o * o
+        acc_ff += f * f
+    return tl.sum(acc_of, 1), tl.sum(acc_oo, 1), tl.sum(acc_ff, 1)
+
+
+@triton.jit
+def _cos_fwd_kernel(
+    o_ptr, fs_ptr, w_ptr, loss_ptr, N, C, eps,
+    BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rv = offs_r < N
+    wt = tl.load(w_ptr + b * N + offs_r, mask=rv, other=0.0)
+    sel = rv & (wt != 0)
+    s_of, s_oo, s_ff = _row_sums(o_ptr + b * N * C, fs_ptr + b * N * C, offs_r, sel, C, BLOCK_R, BLOCK_CC)
+    n_o = tl.maximum(tl.sqrt(s_oo), eps)
+    n_f = tl.maximum(tl.sqrt(s_ff), eps)
+    cos = s_of / (n_o * n_f)
+    tl.store(loss_ptr + b * N + offs_r, tl.where(sel, 1.0 - cos, 0.0), mask=rv)
+
+
+@triton.jit
+def _bwd_prep_kernel(
+    g_ptr, o_ptr, fs_ptr, w_ptr, do_ptr, di_ptr, dfs_ptr, N, C, eps,
+    BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr, NEED_DO: tl.constexpr, NEED_DFS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rv = offs_r < N
+    wt = tl.load(w_ptr + b * N + offs_r, mask=rv, other=0.0)
+    sel = rv & (wt != 0)
+    o_b = o_ptr + b * N * C
+    fs_b = fs_ptr + b * N * C
+    s_of, s_oo, s_ff = _row_sums(o_b, fs_b, offs_r, sel, C, BLOCK_R, BLOCK_CC)
+    g = tl.load(g_ptr + b * N + offs_r, mask=sel, other=0.0)
+    nrm_o = tl.sqrt(s_oo)
+    nrm_f = tl.sqrt(s_ff)
+    n_o = tl.maximum(nrm_o, eps)
+    n_f = tl.maximum(nrm_f, eps)
+    cos = s_of / (n_o * n_f)
+    coef_a = -g / (n_o * n_f)
+    coef_o = tl.where(nrm_o > 0, g * cos / (n_o * tl.where(nrm_o > 0, nrm_o, 1.0)), 0.0)
+    coef_f = tl.where(nrm_f > 0, g * cos / (n_f * tl.where(nrm_f > 0, nrm_f, 1.0)), 0.0)
+    di = tl.zeros([BLOCK_R], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_CC)
+    for c0 in range(0, C, BLOCK_CC):
+        cmask = ((c0 + offs_c) < C)[None, :]
+        m = sel[:, None] & cmask
+        idx = offs_r[:, None] * C + (c0 + offs_c)[None, :]
+        o = tl.load(o_b + idx, mask=m, other=0.0)
+        f = tl.load(fs_b + idx, mask=m, other=0.0).to(tl.float32)
+        if NEED_DO:
+            d_o = (coef_a[:, None] * f + coef_o[:, None] * o).to(do_ptr.dtype.element_ty)
+            tl.store(do_ptr + b * N * C + idx, d_o, mask=m)
+            di += tl.sum(d_o.to(tl.float32) * o, 1)
+        if NEED_DFS:
+            d_f = coef_a[:, None] * o + coef_f[:, None] * f
+            tl.store(dfs_ptr + b * N * C + idx, d_f.to(dfs_ptr.dtype.element_ty), mask=rv[:, None] & cmask)
+    if NEED_DO:
+        tl.store(di_ptr + b * N + offs_r, di, mask=sel)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, dqs_ptr,
+    N, M, Dq, C, qk_scale, scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    OUT_D: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq_subj rows: programs over the compacted row order; positions past count write zero rows."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    cnt = tl.load(count_ptr + b)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N
+    rmask = offs_n < cnt
+    rows = tl.load(order_ptr + b * N + offs_n, mask=in_n, other=0).to(tl.int64)
+    qs_b = qs_ptr + b * N * Dq
+    qc_b = qc_ptr + b * M * Dq
+    fc_b = fc_ptr + b * M * C
+    do_b = do_ptr + b * N * C
+    lse = tl.load(lse_ptr + b * N + rows, mask=rmask, other=0.0)
+    di = tl.load(di_ptr + b * N + rows, mask=rmask, other=0.0)
+    offs_d = pid_d * OUT_D + tl.arange(0, OUT_D)
+    dm = offs_d < Dq
+    acc = tl.zeros([BLOCK_N, OUT_D], dtype=tl.float32)
+    hi = tl.where(start_n < cnt, M, 0)
+    for start_m in range(0, hi, BLOCK_M):
+        offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        colm = offs_m < M
+        s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, BLOCK_D, COMPUTE, PREC)
+        p = tl.where(rmask[:, None] & colm[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = _dot_rows(do_b, rows, rmask, fc_b, offs_m, colm, C, BLOCK_N, BLOCK_M, BLOCK_C, COMPUTE, PREC)
+        ds = p * (dp - di[:, None])
+        k = tl.load(qc_b + offs_m[:, None] * Dq + offs_d[None, :], mask=colm[:, None] & dm[None, :], other=0.0)
+        acc += tl.dot(ds.to(COMPUTE), k.to(COMPUTE), input_precision=PREC)
+    out = acc * scale
+    tl.store(dqs_ptr + b * N * Dq + rows[:, None] * Dq + offs_d[None, :], out.to(dqs_ptr.dtype.element_ty),
+             mask=in_n[:, None] & dm[None, :])
+
+
+@triton.jit
+def _bwd_col_kernel(
+    qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, out_ptr,
+    N, M, Dq, C, qk_scale, scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    OUT: tl.constexpr, IS_DV: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+):
+    """IS_DV: dfeat_comp = Pᵀ dO, else dq_comp = scale · dSᵀ q_subj; loops over the selected rows only."""
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    cnt = tl.load(count_ptr + b)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    colm = offs_m < M
+    qs_b = qs_ptr + b * N * Dq
+    qc_b = qc_ptr + b * M * Dq
+    fc_b = fc_ptr + b * M * C
+    do_b = do_ptr + b * N * C
+    if IS_DV:
+        W = C
+    else:
+        W = Dq
+    offs_o = pid_o * OUT + tl.arange(0, OUT)
+    om = offs_o < W
+    acc = tl.zeros([BLOCK_M, OUT], dtype=tl.float32)
+    for start_n in range(0, cnt, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rmask = offs_n < cnt
+        rows = tl.load(order_ptr + b * N + offs_n, mask=rmask, other=0).to(tl.int64)
+        st = _dot_rows(qc_b, offs_m, colm, qs_b, rows, rmask, Dq, BLOCK_M, BLOCK_N, BLOCK_D, COMPUTE, PREC)
+        lse = tl.load(lse_ptr + b * N + rows, mask=rmask, other=0.0)
+        pt = tl.where(colm[:, None] & rmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+        if IS_DV:
+            d_o = tl.load(do_b + rows[:, None] * C + offs_o[None, :], mask=rmask[:, None] & om[None, :], other=0.0)
+            acc += tl.dot(pt.to(COMPUTE), d_o.to(COMPUTE), input_precision=PREC)
+        else:
+            dpt = _dot_rows(fc_b, offs_m, colm, do_b, rows, rmask, C, BLOCK_M, BLOCK_N, BLOCK_C, COMPUTE, PREC)
+            di = tl.load(di_ptr + b * N + rows, mask=rmask, other=0.0)
+            dst = pt * (dpt - di[None, :])
+            q = tl.load(qs_b + rows[:, None] * Dq + offs_o[None, :], mask=rmask[:, None] & om[None, :], other=0.0)
+            acc += tl.dot(dst.to(COMPUTE), q.to(COMPUTE), input_precision=PREC)
+    if not IS_DV:
+        acc = acc * scale
+    tl.store(out_ptr + b * M * W + offs_m[:, None] * W + offs_o[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=colm[:, None] & om[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+_OVERRIDE: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def block_override(**blocks: int) -> Iterator[None]:
+    """Test-only: force tile sizes (BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_C, OUT_C, OUT_D, BLOCK_R, BLOCK_CC) so that
+    the multi-block and split-feature paths run at small shapes. Each must be a power of two ≥ 16."""
+    for name, value in blocks.items():
+        if name not in _DEFAULT_KEYS:
+            raise ValueError(f"unknown block {name!r}")
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(blocks)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+_DEFAULT_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D", "BLOCK_R", "BLOCK_CC")
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _out_chunk(dim: int, other: int, cap: int) -> int:
+    """Width of the output feature chunk per program. Each extra chunk re-streams S (cost ∝ `other`), a wide
+    chunk wastes its padding: minimise chunks·(other + chunk) over powers of two up to `cap`."""
+    best, best_cost = 16, None
+    w = 16
+    while w <= cap:
+        cost = triton.cdiv(max(dim, 1), w) * (other + w)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = w, cost
+        w *= 2
+    return best
+
+
+def _config(N: int, M: int, Dq: int, C: int, on_gpu: bool) -> dict[str, int]:
+    if on_gpu:
+        cfg = {
+            "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64,
+            "OUT_C": _out_chunk(C, Dq, 256), "OUT_D": _out_chunk(Dq, Dq + C, 256),
+            "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
+        }
+    else:  # interpreter: few, large programs (its cost is per program and per op)
+        cfg = {
+            "BLOCK_N": _pow2(N, 16, 64), "BLOCK_M": _pow2(M, 16, 64),
+            "BLOCK_D": _pow2(Dq, 16, 128), "BLOCK_C": _pow2(C, 16, 128),
+            "OUT_C": _pow2(C, 16, 128), "OUT_D": _pow2(Dq, 16, 128),
+            "BLOCK_R": _pow2(N, 16, 64), "BLOCK_CC": _pow2(C, 16, 128),
+        }
+    cfg.update(_OVERRIDE)
+    for name in _DEFAULT_KEYS:
+        v = cfg[name]
+        assert v >= 16 and v & (v - 1) == 0, f"{name}={v} must be a power of two >= 16 (tl.dot tiles)"
+    return cfg
+
+
+def _compute_dtype(dtype: torch.dtype):
+    """(tl dtype of the matmul operands, torch dtype of the stored dO, dot precision)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+        return tl.float32, torch.float32, "ieee"
+    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), dtype, "ieee"
+
+
+def _launch_opts(cfg: dict[str, int]) -> dict[str, int]:
+    if interpreting():
+        return {}
+    wide = max(cfg["OUT_C"], cfg["OUT_D"]) >= 256
+    return {"num_warps": 8 if wide else 4, "num_stages": 2}
+
+
+def _compact(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected rows first (ascending), then the rest; and how many are selected. On the device, no sync."""
+    unsel = weights == 0
+    count = (~unsel).sum(dim=1, dtype=torch.int32)
+    order = torch.argsort(unsel.to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return order.contiguous(), count.contiguous()
+
+
+def soft_warp_fwd(
+    q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
+    weights: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (rows [B, N] fp32, warped [B, N, C] fp32, lse2 [B, N] fp32, order [B, N] i32, count [B] i32)."""
+    qs, qc, fs, fc = (t.contiguous() for t in (q_subj, q_comp, feat_subj, feat_comp))
+    w = weights.to(torch.float32).contiguous()
+    B, N, Dq = qs.shape
+    M, C = fc.shape[1], fc.shape[2]
+    dev = qs.device
+    rows = _empty((B, N), device=dev, dtype=torch.float32)
+    warped = _empty((B, N, C), device=dev, dtype=torch.float32)
+    lse = _empty((B, N), device=dev, dtype=torch.float32)
+    order, count = _compact(w)
+    if B == 0 or N == 0:
+        return rows, warped, lse, order, count
+    cfg = _config(N, M, Dq, C, dev.type == "cuda")
+    compute, _, prec = _compute_dtype(qs.dtype)
+    opts = _launch_opts(cfg)
+    if C > 0:
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["OUT_C"]), B)
+    else:  # still write lse (not needed by anything, but keep the buffer defined)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), 1, B)
+    _fwd_kernel[grid](
+        qs, qc, fc, order, count, warped, lse, N, M, Dq, C, float(scale) * LOG2E,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], OUT_C=cfg["OUT_C"],
+        COMPUTE=compute, PREC=prec, **opts,
+    )
+    _cos_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_R"]), B)](
+        warped, fs, w, rows, N, C, COSINE_EPS, BLOCK_R=cfg["BLOCK_R"], BLOCK_CC=cfg["BLOCK_CC"],
+    )
+    return rows, warped, lse, order, count
+
+
+def soft_warp_bwd(
+    grad_rows: torch.Tensor, q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor,
+    feat_comp: torch.Tensor, weights: torch.Tensor, warped: torch.Tensor, lse: torch.Tensor,
+    order: torch.Tensor, count: torch.Tensor, scale: float,
+    need_qs: bool = True, need_qc: bool = True, need_fs: bool = True, need_fc: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    qs, qc, fs, fc = (t.contiguous() for t in (q_subj, q_comp, feat_subj, feat_comp))
+    w = weights.to(torch.float32).contiguous()
+    g = grad_rows.to(torch.float32).contiguous()
+    B, N, Dq = qs.shape
+    M, C = fc.shape[1], fc.shape[2]
+    dev = qs.device
+    dqs = _empty_like(qs) if need_qs else None
+    dqc = _empty_like(qc) if need_qc else None
+    dfs = _empty_like(fs) if need_fs else None
+    dfc = _empty_like(fc) if need_fc else None
+    if B == 0 or N == 0 and not (need_qc or need_fc):
+        return dqs, dqc, dfs, dfc
+    cfg = _config(N, M, Dq, C, dev.type == "cuda")
+    compute, do_dtype, prec = _compute_dtype(qs.dtype)
+    opts = _launch_opts(cfg)
+    need_do = need_qs or need_qc or need_fc
+    d_o = _empty((B, N, C), device=dev, dtype=do_dtype) if need_do else warped
+    di = _empty((B, N), device=dev, dtype=torch.float32) if need_do else lse
+    if N > 0 and (need_do or need_fs):
+        _bwd_prep_kernel[(triton.cdiv(N, cfg["BLOCK_R"]), B)](
+            g, warped, fs, w, d_o, di, dfs if need_fs else fs, N, C, COSINE_EPS,
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_CC=cfg["BLOCK_CC"], NEED_DO=need_do, NEED_DFS=need_fs,
+        )
+    common = dict(
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_C=cfg["BLOCK_C"],
+        COMPUTE=compute, PREC=prec, **opts,
+    )
+    args = (qs, qc, fc, d_o, lse, di, order, count)
+    sizes = (N, M, Dq, C, float(scale) * LOG2E, float(scale))
+    if need_qs and N > 0 and Dq > 0:
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(Dq, cfg["OUT_D"]), B)
+        _bwd_dq_kernel[grid](*args, dqs, *sizes, OUT_D=cfg["OUT_D"], **common)
+    if need_qc and M > 0 and Dq > 0:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Dq, cfg["OUT_D"]), B)
+        _bwd_col_kernel[grid](*args, dqc, *sizes, OUT=cfg["OUT_D"], IS_DV=False, **common)
+    if need_fc and M > 0 and C > 0:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["OUT_C"]), B)
+        _bwd_col_kernel[grid](*args, dfc, *sizes, OUT=cfg["OUT_C"], IS_DV=True, **common)
+    return dqs, dqc, dfs, dfc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration (custom_op + register_fake + register_autograd: torch.compile without breaks)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("adaface::soft_warp_rows_fwd", mutates_args=())
+def soft_warp_rows_fwd(
+    q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
+    weights: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return soft_warp_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, scale)
+
+
+@soft_warp_rows_fwd.register_fake
+def _(q_subj, q_comp, feat_subj, feat_comp, weights, scale):
+    B, N = q_subj.shape[:2]
+    C = feat_comp.shape[2]
+    f32 = torch.float32
+    return (
+        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N, C), dtype=f32),
+        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N), dtype=torch.int32),
+        q_subj.new_empty((B,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("adaface::soft_warp_rows_bwd", mutates_args=())
+def soft_warp_rows_bwd(
+    grad_rows: torch.Tensor, q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor,
+    feat_comp: torch.Tensor, weights: torch.Tensor, warped: torch.Tensor, lse: torch.Tensor,
+    order: torch.Tensor, count: torch.Tensor, scale: float,
+    need_qs: bool, need_qc: bool, need_fs: bool, need_fc: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = soft_warp_bwd(
+        grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count, scale,
+        need_qs, need_qc, need_fs, need_fc,
+    )
+    # custom ops cannot return None: a gradient that is not needed comes back as an empty tensor
+    ins = (q_subj, q_comp, feat_subj, feat_comp)
+    return tuple(gr if gr is not None else t.new_empty((0,)) for gr, t in zip(grads, ins))  # type: ignore[return-value]
+
+
+@soft_warp_rows_bwd.register_fake
+def _(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count, scale,
+      need_qs, need_qc, need_fs, need_fc):
+    ins = (q_subj, q_comp, feat_subj, feat_comp)
+    needs = (need_qs, need_qc, need_fs, need_fc)
+    return tuple(torch.empty_like(t) if n else t.new_empty((0,)) for t, n in zip(ins, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    q_subj, q_comp, feat_subj, feat_comp, weights, scale = inputs
+    _, warped, lse, order, count = output
+    ctx.save_for_backward(q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_rows, *_unused):
+    saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    if not any(needs):
+        return None, None, None, None, None, None
+    grads = soft_warp_rows_bwd(grad_rows, *saved, ctx.scale, *needs)
+    return (*(gr if n else None for gr, n in zip(grads, needs)), None, None)
+
+
+soft_warp_rows_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def soft_warp_rows_triton(
+    q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
+    weights: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Per-row losses [B, N] fp32: 1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj); 0 where weight is 0.
+
+    Differentiable w.r.t. q_subj, q_comp, feat_subj, feat_comp (not weights)."""
+    rows, *_ = soft_warp_rows_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+    return rows

@@ -1,0 +1,289 @@
+"""soft_warp_loss: Triton kernels (interpreted on CPU) against the PyTorch reference, forward and gradients.
+
+Tolerances (adaface.testing.tolerances): fp32 atol 1e-5 / rtol 1e-4; fp16 / bf16 at most 2× PyTorch's own error
+in that dtype (reference run with upcast=False) plus a 4-ulp floor. Huge logits (|S| ~ 1e4) in fp32: either
+implementation rounds S to ~|S|·2⁻²⁴ ≈ 6e-4, so the softmax and everything after it carries ~1e-3 relative
+error: compared there with atol = rtol = 2e-3 × the reference's largest entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaface.kernels import soft_warp as K
+from adaface.ops import soft_warp_loss, soft_warp_loss_reference
+from adaface.ops.soft_warp import _mask_weights
+from adaface.testing.soft_warp_inputs import make_inputs, make_mask, soft_warp_rows_reference
+from adaface.testing.tolerances import assert_close
+
+NAMES = ("q_subj", "q_comp", "feat_subj", "feat_comp")
+SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16)
+
+
+def _check(shape, dtype, device, mask_kind="none", *, scale=1.0, seed=0, huge=False, blocks=None, upstream=1.0):
+    """Loss and all four gradients of the Triton op against the fp32 (and, for fp16/bf16, in-dtype) reference."""
+    B, N, M, Dq, C = shape
+    x = make_inputs(B, N, M, Dq, C, dtype=dtype, device=device, seed=seed, huge_logits=huge)
+    mask = make_mask(mask_kind, B, N, device, torch.Generator().manual_seed(seed + 7))
+    ins = [t.clone().requires_grad_() for t in x]
+    with K.block_override(**(blocks or {})):
+        out = soft_warp_loss(*ins, mask, scale=scale, backend="triton")
+        grads = torch.autograd.grad(out * upstream, ins)
+    r32 = [t.float().requires_grad_() for t in x]
+    ref = soft_warp_loss_reference(*r32, mask, scale=scale)
+    rgrads = torch.autograd.grad(ref * upstream, r32)
+    lowp = dtype != torch.float32
+    if lowp:
+        rlp = [t.clone().requires_grad_() for t in x]
+        ref_lp = soft_warp_loss_reference(*rlp, mask, scale=scale, upcast=False)
+        lgrads = torch.autograd.grad(ref_lp * upstream, rlp)
+    assert out.dtype == torch.float32 and out.shape == ()
+    tol = {}
+    if huge and not lowp:
+        tol = lambda r: dict(atol=2e-3 * r.abs().max().item(), rtol=2e-3)  # noqa: E731
+    else:
+        tol = lambda r: {}  # noqa: E731
+    assert_close(out, ref, ref_lp.float() if lowp else None, name="loss", **tol(ref))
+    for name, gr, rg, i in zip(NAMES, grads, rgrads, range(4)):
+        assert gr.dtype == dtype
+        assert_close(gr, rg, lgrads[i] if lowp else None, name=f"grad {name}", **tol(rg))
+    return out, grads
+
+
+SHAPES = [  # (B, N, M, Dq, C): N, M not multiples of the blocks; Dq, C odd
+    (1, 1, 1, 1, 1),
+    (2, 5, 33, 7, 9),
+    (1, 33, 70, 19, 37),
+    (2, 70, 5, 24, 3),
+    (1, 40, 129, 130, 13),  # Dq > one interpreter block (128): the Dq loop and the Dq output split run
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_grads_match_reference(shape, dtype, device):
+    _check(shape, dtype, device, "bool", scale=1.0 if shape[0] == 1 else 0.37, seed=sum(shape))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "ones"])
+def test_mask_kinds(mask_kind, device):
+    _check((2, 33, 40, 11, 17), torch.float32, device, mask_kind, seed=3)
+
+
+def test_small_blocks_force_every_split(device):
+    """16-wide tiles: several row/column blocks, a Dq loop and C loop of 3 chunks, output split in 3 chunks."""
+    _check((2, 37, 45, 41, 35), torch.float32, device, "bool", blocks=SMALL, seed=5, upstream=3.0)
+
+
+def test_small_blocks_fp16(device):
+    _check((1, 21, 35, 33, 40), torch.float16, device, "float", blocks=SMALL, seed=6)
+
+
+def test_bf16_through_fp32_cast_path(device):
+    _check((1, 19, 26, 13, 21), torch.bfloat16, device, "bool", seed=8)
+
+
+@pytest.mark.gpu
+def test_bf16_native_dot_gpu(device):
+    _check((2, 300, 257, 320, 200), torch.bfloat16, device, "bool", seed=9)
+    _check((1, 64, 64, 1280, 1280), torch.bfloat16, device, "none", seed=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_logits_no_overflow(dtype, device):
+    x = make_inputs(1, 8, 8, 19, 4, huge_logits=True)
+    s = torch.einsum("bnd,bmd->bnm", x[0], x[1])
+    assert s.abs().max() > 5e3  # the inputs really are in the 1e4 regime
+    out, grads = _check((2, 33, 70, 19, 37), dtype, device, "bool", huge=True, seed=11)
+    assert torch.isfinite(out) and all(torch.isfinite(g.float()).all() for g in grads)
+
+
+def test_huge_logits_small_blocks(device):
+    _check((1, 20, 37, 19, 18), torch.float32, device, "none", huge=True, blocks=SMALL, seed=12)
+
+
+def test_all_zero_mask_gives_zero_loss_and_zero_grads(device):
+    x = make_inputs(2, 9, 13, 5, 7, device=device)
+    ins = [t.clone().requires_grad_() for t in x]
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=device)
+    out = soft_warp_loss(*ins, mask, backend="triton")
+    assert out.item() == 0.0 and out.requires_grad
+    grads = torch.autograd.grad(out, ins)
+    for name, g in zip(NAMES, grads):
+        assert torch.equal(g, torch.zeros_like(g)), name
+
+
+def test_rows_per_row_values_and_unselected_rows_are_untouched(device):
+    """Per-row losses match; unselected rows return exactly 0, and NaN in their inputs reaches nothing."""
+    B, N, M, Dq, C = 2, 23, 30, 9, 14
+    x = list(make_inputs(B, N, M, Dq, C, device=device, seed=13))
+    mask = make_mask("bool", B, N, device, torch.Generator().manual_seed(1))
+    w = _mask_weights(mask, B, N, device)
+    ref_rows = soft_warp_rows_reference(*x, w)
+    x[0] = torch.where(mask[..., None], x[0], float("nan"))
+    x[2] = torch.where(mask[..., None], x[2], float("nan"))
+    ins = [t.clone().requires_grad_() for t in x]
+    rows = K.soft_warp_rows_triton(*ins, w, 1.0)
+    assert_close(rows, ref_rows, name="rows")
+    assert torch.equal(rows[~mask], torch.zeros_like(rows[~mask]))
+    grads = torch.autograd.grad((rows * torch.linspace(0.5, 2, N)).sum(), ins)
+    for name, g in zip(NAMES, grads):
+        assert torch.isfinite(g).all(), name
+    assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
+    assert torch.equal(grads[2][~mask], torch.zeros_like(grads[2][~mask]))
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (3,), (1, 3)])
+def test_only_some_inputs_require_grad(which, device):
+    x = make_inputs(1, 17, 21, 6, 10, device=device, seed=14)
+    ins = [t.clone().requires_grad_(i in which) for i, t in enumerate(x)]
+    out = soft_warp_loss(*ins, backend="triton")
+    grads = torch.autograd.grad(out, [ins[i] for i in which])
+    r32 = [t.clone().requires_grad_(i in which) for i, t in enumerate(x)]
+    rgrads = torch.autograd.grad(soft_warp_loss_reference(*r32), [r32[i] for i in which])
+    for i, g, rg in zip(which, grads, rgrads):
+        assert_close(g, rg, name=f"grad {NAMES[i]}")
+
+
+def test_backward_skips_kernels_for_inputs_without_grad(device, monkeypatch):
+    calls = []
+    for kname in ("_bwd_prep_kernel", "_bwd_dq_kernel", "_bwd_col_kernel"):
+        kernel = getattr(K, kname)
+
+        class Spy:
+            def __init__(self, kernel, kname):
+                self.kernel, self.kname = kernel, kname
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    calls.append((self.kname, kw.get("IS_DV")))
+                    return self.kernel[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(K, kname, Spy(kernel, kname))
+    x = make_inputs(1, 9, 11, 5, 6, device=device)
+    fs = x[2].clone().requires_grad_()
+    (g,) = torch.autograd.grad(soft_warp_loss(x[0], x[1], fs, x[3], backend="triton"), (fs,))
+    assert calls == [("_bwd_prep_kernel", None)]
+    calls.clear()
+    fc = x[3].clone().requires_grad_()
+    torch.autograd.grad(soft_warp_loss(x[0], x[1], x[2], fc, backend="triton"), (fc,))
+    assert calls == [("_bwd_prep_kernel", None), ("_bwd_col_kernel", True)]
+
+
+def test_no_grad_inputs_forward_only(device):
+    x = make_inputs(2, 12, 9, 4, 5, device=device, seed=15)
+    out = soft_warp_loss(*x, backend="triton")
+    assert not out.requires_grad
+    assert_close(out, soft_warp_loss_reference(*x), name="loss")
+
+
+def test_nan_filled_output_buffers(device, monkeypatch):
+    """Every fresh buffer starts as NaN: an element a kernel forgets to write would show in loss or grads."""
+    def nan_empty(*a, **kw):
+        return torch.empty(*a, **kw).fill_(float("nan"))
+
+    def nan_empty_like(t, **kw):
+        return torch.empty_like(t, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(K, "_empty", nan_empty)
+    monkeypatch.setattr(K, "_empty_like", nan_empty_like)
+    _check((2, 37, 45, 41, 35), torch.float32, device, "bool", blocks=SMALL, seed=16)
+    _check((2, 9, 13, 5, 7), torch.float16, device, "zeros", seed=17)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    B=st.integers(1, 2), N=st.integers(1, 40), M=st.integers(1, 40), Dq=st.integers(1, 24),
+    C=st.integers(1, 24), p=st.sampled_from([0.0, 0.3, 1.0]), scale=st.sampled_from([1.0, 0.5, -0.25]),
+    seed=st.integers(0, 1000),
+)
+def test_property_random_shapes(B, N, M, Dq, C, p, scale, seed):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = make_inputs(B, N, M, Dq, C, device=device, seed=seed)
+    mask = make_mask("bool", B, N, device, torch.Generator().manual_seed(seed), p=p)
+    ins = [t.clone().requires_grad_() for t in x]
+    out = soft_warp_loss(*ins, mask, scale=scale, backend="triton")
+    grads = torch.autograd.grad(out, ins)
+    r32 = [t.clone().requires_grad_() for t in x]
+    ref = soft_warp_loss_reference(*r32, mask, scale=scale)
+    rgrads = torch.autograd.grad(ref, r32)
+    assert_close(out, ref, name="loss")
+    for name, g, rg in zip(NAMES, grads, rgrads):
+        assert_close(g, rg, name=f"grad {name}")
+
+
+def test_torch_compile_without_graph_break(device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = make_inputs(2, 13, 17, 6, 9, device=device, seed=18)
+    mask = make_mask("bool", 2, 13, device, torch.Generator().manual_seed(2))
+    qs, fc = x[0].clone().requires_grad_(), x[3].clone().requires_grad_()
+
+    def f(qs, qc, fs, fc, mask):
+        return soft_warp_loss(qs, qc, fs, fc, mask, backend="triton") * 2.0
+
+    explain = torch._dynamo.explain(f)(qs, x[1], x[2], fc, mask)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(qs, x[1], x[2], fc, mask)
+    g_qs, g_fc = torch.autograd.grad(out, (qs, fc))
+    r_qs, r_fc = x[0].clone().requires_grad_(), x[3].clone().requires_grad_()
+    ref = soft_warp_loss_reference(r_qs, x[1], x[2], r_fc, mask) * 2.0
+    rg_qs, rg_fc = torch.autograd.grad(ref, (r_qs, r_fc))
+    assert_close(out.detach(), ref.detach(), name="compiled loss")
+    assert_close(g_qs, rg_qs, name="compiled grad q_subj")
+    assert_close(g_fc, rg_fc, name="compiled grad feat_comp")
+
+
+def _zeros(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((_zeros(2, 3), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {}, "`q_subj` must have 3 dimensions"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 6), _zeros(2, 3, 6), _zeros(2, 4, 6)), {}, "`q_comp` must have shape"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 7), _zeros(2, 4, 6)), {}, "`feat_comp` must have shape"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 2, 6), _zeros(2, 4, 6)), {}, "`feat_subj` must have shape"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5, dtype=torch.float16), _zeros(2, 3, 6), _zeros(2, 4, 6)), {},
+         "`q_comp` has dtype"),
+        ((_zeros(2, 3, 5, dtype=torch.int32),) * 4, {}, "`q_subj` must have dtype"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6), _zeros(2, 4)), {},
+         r"`mask` must have shape \[B, N\]"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6), _zeros(3, dtype=torch.bool)), {},
+         r"`mask` must have shape \[B, N\]"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6),
+          torch.zeros(2, 3, dtype=torch.int64)), {}, "`mask` must be bool or 0/1 float"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"scale": "1"}, "`scale`"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"backend": "fast"},
+         "backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        soft_warp_loss(*args, **kwargs)
+
+
+def test_block_override_rejects_bad_tiles():
+    with pytest.raises(ValueError, match="power of two"):
+        with K.block_override(BLOCK_N=24):
+            pass
+    with pytest.raises(ValueError, match="unknown block"):
+        with K.block_override(BLOCK_Q=16):
+            pass
+
+
+def test_out_chunk_heuristic():
+    # C = 320 with Dq = 320: two 256-wide chunks (2·(320+256)) beat three 128-wide ones (3·(320+128))
+    assert K._out_chunk(320, 320, 256) == 256
+    assert K._out_chunk(40, 320, 256) == 64
+    assert all(K._out_chunk(d, o, 256) in (16, 32, 64, 128, 256) for d in (1, 7, 300, 1280) for o in (1, 640))
+    assert math.isclose(K.LOG2E, 1 / math.log(2))
