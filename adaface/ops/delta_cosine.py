@@ -39,10 +39,12 @@ def delta_cosine_loss_reference(
     upcast: bool = True,
 ) -> torch.Tensor:
     """Plain PyTorch. `upcast=True` computes in fp32; `upcast=False` in the inputs' dtype."""
+    if upcast:  # upcast the inputs, not the deltas: ortho's result in fp16/bf16 would round the small deltas
+        subj_single, subj_comp, cls_single, cls_comp = (
+            t.float() for t in (subj_single, subj_comp, cls_single, cls_comp)
+        )
     delta_s = ortho_subtract_reference(subj_comp, subj_single, eps, upcast=upcast)
     delta_c = ortho_subtract_reference(cls_comp, cls_single, eps, upcast=upcast)
-    if upcast:
-        delta_s, delta_c = delta_s.float(), delta_c.float()
     loss_rows = (1 - F.cosine_similarity(delta_s, delta_c, dim=-1, eps=COSINE_EPS)).float()
     return reduce_rows(loss_rows, reduction)
 
