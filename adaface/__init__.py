@@ -19,6 +19,8 @@ _LAZY = {
     "FaceEncoder": "adaface.models.face_encoder",
     "encode_prompt": "adaface.models.subject_prompt",
     "save_textual_inversion": "adaface.models.subject_prompt",
+    "SubjectEncoder": "adaface.subject",
+    "encode_subject": "adaface.subject",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -32,11 +32,16 @@ DEFAULT_PLACEHOLDER = "z"
 DEFAULT_TI_TOKEN = "<z>"
 
 
-def _split_on_placeholder(prompt: str, placeholder: str) -> tuple[str, str]:
+def placeholder_pattern(placeholder: str) -> re.Pattern:
+    """The placeholder as a whole word: `z` in "of z," but not in "pizza" or "z_1"."""
+    return re.compile(r"(?<![A-Za-z0-9_])" + re.escape(placeholder) + r"(?![A-Za-z0-9_])")
+
+
+def split_on_placeholder(prompt: str, placeholder: str) -> tuple[str, str]:
+    """The text before and after the one occurrence of `placeholder`; ValueError unless there is exactly one."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-    pattern = re.compile(r"(?<![A-Za-z0-9_])" + re.escape(placeholder) + r"(?![A-Za-z0-9_])")
-    hits = list(pattern.finditer(prompt))
+    hits = list(placeholder_pattern(placeholder).finditer(prompt))
     if len(hits) != 1:
         raise ValueError(
             f"prompt must contain the subject placeholder {placeholder!r} exactly once as a word, "
@@ -49,7 +54,7 @@ def subject_input_ids(
     tokenizer: object, prompt: str, num_tokens: int, placeholder: str, length: int
 ) -> tuple[list[int], int]:
     """Token ids of `prompt` with the placeholder as `num_tokens` slots (pad ids), and the first slot's index."""
-    before, after = _split_on_placeholder(prompt, placeholder)
+    before, after = split_on_placeholder(prompt, placeholder)
     pre = tokenizer(before, add_special_tokens=False).input_ids if before.strip() else []
     post = tokenizer(after, add_special_tokens=False).input_ids if after.strip() else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -322,3 +322,36 @@ def save_tiny_antelopev2(root: str | os.PathLike, *, with_detector: bool = True,
     if with_detector:
         onnx.save(tiny_scrfd_onnx(), str(pack / "scrfd_10g_bnkps.onnx"))
     return pack
+
+
+def save_tiny_clip(path: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> Path:
+    """A tiny CLIPModel (text + vision) with a CLIPProcessor over the tiny tokenizer, for CLIP-T/CLIP-I."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab = tiny_bpe()[0]
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(small, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(str(path))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+                  ).save_pretrained(str(path))
+    return Path(path)
+
+
+def save_tiny_dino(path: str | os.PathLike) -> Path:
+    """A tiny DINO-shaped ViTModel with its image processor, for the DINO metric."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8)
+    ViTModel(config).save_pretrained(str(path))  # with the pooler, as AutoModel rebuilds it
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(path))
+    return Path(path)

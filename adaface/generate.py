@@ -1,0 +1,362 @@
+"""`python -m adaface.generate`: images or AnimateDiff videos of a subject with an unmodified SD-1.5 pipeline.
+
+The subject (face photos, an ArcFace embedding file or a random ID) becomes 16 subject embeddings
+(`adaface.subject.SubjectEncoder`); `encode_prompt` writes them where the placeholder word stands in each
+prompt and the pipeline's own text encoder gives `prompt_embeds`; the negative prompt goes through the same
+encoder as diffusers would encode it. Outputs, in `--out`:
+
+    settings.json             every option, the resolved seed and device, and one entry per output file
+    subject_arcface.npy       the identity used (512-d), which `python -m adaface.evaluate` can compare against
+    p00_000.png ...           images: prompt index, image index
+    p00_000.gif, p00_000/     videos: a GIF and its frames as PNGs
+
+Each output has its own seed (`--seed` + its running index, on a CPU generator), so any single image can be
+reproduced alone and on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._cli import (
+    DTYPES,
+    HelpFormatter,
+    OptionError,
+    check_file,
+    check_source,
+    loading,
+    resolve_device,
+    resolve_dtype,
+)
+
+SETTINGS_NAME = "settings.json"
+ARCFACE_NAME = "subject_arcface.npy"
+SCHEDULERS = ("auto", "ddim", "dpm", "euler", "pndm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m adaface.generate",
+        description="Generate images (or AnimateDiff videos) of a face subject with AdaFace subject embeddings "
+        "in an ordinary SD-1.5 prompt.",
+        formatter_class=HelpFormatter,
+    )
+    models = p.add_argument_group("models")
+    models.add_argument("--base", required=True,
+                        help="SD-1.5 pipeline: a diffusers folder (model_index.json) or a hub id; its tokenizer "
+                        "and text encoder encode the prompt, and Arc2Face uses its tokenizer")
+    models.add_argument("--arc2face", required=True,
+                        help="Arc2Face: the released folder (encoder/ is used; the arc2face/ UNet is not needed) "
+                        "or a hub id")
+    models.add_argument("--inverter", required=True,
+                        help="trained AdaFace Prompt Inverter folder (config.json + model.safetensors)")
+    models.add_argument("--face-root",
+                        help="insightface model root holding the antelopev2 pack (needed with --images)")
+
+    subject = p.add_argument_group("subject (exactly one)")
+    src = subject.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="PHOTO",
+                     help="face photo(s) of the subject; several are averaged into one identity")
+    src.add_argument("--embedding", metavar="FILE",
+                     help="precomputed ArcFace embedding, .npy or .safetensors, [512] or [N, 512]")
+    src.add_argument("--random-id", type=int, metavar="SEED", help="a random identity from this seed")
+    subject.add_argument("--on-no-face", choices=("error", "random"), default="error",
+                         help="what to do with a photo in which no face is found")
+
+    prompts = p.add_argument_group("prompts")
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="prompt with the subject placeholder, e.g. 'a photo of z in the forest'; repeat "
+                         "for several prompts (default: 'a photo of z' when no --prompts-file)")
+    prompts.add_argument("--prompts-file", metavar="FILE",
+                         help="text file with one prompt per line (added to --prompt)")
+    prompts.add_argument("--placeholder", default="z", help="the word that stands for the subject in the prompts")
+    prompts.add_argument("--negative-prompt", default="",
+                         help="negative prompt, encoded by the same text encoder (used when --guidance > 1)")
+
+    gen = p.add_argument_group("sampling")
+    gen.add_argument("--num-images", type=int, default=4, help="images (or videos) per prompt")
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, help="seed of the first output (others use seed+1, ...); random if omitted")
+    gen.add_argument("--height", type=int, default=512, help="output height in pixels, a multiple of 8")
+    gen.add_argument("--width", type=int, default=512, help="output width in pixels, a multiple of 8")
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
+                     help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
+    gen.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                     help="model dtype; auto: float16 on CUDA, float32 on CPU")
+
+    video = p.add_argument_group("video (AnimateDiff)")
+    video.add_argument("--video", action="store_true", help="generate videos with AnimateDiffPipeline")
+    video.add_argument("--motion-adapter", help="AnimateDiff MotionAdapter folder or hub id (needed with --video)")
+    video.add_argument("--num-frames", type=int, default=16, help="frames per video")
+    video.add_argument("--fps", type=float, default=8.0, help="frame rate of the GIF")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    out.add_argument("--save-embeddings", metavar="PATH.safetensors",
+                     help="also write the subject as a diffusers textual-inversion file")
+    out.add_argument("--ti-token", default="<z>",
+                     help="token of the textual-inversion file; prompts then say it instead of the placeholder")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = check_file(args.prompts_file, "--prompts-file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise OptionError(f"--prompts-file {args.prompts_file}: no prompts in it")
+    return prompts or [f"a photo of {args.placeholder}"]
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every check that needs no model; returns the prompts. Raises OptionError naming the option."""
+    from .models.subject_prompt import split_on_placeholder
+
+    for name in ("num_images", "steps", "num_frames"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v < 8 or v % 8:
+            raise OptionError(f"--{name} must be a positive multiple of 8, got {v}")
+    if args.fps <= 0:
+        raise OptionError(f"--fps must be positive, got {args.fps}")
+    if not args.placeholder.strip() or any(c.isspace() for c in args.placeholder):
+        raise OptionError(f"--placeholder must be one word, got {args.placeholder!r}")
+    prompts = read_prompts(args)
+    for prompt in prompts:
+        try:
+            split_on_placeholder(prompt, args.placeholder)
+        except ValueError as e:
+            raise OptionError(f"--prompt: {e}") from e
+
+    args.base = check_source(args.base, "--base", ["model_index.json"], "an SD-1.5 pipeline folder")
+    args.arc2face = check_source(args.arc2face, "--arc2face", ["encoder/config.json"], "an Arc2Face folder")
+    inverter = Path(args.inverter).expanduser()
+    if not (inverter / "config.json").is_file() or not (inverter / "model.safetensors").is_file():
+        raise OptionError(
+            f"--inverter {args.inverter}: not a Prompt Inverter folder (needs config.json + model.safetensors)"
+        )
+    if args.images:
+        if not args.face_root:
+            raise OptionError("--face-root is needed with --images (the insightface root with antelopev2)")
+        for image in args.images:
+            check_file(image, "--images")
+    if args.face_root:
+        from .models.face_encoder import find_model_pack
+
+        try:
+            find_model_pack(args.face_root)
+        except FileNotFoundError as e:
+            raise OptionError(f"--face-root {args.face_root}: {e}") from e
+    if args.embedding:
+        from .subject import EMBEDDING_SUFFIXES, load_arcface_embedding
+
+        path = check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES)
+        try:
+            load_arcface_embedding(path)
+        except ValueError as e:
+            raise OptionError(f"--embedding {e}") from e
+    if args.video and not args.motion_adapter:
+        raise OptionError("--video needs --motion-adapter (an AnimateDiff MotionAdapter folder or hub id)")
+    if args.motion_adapter and not args.video:
+        raise OptionError("--motion-adapter is only used with --video")
+    if args.motion_adapter:
+        args.motion_adapter = check_source(args.motion_adapter, "--motion-adapter", ["config.json"],
+                                           "a MotionAdapter folder")
+    if args.save_embeddings and Path(args.save_embeddings).suffix != ".safetensors":
+        raise OptionError(f"--save-embeddings {args.save_embeddings}: the file name must end in .safetensors")
+    if not args.ti_token.strip() or any(c.isspace() for c in args.ti_token):
+        raise OptionError(f"--ti-token must be one word without spaces, got {args.ti_token!r}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {args.out}: exists and is not a folder")
+    return prompts
+
+
+def make_scheduler(name: str, config: Any, video: bool) -> Any:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    if name == "auto" and not video:
+        return None
+    if name == "auto" or (name == "ddim" and video):
+        # diffusers' recommended AnimateDiff sampler settings (its AnimateDiff documentation).
+        return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing="linspace",
+                                         beta_schedule="linear", steps_offset=1)
+    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+           "pndm": PNDMScheduler}[name]
+    return cls.from_config(config)
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    """StableDiffusionPipeline, or AnimateDiffPipeline with the MotionAdapter for --video."""
+    if args.video:
+        from diffusers import AnimateDiffPipeline, MotionAdapter
+
+        with loading("--motion-adapter", args.motion_adapter):
+            adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+        with loading("--base", args.base):
+            pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        with loading("--base", args.base):
+            pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
+    scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.video)
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+    return pipe.to(device)
+
+
+def load_subject_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    from .models.arc2face import Arc2Face
+    from .models.prompt_inverter import PromptInverter
+    from .subject import SubjectEncoder
+
+    with loading("--arc2face", args.arc2face):
+        # Arc2Face ships no tokenizer: it was trained with SD-1.5's, which --base holds.
+        arc2face = Arc2Face.from_pretrained(args.arc2face, tokenizer=args.base, load_unet=False)
+    with loading("--inverter", args.inverter):
+        inverter = PromptInverter.from_pretrained(args.inverter)
+    try:
+        return SubjectEncoder(arc2face.to(device=device, dtype=dtype), inverter.to(device=device, dtype=dtype),
+                              face_root=args.face_root)
+    except ValueError as e:
+        raise OptionError(f"--inverter {args.inverter} does not fit --arc2face {args.arc2face}: {e}") from e
+
+
+def subject_source(args: argparse.Namespace) -> dict:
+    if args.images:
+        return {"images": [str(Path(i).expanduser().resolve()) for i in args.images]}
+    if args.embedding:
+        return {"embedding": str(Path(args.embedding).expanduser().resolve())}
+    return {"random_id": args.random_id}
+
+
+def save_frames(frames: list, folder: Path, gif: Path, fps: float) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k, frame in enumerate(frames):
+        frame.save(folder / f"{k:03d}.png")
+        names.append(f"{folder.name}/{k:03d}.png")
+    frames[0].save(gif, save_all=True, append_images=list(frames[1:]), duration=round(1000 / fps), loop=0)
+    return names
+
+
+def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """Load the models, encode the subject, run the pipeline; returns the settings written to settings.json."""
+    import numpy as np
+
+    from .models._io import atomic_save_json
+    from .models.subject_prompt import encode_prompt, save_textual_inversion
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+
+    subject_encoder = load_subject_encoder(args, device, dtype)
+    try:
+        arcface = subject_encoder.arcface(images=args.images, embedding=args.embedding, random_id=args.random_id,
+                                          on_no_face=args.on_no_face, generator=torch.Generator().manual_seed(seed))
+    except ValueError as e:  # no face in a photo, unreadable photo
+        raise OptionError(f"--images: {e}") from e
+    subject = subject_encoder(arcface).float()
+    del subject_encoder  # the pipeline needs the memory more
+
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
+    if args.save_embeddings:
+        save_textual_inversion(subject, Path(args.save_embeddings).expanduser(), token=args.ti_token)
+
+    pipe = load_pipeline(args, device, dtype)
+    settings = run_settings(args, prompts, seed, device, dtype, pipe)
+    negative = None
+    if args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
+        negative, _ = pipe.encode_prompt(args.negative_prompt, device, 1, False)
+    index = 0
+    with torch.no_grad():
+        for p, prompt in enumerate(prompts):
+            embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
+                                   subject.to(device), placeholder=args.placeholder)
+            for i in range(args.num_images):
+                item_seed = seed + index
+                index += 1
+                common = dict(
+                    prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance, height=args.height, width=args.width,
+                    generator=torch.Generator().manual_seed(item_seed),
+                )
+                name = f"p{p:02d}_{i:03d}"
+                entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
+                if args.video:
+                    frames = pipe(num_frames=args.num_frames, **common).frames[0]
+                    entry["file"] = f"{name}.gif"
+                    entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
+                else:
+                    result = pipe(**common)
+                    result.images[0].save(out / f"{name}.png")
+                    entry["file"] = f"{name}.png"
+                    nsfw = getattr(result, "nsfw_content_detected", None)
+                    entry["nsfw"] = bool(nsfw[0]) if nsfw else None
+                settings["outputs"].append(entry)
+                # Rewritten after every output, so an interrupted run can still be evaluated.
+                atomic_save_json(settings, out / SETTINGS_NAME)
+    return settings
+
+
+def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device: torch.device,
+                 dtype: torch.dtype, pipe: Any) -> dict:
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    settings = {
+        "tool": "adaface.generate",
+        "adaface_version": __version__,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+        "options": dict(vars(args)),
+        "prompts": prompts,
+        "placeholder": args.placeholder,
+        "seed": seed,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "pipeline": type(pipe).__name__,
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
+        "subject": {**subject_source(args), "arcface_file": ARCFACE_NAME,
+                    "embeddings_file": str(Path(args.save_embeddings).expanduser().resolve())
+                    if args.save_embeddings else None},
+        "kind": "video" if args.video else "image",
+        "outputs": [],
+    }
+    # Round trip through JSON once: scheduler configs hold tuples and numpy values.
+    return json.loads(json.dumps(settings, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prompts = check_args(args)
+        settings = generate(args, prompts)
+    except OptionError as e:
+        parser.error(str(e))
+    n = len(settings["outputs"])
+    print(f"wrote {n} {settings['kind']}{'s' if n != 1 else ''} and {SETTINGS_NAME} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""`python -m adaface.evaluate` on tiny models: a tiny CLIPModel / DINO ViT saved to disk, the tiny antelopev2 pack."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaface import evaluate, generate
+from adaface.testing.tiny_models import (
+    save_tiny_antelopev2,
+    save_tiny_arc2face,
+    save_tiny_clip,
+    save_tiny_dino,
+    tiny_text_encoder,
+)
+
+FACE_A = (50, 150, 60, 160)
+FACE_B = (20, 120, 90, 190)
+
+
+def photo(box: tuple | None) -> Image.Image:
+    """A bright square on black is a face to the tiny detector; an all-black image has none."""
+    img = np.zeros((200, 200, 3), np.uint8)
+    if box is not None:
+        img[box[0]:box[1], box[2]:box[3]] = (230, 200, 180)
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_sd15_dir) -> dict:
+    root = tmp_path_factory.mktemp("eval_models")
+    save_tiny_antelopev2(root / "insightface")
+    return {
+        "face_root": str(root / "insightface"),
+        "clip": str(save_tiny_clip(root / "clip", tiny_sd15_dir / "tokenizer")),
+        "dino": str(save_tiny_dino(root / "dino")),
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder as generate writes it: reference photo A; generated A (identical), B, and one with no face."""
+    root = tmp_path_factory.mktemp("eval_run")
+    photo(FACE_A).save(root / "reference.png")
+    run = root / "run"
+    run.mkdir()
+    outputs = []
+    for name, box, prompt in [("p00_000.png", FACE_A, "a photo of z in the forest"),
+                              ("p00_001.png", FACE_B, "a photo of z in the forest"),
+                              ("p01_000.png", None, "z wearing a red hat")]:
+        photo(box).save(run / name)
+        outputs.append({"file": name, "prompt": prompt, "seed": 0})
+    settings = {"placeholder": "z", "subject": {"images": [str(root / "reference.png")],
+                                                "arcface_file": "subject_arcface.npy"},
+                "outputs": outputs}
+    (run / "settings.json").write_text(json.dumps(settings))
+    return run
+
+
+def clip_cosine(clip_dir: str, image: Image.Image, text: str) -> float:
+    """Independent CLIP-T: CLIPModel's own forward (which normalises both sides) and its logit scale."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    inputs = proc(text=[text], images=[image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    return (out.logits_per_image / model.logit_scale.exp()).item()
+
+
+def test_report_values_on_known_images(models, run_dir, capsys):
+    from adaface.models.face_encoder import FaceEncoder
+
+    assert evaluate.main([str(run_dir), "--face-root", models["face_root"], "--clip", models["clip"],
+                          "--dino", models["dino"], "--class-word", "man"]) == 0
+    line = capsys.readouterr().out.strip()
+    report = json.loads((run_dir / "eval_report.json").read_text())
+    s = report["summary"]
+    assert set(s) == {"num_images", "arcface", "arcface_no_face_as_zero", "num_no_face", "no_face_rate", "clip_t",
+                      "clip_i", "dino"}
+    assert s["num_images"] == 3 and s["num_no_face"] == 1 and s["no_face_rate"] == pytest.approx(1 / 3)
+
+    encoder = FaceEncoder(models["face_root"])
+    ref = encoder(photo(FACE_A)).numpy()  # the reference: its largest face
+    # The score is the best of the detected faces (the tiny detector finds many boxes on one bright square).
+    faces_b = encoder.app.get(np.asarray(photo(FACE_B))[:, :, ::-1].copy())
+    sim_b = max(float(f.normed_embedding @ ref) for f in faces_b)
+    largest_b = float(encoder(photo(FACE_B)).numpy() @ ref)
+    assert largest_b <= sim_b < 0.999
+    per = {p["file"]: p for p in report["per_image"]}
+    assert per["p00_000.png"]["arcface"] == pytest.approx(1.0, abs=1e-5)  # the reference itself
+    assert per["p00_001.png"]["arcface"] == pytest.approx(sim_b, abs=1e-5)
+    assert per["p00_001.png"]["num_faces"] == len(faces_b)
+    assert per["p01_000.png"]["arcface"] is None and per["p01_000.png"]["num_faces"] == 0
+    assert s["arcface"] == pytest.approx((1.0 + sim_b) / 2, abs=1e-5)
+    assert s["arcface_no_face_as_zero"] == pytest.approx((1.0 + sim_b) / 3, abs=1e-5)
+
+    assert per["p01_000.png"]["clip_prompt"] == "man wearing a red hat"
+    expected = clip_cosine(models["clip"], photo(None), "man wearing a red hat")
+    assert per["p01_000.png"]["clip_t"] == pytest.approx(expected, abs=1e-4)
+    for p in report["per_image"]:
+        assert -1.0 <= p["clip_t"] <= 1.0 and -1.0 <= p["clip_i"] <= 1.0 + 1e-6 and -1.0 <= p["dino"] <= 1.0 + 1e-6
+    assert per["p00_000.png"]["clip_i"] == pytest.approx(1.0, abs=1e-5)  # identical to the reference photo
+    assert per["p00_000.png"]["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert per["p01_000.png"]["dino"] < 0.9999
+    assert report["details"]["clip_t"]["count"] == 3 and report["references"]["count"] == 1
+    assert line == evaluate.summary_line(report) and "(2/3 with a face)" in line
+
+
+def test_folder_without_settings_with_an_embedding(models, run_dir, tmp_path, capsys):
+    from adaface.models.face_encoder import FaceEncoder
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(FACE_B).save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    ref = FaceEncoder(models["face_root"])(folder / "b.jpg")  # from the file: JPEG is lossy
+    np.save(tmp_path / "ref.npy", np.stack([ref.numpy(), ref.numpy()]))  # two reference rows
+    out = tmp_path / "report.json"
+    assert evaluate.main([str(folder), "--face-root", models["face_root"], "--clip", models["clip"],
+                          "--embedding", str(tmp_path / "ref.npy"), "--prompt", "portrait of z", "--out",
+                          str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["summary"]["num_images"] == 1 and report["references"]["count"] == 2
+    assert report["summary"]["arcface"] == pytest.approx(1.0, abs=1e-5)
+    # no reference pixels: the image-to-image scores are absent, not invented
+    assert report["summary"]["clip_i"] is None and report["summary"]["dino"] is None
+    assert report["per_image"][0]["clip_prompt"] == "portrait of person"
+    assert "clip-i n/a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--clip", "{tmp}/nowhere"], "--clip .*nowhere: folder not found"),
+    (["--face-root", "{tmp}"], "--face-root .*no insightface model pack"),
+    (["--references", "{tmp}/missing.png"], "--references .*missing.png: file not found"),
+    (["--out", "{tmp}/report.txt"], "--out .*give a .json path"),
+    (["--run", "{tmp}/none"], "RUN_DIR .*none: folder not found"),
+    (["--run", "{tmp}"], "--prompt is needed"),
+])
+def test_bad_options(models, run_dir, tmp_path, capsys, monkeypatch, extra, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("models were loaded before the options were checked")
+
+    monkeypatch.setattr(evaluate, "evaluate", refuse)
+    opts = {"--run": str(run_dir), "--face-root": models["face_root"], "--clip": models["clip"]}
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    opts.update(zip(extra[::2], extra[1::2]))
+    argv = [opts.pop("--run")] + [x for kv in opts.items() for x in kv]
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for action in evaluate.build_parser()._actions:
+        assert all(flag in out for flag in action.option_strings) and action.help
+
+
+def test_scores_a_generate_run_end_to_end(models, tiny_sd15_dir, tmp_path, capsys):
+    """The contract between the two tools: evaluate reads what generate writes (random ID: the saved identity)."""
+    from adaface.models.prompt_inverter import PromptInverter
+
+    PromptInverter(tiny_text_encoder(seed=2), tokenizer=tiny_sd15_dir / "tokenizer").save_pretrained(tmp_path / "inv")
+    arc2face = save_tiny_arc2face(tmp_path / "arc2face")
+    run = tmp_path / "run"
+    assert generate.main(["--base", str(tiny_sd15_dir), "--arc2face", str(arc2face), "--inverter",
+                          str(tmp_path / "inv"), "--random-id", "4", "--prompt", "z on the beach",
+                          "--prompt", "painting of z", "--num-images", "1", "--steps", "1", "--guidance", "1",
+                          "--height", "16", "--width", "16", "--out", str(run)]) == 0
+    assert evaluate.main([str(run), "--face-root", models["face_root"], "--clip", models["clip"]]) == 0
+    report = json.loads((run / "eval_report.json").read_text())
+    assert report["references"] == {"embedding": str(run / "subject_arcface.npy"), "count": 1}
+    assert [p["clip_prompt"] for p in report["per_image"]] == ["person on the beach", "painting of person"]
+    s = report["summary"]
+    assert s["num_images"] == 2 and 0 <= s["num_no_face"] <= 2
+    assert -1.0 <= s["clip_t"] <= 1.0 and s["clip_i"] is None
+    assert s["arcface"] is None or -1.0 <= s["arcface"] <= 1.0
+
+
+def test_video_runs_are_scored_frame_by_frame(tmp_path):
+    (tmp_path / "p00_000").mkdir()
+    for k in range(2):
+        photo(None).save(tmp_path / "p00_000" / f"{k:03d}.png")
+    settings = {"placeholder": "z", "outputs": [
+        {"file": "p00_000.gif", "prompt": "portrait of z at night", "frames": ["p00_000/000.png", "p00_000/001.png"]},
+    ]}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    args = evaluate.build_parser().parse_args([str(tmp_path), "--face-root", "r", "--clip", "c"])
+    items, read = evaluate.read_run(args)
+    assert read == settings
+    assert [(i.file, i.prompt, i.source) for i in items] == [
+        (tmp_path / "p00_000" / f"{k:03d}.png", "portrait of z at night", "p00_000.gif") for k in range(2)
+    ]
+    (tmp_path / "p00_000" / "001.png").unlink()
+    with pytest.raises(evaluate.OptionError, match="1 listed image.*001.png"):
+        evaluate.read_run(args)
