@@ -1,0 +1,219 @@
+"""Atomic, pickle-free training checkpoints: safetensors for tensors, JSON for everything else.
+
+A checkpoint is a folder `step-NNNNNNNN/` holding `<name>.safetensors` files and `state.json`. It is written
+into a hidden temporary folder and renamed into place (atomic on POSIX), so a run killed at any moment
+leaves either the previous complete checkpoints or the new one, never a half-written one. Optimizer state is
+keyed by parameter *name*, not position, so it survives a rebuilt parameter list (model expansion).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "state.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temporary sibling and os.replace, so readers never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                        metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # safetensors rejects views sharing storage and non-contiguous tensors; copies are cheap next to a step
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(plain, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ---- optimizer state -------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: tensors become numbers, and inf/nan (Prodigy's default growth_rate is inf) become tagged
+    strings, because bare Infinity is not JSON."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"float"}:
+        return float(value["float"])
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def optimizer_state_to_flat(optimizer: torch.optim.Optimizer,
+                            names: Mapping[torch.nn.Parameter, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state into name-keyed tensors ('<param>::<key>') and JSON scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for p, st in optimizer.state.items():
+        name = names[p]
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                tensors[f"{name}::{key}"] = value
+            else:
+                scalars.setdefault(name, {})[key] = _jsonable(value)
+    groups = []
+    for g in optimizer.param_groups:
+        groups.append({"params": [names[p] for p in g["params"]],
+                       **{k: _jsonable(v) for k, v in g.items() if k != "params"}})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_state_from_flat(optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str],
+                              tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of optimizer_state_to_flat for an optimizer built over the same named parameters."""
+    index = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            index[names[p]] = len(index)
+    saved_groups = meta["param_groups"]
+    if [n for g in saved_groups for n in g["params"]] != list(index):
+        raise ValueError("checkpoint optimizer parameters do not match the model's (different multipliers?)")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, sub = key.split("::", 1)
+        state.setdefault(index[name], {})[sub] = value.clone()  # never alias the caller's tensors
+    for name, sc in meta["scalars"].items():
+        state.setdefault(index[name], {}).update({k: _from_json(v) for k, v in sc.items()})
+    groups = []
+    for g in saved_groups:
+        groups.append({**{k: _from_json(v) for k, v in g.items()}, "params": [index[n] for n in g["params"]]})
+    # Optimizer.load_state_dict moves the state to each parameter's device and dtype
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---- RNG state -------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, pstate, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(pstate), gauss_next]}
+    return tensors, meta
+
+
+def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, pstate, gauss_next = meta["python"]
+    random.setstate((version, tuple(pstate), gauss_next))
+
+
+# ---- checkpoint folders ----------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under root, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, tensor_files: Mapping[str, Mapping[str, torch.Tensor]],
+                    state: dict, keep: int | None = None) -> Path:
+    """Write `root/step-NNNNNNNN/` atomically: {name}.safetensors per entry of tensor_files, plus state.json."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, tensors in tensor_files.items():
+        atomic_save_tensors(tensors, tmp / f"{name}.safetensors")
+    atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=1))
+    if final.exists():  # re-saving a step after a resume: move the old copy aside first
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep is not None:
+        prune_checkpoints(root, keep)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and stale temporary folders."""
+    root = Path(root)
+    for p in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.iterdir():
+        if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid != str(os.getpid()):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """All tensor files (by name) and the JSON state of one checkpoint folder."""
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    return tensors, state

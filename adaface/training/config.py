@@ -1,0 +1,282 @@
+"""Stage-1 configuration: one dataclass, a JSON config file, command-line overrides and start-up validation.
+
+Precedence, lowest first: the dataclass defaults (the paper's real-run values), the JSON config file
+(`--config`), then command-line options. Every field has a `help` string, so `--help` documents every option.
+Validation runs before any model is loaded and raises `ConfigError` naming the offending option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .expansion import parse_expansions
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDINGS_FILE = "arcface.safetensors"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any model is loaded; the message names the option."""
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Stage1Config:
+    # --- models -----------------------------------------------------------------------------------------
+    tiny: bool = _f(False, "build tiny random models (teacher derived from the student) under OUTPUT_DIR/tiny_models "
+                           "instead of loading --sd-model/--arc2face/--inverter-init")
+    sd_model: str | None = _f(None, "SD-1.5 folder or hub id (student: tokenizer, text encoder, UNet, scheduler, VAE)")
+    arc2face: str | None = _f(None, "Arc2Face folder or hub id (teacher: encoder/ and arc2face/ UNet)")
+    inverter_init: str | None = _f(None, "CLIP text encoder (folder or hub id) initialising the Prompt Inverter; "
+                                         "default: SD_MODEL's text_encoder")
+    # --- data -------------------------------------------------------------------------------------------
+    data_dir: str | None = _f(None, f"folder of face images plus {EMBEDDINGS_FILE} (one 512-d ArcFace embedding per "
+                                    "image, keyed by file name); without it every ID is random")
+    random_id_fraction: float = _f(0.4, "fraction of samples with random Gaussian IDs when --data-dir is given")
+    resolution: int = _f(512, "image size in pixels (latents are RESOLUTION / VAE scale factor)")
+    # --- optimisation -----------------------------------------------------------------------------------
+    steps: int = _f(240_000, "optimizer steps")
+    batch_size: int = _f(4, "samples per process per micro-batch")
+    grad_accum: int = _f(2, "micro-batches accumulated per optimizer step")
+    d_coef: float = _f(2.0, "Prodigy d_coef (the paper's effective learning-rate knob)")
+    lr: float = _f(1.0, "Prodigy lr multiplier (leave at 1)")
+    d0: float = _f(1e-6, "Prodigy's initial step-size estimate (it grows from here)")
+    weight_decay: float = _f(0.01, "Prodigy decoupled weight decay")
+    warmup_steps: int = _f(600, "linear learning-rate warm-up steps")
+    safeguard_warmup: bool = _f(True, "Prodigy safeguard_warmup (recommended with a warm-up)")
+    bias_correction: bool = _f(True, "Prodigy use_bias_correction")
+    grad_clip: float = _f(0.5, "gradient-norm clipping threshold (0 disables)")
+    seed: int = _f(0, "random seed (each rank adds its rank)")
+    # --- multi-timestep distillation ---------------------------------------------------------------------
+    denoise_steps: list[int] = _f([1, 3, 5], "choices for the number k of denoising steps per trajectory")
+    denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "probabilities of the DENOISE_STEPS choices "
+                                                            "(normalised)")
+    t_min: int = _f(1, "smallest timestep sampled")
+    t_max: int = _f(1000, "largest timestep sampled (exclusive)")
+    loss_reduction: str = _f("sum", "how per-step losses combine: 'sum' (paper, eq. 2) or 'sqrt_k' (sum / sqrt(k), "
+                                    "reference code)", choices=("sum", "sqrt_k"))
+    # --- dynamic model expansion ------------------------------------------------------------------------
+    expansions: str = _f("4:all,2:0-2", "expansion schedule, applied one entry per plateau: FACTOR:LAYERS[,...] with "
+                                        "LAYERS 'all' or a list like 0-2 or 0+3 ('' disables)")
+    expand_at: list[int] = _f([], "force the next scheduled expansion before this step (repeatable)")
+    expand_mode: str = _f("qv", "projections copied on expansion: any of q, k, v (paper: qv)")
+    expand_noise_ratio: float = _f(0.1, "noise std of the new copies, relative to the weights' mean row std")
+    plateau_window: int = _f(500, "steps in the moving average of the loss used by the plateau detector")
+    plateau_tolerance: float = _f(0.01, "relative improvement of the smoothed loss that resets the patience")
+    plateau_patience: int = _f(5000, "steps without such an improvement that count as a plateau")
+    # --- hardware ---------------------------------------------------------------------------------------
+    device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    mixed_precision: str = _f("auto", "autocast dtype on CUDA: 'auto' (bf16 when supported), 'bf16', 'fp16' or 'no'; "
+                                      "the CPU always runs fp32", choices=("auto", "bf16", "fp16", "no"))
+    gradient_checkpointing: bool = _f(True, "gradient checkpointing of the frozen UNets and text encoder")
+    num_threads: int = _f(0, "CPU threads for torch (0: torch's default); 1 keeps a tiny run fast on a busy CPU")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms (exact resume on CPU)")
+    # --- output -----------------------------------------------------------------------------------------
+    output_dir: str = _f("runs/stage1", "where metrics.jsonl, checkpoints/ and the final inverter/ go")
+    checkpoint_every: int = _f(2000, "optimizer steps between checkpoints (0: only the final one)")
+    keep_checkpoints: int = _f(3, "keep the last K checkpoints")
+    resume: str | None = _f(None, "resume from the latest checkpoint in OUTPUT_DIR ('--resume') or from a given "
+                                  "checkpoint folder ('--resume PATH')")
+    overwrite: bool = _f(False, "start afresh even if OUTPUT_DIR holds checkpoints of an earlier run (they are "
+                                "deleted); without it such a start is refused, so a forgotten --resume loses nothing")
+    progress: bool = _f(True, "show a tqdm progress bar")
+    target_drop: float = _f(0.0, "if > 0, the summary reports PASS when the last-10%% mean loss is at least this "
+                                 "fraction below the first-10%% mean")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config: {p} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {p} must hold a JSON object")
+    known = {f.name for f in fields(Stage1Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"--config: unknown option(s) in {p}: {', '.join(unknown)}")
+    return data
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
+    """The CLI: `--config` plus one option per config field; unset options keep the config file's values."""
+    parser = argparse.ArgumentParser(
+        description="AdaFace stage 1: face distillation of Arc2Face into the Prompt Inverter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", default=default_config,
+                        help="JSON config file (its keys are the option names with underscores)")
+    preset: dict[str, Any] = {}
+    if default_config and Path(default_config).is_file():
+        preset = load_config_file(default_config)
+    for f in fields(Stage1Config):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f.metadata["help"]
+        if f.name in preset:
+            helptext += f" [default: {preset[f.name]!r} from {Path(default_config).name}; built-in {default!r}]"
+        else:
+            helptext += f" [default: {default!r}]"
+        kw: dict[str, Any] = {"help": helptext, "dest": f.name}
+        if f.name == "resume":
+            parser.add_argument(_opt(f.name), nargs="?", const="latest", metavar="PATH", **kw)
+            continue
+        if f.type in ("bool",):
+            parser.add_argument(_opt(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "expand_at":
+            parser.add_argument(_opt(f.name), type=int, action="append", metavar="STEP", **kw)
+        elif f.type == "list[int]":
+            parser.add_argument(_opt(f.name), type=_int_list, metavar="A,B,..", **kw)
+        elif f.type == "list[float]":
+            parser.add_argument(_opt(f.name), type=_float_list, metavar="A,B,..", **kw)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            parser.add_argument(_opt(f.name), type=typ, metavar=f.name.upper(), **kw)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, default_config: str | None = None,
+                 world_size: int = 1) -> Stage1Config:
+    """Parse the command line, layer it over the config file, validate the result (no model is touched)."""
+    parser = build_parser(default_config)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        values.update(load_config_file(config_path))
+    values.update(args)
+    cfg = Stage1Config(**values)
+    validate(cfg, world_size)
+    return cfg
+
+
+def _check_model_source(option: str, value: str, required: tuple[str, ...]) -> None:
+    """A local folder must exist with its sub-folders; anything else must look like a hub id."""
+    p = Path(value).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{option}: {value} is not a folder")
+        missing = [r for r in required if not (p / r).exists()]
+        if missing:
+            raise ConfigError(f"{option}: {value} lacks {', '.join(missing)} (expected the released folder layout)")
+        return
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or not HUB_ID.match(value)
+    if looks_local:
+        raise ConfigError(f"{option}: model folder not found: {value}")
+
+
+def list_face_images(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def validate(cfg: Stage1Config, world_size: int = 1) -> None:
+    """Reject impossible configurations with a message naming the option; reads only small files."""
+    positive = ("steps", "batch_size", "grad_accum", "resolution", "keep_checkpoints",
+                "plateau_window", "plateau_patience")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_opt(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "checkpoint_every", "t_min", "num_threads"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_opt(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("d_coef", "lr", "d0"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{_opt(name)} must be > 0, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "grad_clip", "expand_noise_ratio", "plateau_tolerance", "target_drop"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_opt(name)} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.random_id_fraction <= 1.0:
+        raise ConfigError(f"--random-id-fraction must be in [0, 1], got {cfg.random_id_fraction}")
+    if not cfg.t_min < cfg.t_max <= 1000:
+        raise ConfigError(f"--t-min/--t-max: need t_min < t_max <= 1000, got {cfg.t_min}, {cfg.t_max}")
+    if not cfg.denoise_steps or min(cfg.denoise_steps) < 1:
+        raise ConfigError(f"--denoise-steps: need positive step counts, got {cfg.denoise_steps}")
+    if max(cfg.denoise_steps) > cfg.t_max - cfg.t_min:
+        raise ConfigError(f"--denoise-steps: {max(cfg.denoise_steps)} steps do not fit in [t_min, t_max)")
+    if len(cfg.denoise_step_weights) != len(cfg.denoise_steps):
+        raise ConfigError("--denoise-step-weights: need one weight per --denoise-steps choice, got "
+                          f"{len(cfg.denoise_step_weights)} for {len(cfg.denoise_steps)}")
+    if min(cfg.denoise_step_weights) < 0 or sum(cfg.denoise_step_weights) <= 0:
+        raise ConfigError(f"--denoise-step-weights: need non-negative weights with a positive sum, got "
+                          f"{cfg.denoise_step_weights}")
+    if cfg.loss_reduction not in ("sum", "sqrt_k"):
+        raise ConfigError(f"--loss-reduction: 'sum' or 'sqrt_k', got {cfg.loss_reduction!r}")
+    if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise ConfigError(f"--mixed-precision: 'auto', 'bf16', 'fp16' or 'no', got {cfg.mixed_precision!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"--device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if not cfg.expand_mode or set(cfg.expand_mode) - set("qkv"):
+        raise ConfigError(f"--expand-mode: letters from 'qkv', got {cfg.expand_mode!r}")
+    try:
+        parse_expansions(cfg.expansions)
+    except ValueError as e:
+        raise ConfigError(f"--expansions: {e}") from e
+    if any(s < 0 or s >= cfg.steps for s in cfg.expand_at):
+        raise ConfigError(f"--expand-at: steps must be in [0, {cfg.steps}), got {cfg.expand_at}")
+
+    if cfg.tiny:
+        for name in ("sd_model", "arc2face", "inverter_init", "data_dir"):
+            if getattr(cfg, name):
+                raise ConfigError(f"{_opt(name)} cannot be combined with --tiny (use --no-tiny or a real config)")
+    else:
+        for name in ("sd_model", "arc2face"):
+            if not getattr(cfg, name):
+                raise ConfigError(f"{_opt(name)} is required without --tiny")
+        _check_model_source("--sd-model", cfg.sd_model, ("unet", "text_encoder", "tokenizer", "scheduler"))
+        _check_model_source("--arc2face", cfg.arc2face, ("arc2face", "encoder"))
+        if cfg.inverter_init:
+            _check_model_source("--inverter-init", cfg.inverter_init, ("config.json",))
+
+    global_batch = cfg.batch_size * world_size
+    if cfg.data_dir:
+        d = Path(cfg.data_dir).expanduser()
+        if not d.is_dir():
+            raise ConfigError(f"--data-dir: folder not found: {cfg.data_dir}")
+        if not (d / EMBEDDINGS_FILE).is_file():
+            raise ConfigError(f"--data-dir: {cfg.data_dir} has no {EMBEDDINGS_FILE} (precomputed ArcFace embeddings)")
+        images = list_face_images(d)
+        if not images:
+            raise ConfigError(f"--data-dir: {cfg.data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        if cfg.random_id_fraction < 1.0 and len(images) < world_size:
+            raise ConfigError(f"--data-dir: {len(images)} images cannot be sharded over {world_size} processes")
+        if cfg.random_id_fraction == 0.0 and len(images) < global_batch:
+            raise ConfigError(f"--batch-size: {cfg.batch_size} x {world_size} process(es) exceeds the "
+                              f"{len(images)} images in --data-dir with --random-id-fraction 0")
+    if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"--resume: checkpoint folder not found: {cfg.resume}")
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    if not cfg.resume and not cfg.overwrite and ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*")):
+        raise ConfigError(f"--output-dir: {cfg.output_dir} holds checkpoints of an earlier run; pass --resume to "
+                          "continue it or --overwrite to start afresh")

@@ -1,0 +1,113 @@
+"""Multi-timestep face distillation on one trajectory (paper eq. 2), over generic teacher/student callables.
+
+For timesteps t_1 > ... > t_k: the teacher and the student both predict the noise in the same x_{t_i}; the
+loss is the MSE between the predictions, combined over steps. For i > 1, x_{t_i} is the teacher's predicted
+x̂0 at t_{i-1} re-noised to t_i with fresh noise (DDPM q_sample), so the student learns the teacher's
+behaviour along the teacher's own trajectory.
+
+Memory: the student context (the text encoder's output) feeds every step, so instead of one backward through
+k UNet graphs plus the encoder, each step back-propagates through its UNet into a detached copy of the
+context, and the accumulated context gradient goes through the encoder/inverter once at the end. The result
+is the gradient of the combined loss; at most one student UNet graph is alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> eps
+StudentPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, ctx) -> eps
+
+
+def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.to(device=x.device, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process: sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, per sample."""
+    a = _bcast(alphas_cumprod[t.cpu()], x0)
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x̂0 from an ε prediction: (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)."""
+    a = _bcast(alphas_cumprod[t.cpu()], x_t)
+    return ((x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(x_t.dtype)
+
+
+def sample_num_steps(choices: Sequence[int], weights: Sequence[float], generator: torch.Generator) -> int:
+    probs = torch.tensor(weights, dtype=torch.float64)
+    idx = int(torch.multinomial(probs / probs.sum(), 1, generator=generator).item())
+    return int(choices[idx])
+
+
+def sample_timesteps(k: int, batch: int, t_min: int, t_max: int, generator: torch.Generator) -> torch.Tensor:
+    """[k, batch] long: per sample, k distinct timesteps in [t_min, t_max), in decreasing order."""
+    cols = [torch.randperm(t_max - t_min, generator=generator)[:k].sort(descending=True).values + t_min
+            for _ in range(batch)]
+    return torch.stack(cols, dim=1)
+
+
+@dataclass
+class DistillResult:
+    loss: float  # the combined loss (what was back-propagated, before any external scaling)
+    step_losses: list[float]  # unweighted MSE per denoising step
+
+
+def combine_weight(k: int, reduction: str) -> float:
+    """Weight of each step's MSE: 1 ('sum', the paper) or 1/sqrt(k) ('sqrt_k', the reference code)."""
+    if reduction == "sum":
+        return 1.0
+    if reduction == "sqrt_k":
+        return 1.0 / math.sqrt(k)
+    raise ValueError(f"unknown loss reduction {reduction!r}")
+
+
+def distill_trajectory(
+    x_start: torch.Tensor,
+    timesteps: torch.Tensor,
+    teacher: NoisePredictor,
+    student: StudentPredictor,
+    student_context: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    reduction: str = "sum",
+    backward_scale: float | None = 1.0,
+) -> DistillResult:
+    """Run k = len(timesteps) distillation steps from x_start (= x_{t_1}).
+
+    `student_context` carries the graph to the trainable parameters. With `backward_scale` set, gradients
+    of `backward_scale × loss` are accumulated into those parameters (and nothing is returned to
+    back-propagate); with None, nothing is back-propagated (evaluation).
+    Fresh noise comes from `generator` (on the CPU), so a trajectory is reproducible from its seed.
+    """
+    k = timesteps.shape[0]
+    w = combine_weight(k, reduction)
+    ctx = student_context.detach().requires_grad_(backward_scale is not None)
+    x = x_start
+    losses: list[float] = []
+    total = 0.0
+    for i in range(k):
+        t = timesteps[i].to(x.device)
+        with torch.no_grad():
+            eps_t = teacher(x, t)
+        eps_s = student(x, t, ctx)
+        mse = F.mse_loss(eps_s.float(), eps_t.float())
+        if backward_scale is not None:
+            (mse * (w * backward_scale)).backward()
+        losses.append(float(mse.detach()))
+        total += w * losses[-1]
+        if i + 1 < k:
+            with torch.no_grad():
+                x0 = predict_x0(x, eps_t, t, alphas_cumprod)
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+                x = q_sample(x0, timesteps[i + 1].to(x.device), noise, alphas_cumprod)
+    if backward_scale is not None and ctx.grad is not None:
+        student_context.backward(ctx.grad)
+    return DistillResult(loss=total, step_losses=losses)

@@ -1,0 +1,133 @@
+"""Prodigy with a linear warm-up, and rebuilding its state when model expansion replaces parameters.
+
+Rebuild rule (after `PromptInverter.expand`), per new parameter, matched to the old one by name:
+- same name and shape: the old state moves over unchanged (copy 0 and untouched layers keep optimising as
+  if nothing happened);
+- an expanded-copy parameter (`{q,k,v}_extra_{weight,bias}`, see `copy_source`): its existing copies keep
+  their state, and each new copy gets a copy of the state (Adam moments, Prodigy's `s` and its anchor `p0`)
+  of copy 0 — the weights it was copied from — so the new copies do not start from a cold second moment;
+- anything else: no state, so Prodigy initialises it on the next step with `p0` = the current weights.
+The global Prodigy scalars (d, d_max, d_numerator, k, ...) carry over, so the step size does not restart
+from d0 and the warm-up is not repeated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from prodigyopt import Prodigy
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, d_coef: float, weight_decay: float,
+                    safeguard_warmup: bool, bias_correction: bool, d0: float = 1e-6) -> Prodigy:
+    return Prodigy(list(params), lr=lr, d_coef=d_coef, d0=d0, weight_decay=weight_decay, decouple=True,
+                   safeguard_warmup=safeguard_warmup, use_bias_correction=bias_correction)
+
+
+def warmup_factor(warmup_steps: int):
+    """LambdaLR factor; never 0, because Prodigy skips its d update on a zero learning rate."""
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps))
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """JSON-safe scheduler state (the lambdas themselves are rebuilt from the config)."""
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: Mapping[str, Any]) -> None:
+    full = scheduler.state_dict()
+    full.update(state)
+    scheduler.load_state_dict(full)
+
+
+_EXTRA = re.compile(r"^(?P<prefix>.*)\.(?P<proj>[qkv])_extra_(?P<kind>weight|bias)$")
+
+
+def copy_source(name: str) -> str | None:
+    """The parameter an expanded copy was made from: `...self_attn.q_extra_weight` <- `...self_attn.q_proj.weight`.
+
+    This is the layout of `adaface.models.expanded_clip_attention`: copy 0 stays in the original Linear, copies
+    1..E-1 live in `{p}_extra_weight [E-1, out, in]` / `{p}_extra_bias [E-1, out]`, and growing E keeps the
+    existing extra copies first and appends new noisy copies of copy 0.
+    """
+    m = _EXTRA.match(name)
+    return None if m is None else f"{m['prefix']}.{m['proj']}_proj.{m['kind']}"
+
+
+FLAT_STATE = ("s", "p0")  # Prodigy keeps these flattened (p.flatten()[::slice_p]), whatever the parameter's shape
+
+
+def _grow_copies(key: str, old_extra: torch.Tensor | None, old_shape: torch.Size | None, copy0: torch.Tensor,
+                 copy0_shape: torch.Size, new_shape: torch.Size) -> torch.Tensor | None:
+    """State of a grown `[E'-1, ...]` extra parameter: the old extra rows, then copy 0's state repeated."""
+    flat = key in FLAT_STATE or (copy0.dim() == 1 and len(copy0_shape) != 1)
+    if flat and copy0.numel() not in (1, torch.Size(copy0_shape).numel()):
+        return None  # sliced statistics (slice_p > 1) cannot be laid out per copy
+    if copy0.dim() == 0:
+        return copy0.clone()  # p0 of an all-zero parameter is a scalar zero
+    c0 = copy0.reshape(copy0_shape)
+    if tuple(new_shape[1:]) != tuple(c0.shape):
+        return None
+    kept = 0 if old_extra is None else old_shape[0]
+    parts = []
+    if kept:
+        if old_extra.dim() == 0:
+            return None
+        parts.append(old_extra.reshape(old_shape))
+    parts.append(c0.unsqueeze(0).expand(new_shape[0] - kept, *c0.shape))
+    out = torch.cat(parts)
+    return out.flatten() if flat else out
+
+
+def snapshot_state(optimizer: torch.optim.Optimizer,
+                   names: Mapping[torch.nn.Parameter, str]) -> tuple[dict[str, tuple[torch.Size, dict]], dict]:
+    """Name-keyed per-parameter state (with each parameter's shape) and the first group's scalars."""
+    per_param = {names[p]: (p.shape, dict(st)) for p, st in optimizer.state.items()}
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    return per_param, group
+
+
+def transfer_state(optimizer: torch.optim.Optimizer, named_params: Mapping[str, torch.nn.Parameter],
+                   old_state: Mapping[str, tuple[torch.Size, dict]], old_group: Mapping[str, Any]) -> dict[str, str]:
+    """Fill a freshly built optimizer from a snapshot; returns {name: 'kept'|'grown'|'fresh'} for logging."""
+    report: dict[str, str] = {}
+    for name, p in named_params.items():
+        old = old_state.get(name)
+        if old is not None and tuple(old[0]) == tuple(p.shape):
+            optimizer.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in old[1].items()}
+            report[name] = "kept"
+            continue
+        src = copy_source(name)
+        if src is None or src not in old_state:
+            report[name] = "fresh"
+            continue
+        c0_shape, c0_state = old_state[src]
+        new_st: dict[str, Any] = {}
+        for k, v in c0_state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                old_v = None if old is None else old[1].get(k)
+                grown = _grow_copies(k, old_v, None if old is None else old[0], v, c0_shape, p.shape)
+                if grown is None:
+                    new_st = {}
+                    break
+                new_st[k] = grown.to(p.device).clone()
+            else:
+                new_st[k] = v
+        if new_st:
+            optimizer.state[p] = new_st
+            report[name] = "grown"
+        else:
+            report[name] = "fresh"
+    for group in optimizer.param_groups:
+        for k, v in old_group.items():
+            group[k] = v
+    return report

@@ -1,0 +1,356 @@
+"""Stage-1 building blocks: checkpoints, optimizer state, RNG, plateau detector, expansion schedule and
+optimizer rebuild, metrics log, multi-timestep distillation, DDP helpers. Fast: no diffusion model involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from adaface.training import checkpoint as ckpt
+from adaface.training.ddp import DistInfo, mix_seed, rank_seed, shard, shared_seed
+from adaface.training.distill import (
+    distill_trajectory,
+    predict_x0,
+    q_sample,
+    sample_num_steps,
+    sample_timesteps,
+)
+from adaface.training.expansion import ExpansionSchedule, parse_expansions
+from adaface.training.metrics_log import MetricsLog, read_jsonl
+from adaface.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    copy_source,
+    load_scheduler_state,
+    scheduler_state,
+    snapshot_state,
+    transfer_state,
+)
+from adaface.training.plateau import PlateauDetector
+
+
+def _prodigy(params, **kw):
+    args = dict(lr=1.0, d_coef=1.0, weight_decay=0.01, safeguard_warmup=True, bias_correction=True, d0=1e-3)
+    args.update(kw)
+    return build_optimizer(params, **args)
+
+
+def _train(model, opt, sched, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=g)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip_keep_last_and_latest(tmp_path):
+    root = tmp_path / "ckpts"
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(root, step, {"w": {"a": torch.full((2, 3), float(step))}}, {"note": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003", "step-00000004"]
+    # a half-written checkpoint (no rename yet) is invisible
+    (root / ".step-00000009.tmp-1").mkdir()
+    (root / "step-00000010").mkdir()  # no state.json: incomplete
+    latest = ckpt.latest_checkpoint(root)
+    assert latest.name == "step-00000004"
+    tensors, state = ckpt.load_checkpoint(latest)
+    assert state == {"step": 4, "note": 4}
+    assert torch.equal(tensors["w"]["a"], torch.full((2, 3), 4.0))
+    # re-saving a step (after a resume) replaces it atomically
+    ckpt.save_checkpoint(root, 4, {"w": {"a": torch.zeros(1)}}, {"note": "again"}, keep=2)
+    assert ckpt.load_checkpoint(latest)[1]["note"] == "again"
+    assert not any(p.suffix == ".pkl" or p.name.endswith((".pt", ".bin")) for p in latest.iterdir())
+
+
+def test_optimizer_state_roundtrip_continues_identically():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    b = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    opt_a = _prodigy(a.parameters())
+    sched_a = build_scheduler(opt_a, 4)
+    _train(a, opt_a, sched_a, 3, seed=1)
+
+    names_a = {p: n for n, p in a.named_parameters()}
+    tensors, meta = ckpt.optimizer_state_to_flat(opt_a, names_a)
+    meta = json.loads(json.dumps(meta))  # must survive JSON
+    sched_json = json.loads(json.dumps(scheduler_state(sched_a)))
+
+    b.load_state_dict(a.state_dict())
+    opt_b = _prodigy(b.parameters())
+    sched_b = build_scheduler(opt_b, 4)
+    ckpt.optimizer_state_from_flat(opt_b, {p: n for n, p in b.named_parameters()}, tensors, meta)
+    load_scheduler_state(sched_b, sched_json)
+    _train(a, opt_a, sched_a, 3, seed=2)
+    _train(b, opt_b, sched_b, 3, seed=2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert opt_a.param_groups[0]["d"] == opt_b.param_groups[0]["d"]
+
+
+def test_rng_state_roundtrip():
+    tensors, meta = ckpt.capture_rng_state()
+    meta = json.loads(json.dumps(meta))
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(123), np.random.seed(5), random.seed(7)
+    ckpt.restore_rng_state(tensors, meta)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+# ---- plateau detector & expansion schedule -------------------------------------------------------------------
+
+
+def test_plateau_detector_fires_on_flat_loss_only():
+    det = PlateauDetector(window=5, tolerance=0.01, patience=3)
+    assert not any(det.update(1.0 / (1 + i)) for i in range(50))  # steadily improving
+    det.reset()
+    fired = [det.update(1.0) for _ in range(12)]
+    # window full at update 5 (best set), then patience 3 -> fires at update 8
+    assert fired.index(True) == 7
+    state = json.loads(json.dumps(det.state_dict()))
+    other = PlateauDetector(window=5, tolerance=0.01, patience=3)
+    other.load_state_dict(state)
+    assert other.update(1.0) == det.update(1.0)
+
+
+def test_expansion_schedule_default_reaches_paper_multipliers():
+    sched = ExpansionSchedule.parse("4:all,2:0-2")
+    m = [1] * 12
+    m = sched.next_multipliers(m)
+    sched.advance()
+    assert m == [4] * 12
+    m = sched.next_multipliers(m)
+    sched.advance()
+    assert m == [8, 8, 8] + [4] * 9
+    assert sched.exhausted()
+    assert parse_expansions("") == []
+    assert parse_expansions("2:0+3") == [(2, (0, 3))]
+    for bad in ("4", "1:all", "x:all", "2:3-1"):
+        with pytest.raises(ValueError):
+            parse_expansions(bad)
+    with pytest.raises(ValueError, match="layer"):
+        ExpansionSchedule.parse("2:0-5").check_layers(4)
+
+
+def test_copy_source_names_copy_zero():
+    assert copy_source("text_encoder.encoder.layers.3.self_attn.q_extra_weight") == \
+        "text_encoder.encoder.layers.3.self_attn.q_proj.weight"
+    assert copy_source("text_encoder.encoder.layers.3.self_attn.v_extra_bias") == \
+        "text_encoder.encoder.layers.3.self_attn.v_proj.bias"
+    assert copy_source("text_encoder.encoder.layers.3.self_attn.q_proj.weight") is None
+
+
+@pytest.fixture(scope="module")
+def tiny_inverter_factory(tmp_path_factory):
+    from adaface.models.prompt_inverter import PromptInverter
+    from adaface.testing.tiny_models import TinyConfig, save_tiny_tokenizer, tiny_text_encoder
+
+    cfg = TinyConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=64)
+    tok = save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+    def make():
+        return PromptInverter(tiny_text_encoder(cfg, seed=0), tokenizer=str(tok))
+
+    return make
+
+
+def _inverter_step(inv, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, inv.num_id_tokens, inv.hidden_size, generator=g)
+    inv(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_optimizer_rebuild_on_expansion(tiny_inverter_factory):
+    inv = tiny_inverter_factory()
+    named = {n: p for n, p in inv.named_parameters() if p.requires_grad}
+    opt = _prodigy(named.values())
+    for s in range(3):
+        _inverter_step(inv, opt, s)
+    names = {p: n for n, p in named.items()}
+    q0 = "text_encoder.encoder.layers.0.self_attn.q_proj.weight"
+    before = {k: v.clone() for k, v in opt.state[named[q0]].items() if isinstance(v, torch.Tensor)}
+    d_before = opt.param_groups[0]["d"]
+
+    def expand_and_rebuild(opt, names, mult):
+        old_state, old_group = snapshot_state(opt, names)
+        inv.expand(mult, noise_ratio=0.1, generator=torch.Generator().manual_seed(0))
+        named = {n: p for n, p in inv.named_parameters() if p.requires_grad}
+        new = _prodigy(named.values())
+        return new, named, transfer_state(new, named, old_state, old_group)
+
+    opt, named, report = expand_and_rebuild(opt, names, [4, 2])
+    extra = "text_encoder.encoder.layers.0.self_attn.q_extra_weight"
+    assert report[q0] == "kept" and report[extra] == "grown"
+    assert "fresh" not in report.values()
+    assert opt.param_groups[0]["d"] == d_before  # Prodigy's step size is not reset
+    st = opt.state[named[extra]]
+    assert st["exp_avg"].shape == (3, *named[q0].shape)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[named[q0]][key], before[key])
+        for e in range(3):
+            assert torch.equal(st[key][e], before[key])
+    assert st["s"].shape == (3 * named[q0].numel(),)  # Prodigy's flattened layout is preserved
+    _inverter_step(inv, opt, 10)
+    grown_state = opt.state[named[extra]]["exp_avg"].clone()
+
+    # second expansion: existing copies keep their own (now distinct) state, new ones copy copy 0's
+    names = {p: n for n, p in named.items()}
+    opt, named, report = expand_and_rebuild(opt, names, [8, 2])
+    st = opt.state[named[extra]]
+    assert st["exp_avg"].shape[0] == 7
+    assert torch.equal(st["exp_avg"][:3], grown_state)
+    assert torch.equal(st["exp_avg"][3], opt.state[named[q0]]["exp_avg"])
+    assert report["text_encoder.encoder.layers.1.self_attn.q_extra_weight"] == "kept"  # layer 1 unchanged
+    _inverter_step(inv, opt, 11)
+    assert all(torch.isfinite(p).all() for p in inv.parameters())
+
+
+def test_optimizer_rebuild_then_checkpoint_matches(tiny_inverter_factory):
+    """An expanded inverter's optimizer state survives the flat checkpoint format (names, not positions)."""
+    inv = tiny_inverter_factory()
+    inv.expand([2, 1], noise_ratio=0.1, generator=torch.Generator().manual_seed(1))
+    named = {n: p for n, p in inv.named_parameters() if p.requires_grad}
+    opt = _prodigy(named.values())
+    _inverter_step(inv, opt, 0)
+    tensors, meta = ckpt.optimizer_state_to_flat(opt, {p: n for n, p in named.items()})
+    inv2 = tiny_inverter_factory()
+    inv2.expand([2, 1], noise_ratio=0.0)
+    inv2.load_state_dict(inv.state_dict())
+    named2 = {n: p for n, p in inv2.named_parameters() if p.requires_grad}
+    opt2 = _prodigy(named2.values())
+    ckpt.optimizer_state_from_flat(opt2, {p: n for n, p in named2.items()}, tensors, json.loads(json.dumps(meta)))
+    _inverter_step(inv, opt, 1)
+    _inverter_step(inv2, opt2, 1)
+    for (n, a), b in zip(inv.state_dict().items(), inv2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+# ---- metrics log -------------------------------------------------------------------------------------------
+
+
+def test_metrics_log_resume_truncates_and_skips_torn_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLog(path)
+    for s in range(1, 6):
+        log.write("step", step=s, loss=float(s))
+        if s == 3:
+            log.write("checkpoint", step=3)
+            log.write("expansion", step=3)
+    log.close()
+    with open(path, "a") as fh:
+        fh.write('{"event": "step", "st')  # killed mid-write
+    assert len(read_jsonl(path)) == 7
+    log = MetricsLog(path, resume_step=3)
+    log.write("expansion", step=3)
+    log.close()
+    events = [(r["event"], r["step"]) for r in read_jsonl(path)]
+    assert events == [("step", 1), ("step", 2), ("step", 3), ("checkpoint", 3), ("expansion", 3)]
+    assert MetricsLog(tmp_path / "n.jsonl", enabled=False)._fh is None
+    assert not (tmp_path / "n.jsonl").exists()
+
+
+# ---- multi-timestep distillation ---------------------------------------------------------------------------
+
+
+def _alphas():
+    from adaface.testing.tiny_models import sd15_scheduler
+
+    return sd15_scheduler().alphas_cumprod
+
+
+def test_q_sample_and_predict_x0_are_inverse():
+    ac = _alphas()
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    xt = q_sample(x0, t, eps, ac)
+    torch.testing.assert_close(predict_x0(xt, eps, t, ac), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_timesteps_decrease_and_step_counts_follow_weights():
+    g = torch.Generator().manual_seed(0)
+    ts = sample_timesteps(5, 7, 1, 1000, g)
+    assert ts.shape == (5, 7)
+    assert bool((ts[:-1] > ts[1:]).all()) and int(ts.min()) >= 1 and int(ts.max()) < 1000
+    counts = [sample_num_steps([1, 3, 5], [1.0, 0.0, 0.0], g) for _ in range(20)]
+    assert set(counts) == {1}
+
+
+def test_distill_trajectory_gradient_equals_summed_loss():
+    """Per-step backward into a detached context gives the gradient of the summed loss of eq. 2."""
+    ac = _alphas()
+    torch.manual_seed(0)
+    w_ctx = torch.nn.Parameter(torch.randn(2, 3))
+    conv_t = torch.nn.Conv2d(4, 4, 1)
+    conv_s = torch.nn.Conv2d(4, 4, 1)
+
+    def teacher(x, t):
+        return conv_t(x) * 0.5
+
+    def student(x, t, ctx):
+        return conv_s(x) * ctx.mean() + ctx.sum() * 0.01
+
+    x = torch.randn(2, 4, 8, 8)
+    ts = torch.tensor([[900, 800], [500, 400], [100, 50]])
+    for reduction, weight in (("sum", 1.0), ("sqrt_k", 3 ** -0.5)):
+        w_ctx.grad = None
+        res = distill_trajectory(x, ts, teacher, student, w_ctx * 2, ac, torch.Generator().manual_seed(3),
+                                 reduction=reduction, backward_scale=0.5)
+        got = w_ctx.grad.clone()
+        # reference: the same trajectory, one graph, summed loss
+        g = torch.Generator().manual_seed(3)
+        xs, total = x, 0.0
+        for i in range(3):
+            with torch.no_grad():
+                et = teacher(xs, ts[i])
+            total = total + weight * torch.nn.functional.mse_loss(student(xs, ts[i], w_ctx * 2), et)
+            if i < 2:
+                x0 = predict_x0(xs, et, ts[i], ac)
+                xs = q_sample(x0, ts[i + 1], torch.randn(xs.shape, generator=g), ac)
+        w_ctx.grad = None
+        (0.5 * total).backward()
+        torch.testing.assert_close(got, w_ctx.grad)
+        assert res.loss == pytest.approx(total.item(), rel=1e-5)
+        assert len(res.step_losses) == 3
+    assert conv_t.weight.grad is None  # the teacher never gets a gradient
+
+
+def test_distill_identical_streams_have_zero_loss():
+    ac = _alphas()
+    net = torch.nn.Conv2d(4, 4, 1)
+    ctx = torch.zeros(1, requires_grad=True)
+    res = distill_trajectory(torch.randn(1, 4, 4, 4), torch.tensor([[700], [300]]), lambda x, t: net(x),
+                             lambda x, t, c: net(x) + c, ctx, ac, torch.Generator(), backward_scale=None)
+    assert res.step_losses == [0.0, 0.0]
+
+
+# ---- DDP helpers -------------------------------------------------------------------------------------------
+
+
+def test_seeds_and_shards():
+    assert rank_seed(0, 0, 5) != rank_seed(0, 1, 5)
+    assert rank_seed(0, 0, 5) != rank_seed(0, 0, 6) != rank_seed(0, 0, 5, micro=1)
+    assert rank_seed(3, 1, 2) == rank_seed(3, 1, 2)
+    assert shared_seed(0, "expand", 0) == mix_seed(0, "shared", "expand", 0)
+    idx = list(range(11))
+    shards = [shard(idx, DistInfo(r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == idx
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_atomic_write_leaves_no_temp(tmp_path):
+    ckpt.atomic_write_text(tmp_path / "a.json", "{}")
+    ckpt.atomic_save_tensors({"x": torch.ones(2)}, tmp_path / "b.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.safetensors"]

@@ -1,0 +1,189 @@
+"""training/stage1.py end to end on tiny models: a short run (forced + plateau expansions, checkpoints, JSONL,
+final inverter), exact resume after SIGKILL, and 2-process DDP on the CPU with gloo.
+
+Each run is a subprocess on tiny models saved to disk once (loaded through the real --sd-model/--arc2face
+paths), single-threaded so that runs are bit-for-bit reproducible and light on a shared CPU.
+Executed as a script (under torchrun) this file is the DDP worker: it trains, then writes its rank's weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "stage1.py"
+
+
+def load_stage1():
+    if "adaface_stage1_script" in sys.modules:
+        return sys.modules["adaface_stage1_script"]
+    spec = importlib.util.spec_from_file_location("adaface_stage1_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ddp_worker(argv: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    stage1 = load_stage1()
+    cfg = stage1.parse_config(argv, default_config=stage1.DEFAULT_CONFIG, world_size=int(os.environ["WORLD_SIZE"]))
+    result = stage1.run(cfg)
+    rank = int(os.environ["RANK"])
+    save_file({k: v.contiguous() for k, v in result.inverter.state_dict().items()},
+              str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1:])
+    sys.exit(0)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from adaface.training.metrics_log import read_jsonl  # noqa: E402
+
+STEPS = 14
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    sd, a2f = load_stage1().build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
+    return sd, a2f
+
+
+def _args(tiny_dirs, out: Path, steps: int = STEPS) -> list[str]:
+    sd, a2f = tiny_dirs
+    return [
+        "--no-tiny", "--sd-model", str(sd), "--arc2face", str(a2f), "--output-dir", str(out),
+        "--steps", str(steps), "--batch-size", "1", "--grad-accum", "2",
+        "--denoise-steps", "1,2", "--denoise-step-weights", "0.5,0.5",
+        "--warmup-steps", "2", "--d0", "1e-4",
+        "--expansions", "2:all,2:0-1", "--expand-at", "4",
+        "--plateau-window", "2", "--plateau-patience", "2", "--plateau-tolerance", "0.9",
+        "--checkpoint-every", "3", "--keep-checkpoints", "2",
+        "--device", "cpu", "--deterministic", "--no-progress",
+    ]
+
+
+def _steps(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    res = subprocess.run([sys.executable, str(SCRIPT), *_args(tiny_dirs, out)], env=_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out, res.stdout
+
+
+def test_short_run_outputs(reference_run):
+    from adaface.models.prompt_inverter import PromptInverter
+
+    out, stdout = reference_run
+    steps = _steps(out)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    rec = steps[1]
+    for key in ("loss", "mse", "step_losses", "lr", "d", "d_lr", "grad_norm", "samples_per_s", "multipliers"):
+        assert key in rec, key
+    assert len(rec["step_losses"]) == 2  # one list of per-denoising-step losses per micro-batch
+    events = read_jsonl(out / "metrics.jsonl")
+    expansions = [r for r in events if r["event"] == "expansion"]
+    assert expansions[0]["step"] == 4 and expansions[0]["reason"] == "forced"
+    assert expansions[0]["multipliers"] == [2, 2, 2, 2]
+    # the aggressive plateau settings fire the second stage on their own
+    assert len(expansions) == 2 and expansions[1]["reason"] == "plateau"
+    assert expansions[1]["multipliers"] == [4, 4, 2, 2]
+    assert steps[STEPS]["multipliers"] == [4, 4, 2, 2]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == [f"step-{STEPS - 2:08d}", f"step-{STEPS:08d}"]  # 12 and the final 14: keep 2
+    state = json.loads((out / "checkpoints" / f"step-{STEPS:08d}" / "state.json").read_text())
+    assert state["step"] == STEPS and state["multipliers"] == [4, 4, 2, 2] and "rng" in state
+    inv = PromptInverter.from_pretrained(out / "inverter")
+    assert inv.multipliers == [4, 4, 2, 2]
+    summary = [r for r in events if r["event"] == "summary"][-1]
+    assert summary["expansions"] == [4, expansions[1]["step"]]
+    assert "[stage1] done:" in stdout and "last 10%" in stdout
+
+
+def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_path):
+    ref_out, _ = reference_run
+    out = tmp_path / "killed"
+    args = _args(tiny_dirs, out)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kill_after = 8  # past the checkpoint at step 6 and the forced expansion at step 4
+    deadline = time.monotonic() + 600
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if max(_steps(out), default=0) >= kill_after:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode})"
+    assert max(_steps(out)) < STEPS
+
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    resumed = read_jsonl(out / "metrics.jsonl")
+    assert any(r["event"] == "start" and r["resumed_from"] for r in resumed)
+    got, want = _steps(out), _steps(ref_out)
+    assert sorted(got) == sorted(want)
+    for s in sorted(want):
+        for key in ("loss", "mse", "step_losses", "d", "lr", "multipliers"):
+            assert got[s][key] == want[s][key], (s, key)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(ref_out / "inverter" / "model.safetensors"))
+    wb = load_file(str(out / "inverter" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_two_processes_keep_parameters_identical(tiny_dirs, tmp_path):
+    out = tmp_path / "ddp"
+    args = _args(tiny_dirs, out, steps=5) + ["--expansions", "2:all", "--plateau-patience", "1000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).resolve()), *args]
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    from safetensors.torch import load_file
+
+    r0 = load_file(str(out / "rank0.safetensors"))
+    r1 = load_file(str(out / "rank1.safetensors"))
+    ref = load_file(str(out / "inverter" / "model.safetensors"))
+    assert r0.keys() == r1.keys() == ref.keys()
+    assert any("extra_weight" in k for k in r0)  # the forced expansion happened on both ranks
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert torch.equal(r0[k], ref[k]), k
+    records = read_jsonl(out / "metrics.jsonl")
+    start = [r for r in records if r["event"] == "start"][0]
+    assert start["world_size"] == 2
+    summary = [r for r in records if r["event"] == "summary"][-1]
+    assert summary["ranks_max_param_diff"] == 0.0
+    # the weights moved: training happened, not just a broadcast of the initial weights
+    init = load_file(str(Path(str(tiny_dirs[0])) / "text_encoder" / "model.safetensors"))
+    key = "text_encoder.encoder.layers.0.self_attn.q_proj.weight"
+    init_key = [k for k in init if k.endswith("encoder.layers.0.self_attn.q_proj.weight")][0]
+    assert not torch.equal(r0[key], init[init_key])
