@@ -85,19 +85,28 @@ def build_extensions() -> tuple[list, dict]:
         and cuda_home is not None
         and os.environ.get("ADAFACE_BUILD_CUDA", "1") != "0"
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
+    link_flags: list[str] = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for only forks when the including file is compiled with OpenMP (ATen/ParallelOpenMP.h);
+        # libgomp.so.1 is the runtime torch itself loads.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[0]}.{a[1]}" for a in CUDA_ARCHS))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "adaface._C",
             cpu_sources + cuda_sources,
             define_macros=[("ADAFACE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
         _log(f"building the CUDA extension (toolkit {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
-        ext = cpp_extension.CppExtension("adaface._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension(
+            "adaface._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
         _log("building the CPU-only C++ extension")
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -32,25 +31,30 @@ def triton_importable() -> bool:
     return _TRITON_IMPORTABLE
 
 
-@functools.cache
-def load_extension() -> ModuleType:
-    """Import `adaface._C` (which registers `torch.ops.adaface.*`), or raise with build instructions."""
+def _probe_extension() -> tuple[ModuleType | None, str | None]:
     try:
-        return importlib.import_module("adaface._C")
-    except ImportError as exc:
-        raise RuntimeError(f"{BUILD_HINT} (import error: {exc})") from exc
+        return importlib.import_module("adaface._C"), None
+    except ImportError as exc:  # not built, or built against another torch
+        return None, str(exc)
+
+
+# Probed once, at import: torch.compile then traces the dispatch below without reaching an import statement.
+_EXTENSION, _EXTENSION_ERROR = _probe_extension()
+
+
+def load_extension() -> ModuleType:
+    """`adaface._C` (importing it registered `torch.ops.adaface.*`), or a RuntimeError with build instructions."""
+    if _EXTENSION is None:
+        raise RuntimeError(f"{BUILD_HINT} (import error: {_EXTENSION_ERROR})")
+    return _EXTENSION
 
 
 def extension_available() -> bool:
-    try:
-        load_extension()
-    except RuntimeError:
-        return False
-    return True
+    return _EXTENSION is not None
 
 
 def extension_has_cuda() -> bool:
-    return extension_available() and bool(getattr(load_extension(), "WITH_CUDA", False))
+    return _EXTENSION is not None and bool(getattr(_EXTENSION, "WITH_CUDA", False))
 
 
 def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tuple[str, ...]) -> str:
@@ -60,6 +64,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tu
     if backend == "auto":
         if device.type == "cuda" and "triton" in supports and triton_importable():
             return "triton"
+        # Measured on a 2-core CPU: the C++ losses are 12x (delta cosine) and 1.2-3.6x (soft-warp) faster
+        # than the eager reference and never build the N x M matrix.
+        if device.type == "cpu" and "cpp" in supports and _EXTENSION is not None:
+            return "cpp"
         return "torch"
     if backend not in supports:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (available: {supports})")

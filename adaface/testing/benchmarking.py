@@ -13,8 +13,9 @@ from .device import device_name
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by torch while `fn()` runs, above what was allocated before it.
 
-    CUDA: the caching allocator's peak counter. CPU: torch's profiler memory events (every allocation and
-    free of CPU tensors, in order), whose running sum's maximum is the peak.
+    CUDA: the caching allocator's peak counter. CPU: torch's profiler memory records, in time order: each
+    op's *self* allocations (its children's are their own records, so nothing is counted twice) and the
+    `[memory]` records of frees; the running sum's maximum is the peak.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -27,11 +28,11 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.cpu_memory_usage]
+    events = [e for e in prof.events() if e.self_cpu_memory_usage]
     events.sort(key=lambda e: e.time_range.start)
     current = peak = 0
     for e in events:
-        current += e.cpu_memory_usage
+        current += e.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
 
