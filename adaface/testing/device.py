@@ -22,4 +22,9 @@ def device_name(device: torch.device) -> str:
     import platform
 
     cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model here; platform.processor() is often empty
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return f"CPU {cpu} ({os.cpu_count()} cores, torch {torch.__version__})"
