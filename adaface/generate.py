@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save-embeddings", metavar="PATH.safetensors",
                      help="also write the subject as a diffusers textual-inversion file")
     out.add_argument("--ti-token", default="<z>",
-                     help="token of the textual-inversion file; prompts then say it instead of the placeholder")
+                     help="token under which --save-embeddings writes the subject: pipelines that load the file "
+                          "with load_textual_inversion say this token; this command's prompts use --placeholder")
     return p
 
 

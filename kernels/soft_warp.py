@@ -392,6 +392,9 @@ def soft_warp_fwd(
     order, count = _compact(w)
     if B == 0 or N == 0:
         return rows, warped, lse, order, count
+    # every launch (forward and backward) puts the batch on grid axis 2, which CUDA caps at 65535
+    if B > 65535:
+        raise ValueError(f"soft_warp_loss: batch size B={B} exceeds the kernels' grid limit of 65535")
     cfg = _config(N, M, Dq, C, dev.type == "cuda")
     compute, _, prec = _compute_dtype(qs.dtype)
     opts = _launch_opts(cfg)

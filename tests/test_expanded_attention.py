@@ -318,3 +318,19 @@ def test_copies_helper_matches_modes():
 def test_paper_scale_on_gpu(dtype, mode, device):
     """Native dtypes (bf16 tl.dot included) at the inverter's shapes: B·H = 48, L = S = 77, D = 64, E = 8."""
     _compare(device, 4, 12, 77, 77, 64, 8, mode, layout="proj", causal=True, mask="kpm", dtype=dtype)
+
+
+def test_bad_mask_device_scale_and_head_dim():
+    q = torch.randn(1, 2, 5, 1, 8)
+    with pytest.raises(ValueError, match="`scale` must be a finite number"):
+        expanded_attention(q, q, q, scale=float("nan"))
+    with pytest.raises(ValueError, match="`scale` must be a finite number"):
+        expanded_attention(q, q, q, scale=True)
+    empty = torch.randn(1, 2, 5, 1, 0)
+    with pytest.raises(ValueError, match="head dimension D"):
+        expanded_attention(empty, empty, empty)
+    meta_mask = torch.ones(1, 5, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="`key_padding_mask` is on meta"):
+        expanded_attention(q, q, q, key_padding_mask=meta_mask)
+    with pytest.raises(ValueError, match="`attn_mask` is on meta"):
+        expanded_attention(q, q, q, attn_mask=torch.zeros(5, 5, device="meta"))

@@ -79,7 +79,8 @@ def test_clear_errors(arc2face, arc2face_dir, tmp_path):
         Arc2Face.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer="):
         Arc2Face.from_pretrained(arc2face_dir, load_unet=False)
-    with pytest.raises(ValueError, match=r"\[B, 512\]"):
-        arc2face.id_tokens(torch.randn(2, 600))
+    for width in (600, 128):  # wider than 512, or narrower (would be zero-padded silently)
+        with pytest.raises(ValueError, match=r"\[B, 512\]"):
+            arc2face.id_tokens(torch.randn(2, width))
     with pytest.raises(TypeError, match="torch.Tensor"):
         arc2face.id_tokens([0.0] * 512)

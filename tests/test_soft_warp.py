@@ -261,7 +261,7 @@ def _zeros(*shape, dtype=torch.float32):
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6), _zeros(3, dtype=torch.bool)), {},
          r"`mask` must have shape \[B, N\]"),
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6),
-          torch.zeros(2, 3, dtype=torch.int64)), {}, "`mask` must be bool or 0/1 float"),
+          torch.zeros(2, 3, dtype=torch.int64)), {}, "`mask` must be bool or float"),
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"scale": "1"}, "`scale`"),
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"backend": "fast"},
          "backend must be one of"),
@@ -287,3 +287,16 @@ def test_out_chunk_heuristic():
     assert K._out_chunk(40, 320, 256) == 64
     assert all(K._out_chunk(d, o, 256) in (16, 32, 64, 128, 256) for d in (1, 7, 300, 1280) for o in (1, 640))
     assert math.isclose(K.LOG2E, 1 / math.log(2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_soft_mask_is_a_weighted_mean(backend, device):
+    """A soft (fractional) face mask weights rows: scaling it changes nothing, and it matches Σw·row / Σw."""
+    ins = make_inputs(2, 9, 11, 8, 6, seed=3, device=device)
+    w = torch.rand(2, 9, generator=torch.Generator().manual_seed(4)).to(device) * 0.05  # Σw < 1
+    loss = soft_warp_loss(*ins, w, backend=backend)
+    scaled = soft_warp_loss(*ins, w * 40.0, backend=backend)
+    rows = soft_warp_rows_reference(*ins, torch.ones_like(w))
+    expected = (rows * w).sum() / w.sum()
+    assert_close(loss, expected, name="soft-mask loss")
+    assert_close(scaled, expected, name="scaled soft-mask loss")

@@ -2,7 +2,7 @@
 
     python training/stage1.py                          # tiny preset (training/configs/tiny.json), CPU, minutes
     python training/stage1.py --config training/configs/paper.json \\
-        --sd-model runwayml/stable-diffusion-v1-5 --arc2face models/ --output-dir runs/stage1
+        --sd-model stable-diffusion-v1-5/stable-diffusion-v1-5 --arc2face models/ --output-dir runs/stage1
     torchrun --nproc_per_node 2 training/stage1.py --config ...   # DDP
     python training/stage1.py ... --resume                # continue from the latest checkpoint
 
@@ -239,6 +239,9 @@ class Trainer:
         batch = self.source.sample(c.batch_size, g)
         k = sample_num_steps(c.denoise_steps, c.denoise_step_weights, g)
         ts = sample_timesteps(k, c.batch_size, c.t_min, c.t_max, g)
+        # A random ID has no image, so its trajectory starts from pure noise, which is x_t only at the top of the
+        # schedule: its first step is at t_max - 1 (the later, smaller steps stay as drawn).
+        ts[0, ~batch.is_real] = c.t_max - 1
         x = self._x_start(batch, ts[0], g).to(m.unet.dtype)
         arcface = batch.arcface.to(self.device)
         with self._autocast():

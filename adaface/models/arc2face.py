@@ -110,11 +110,9 @@ class Arc2Face(nn.Module):
             raise TypeError(f"arcface must be a torch.Tensor [B, {ARCFACE_DIM}], got {type(arcface).__name__}")
         if arcface.dim() == 1:
             arcface = arcface.unsqueeze(0)
-        if arcface.dim() != 2 or arcface.shape[1] > self.hidden_size or not arcface.is_floating_point():
-            raise ValueError(
-                f"arcface must be a float tensor [B, {ARCFACE_DIM}] (at most the encoder width {self.hidden_size}), "
-                f"got {arcface.dtype} {tuple(arcface.shape)}"
-            )
+        if arcface.dim() != 2 or arcface.shape[1] != ARCFACE_DIM or not arcface.is_floating_point():
+            got = f"{arcface.dtype} {tuple(arcface.shape)}"
+            raise ValueError(f"arcface must be a float tensor [B, {ARCFACE_DIM}], got {got}")
         return arcface
 
     def prompt_embeds(self, arcface: torch.Tensor) -> torch.Tensor:

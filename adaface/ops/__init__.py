@@ -1,8 +1,9 @@
 """Public ops: validate input, then dispatch to the PyTorch reference, Triton or the C++/CUDA extension.
 
-`backend="auto"` runs Triton on CUDA tensors and the PyTorch reference on CPU tensors; "torch", "triton",
-"cuda" (CUDA tensors) and "cpp" (CPU tensors) force one. Under TRITON_INTERPRET=1, "triton" runs the real
-kernels on CPU tensors through Triton's interpreter. Each op's plain PyTorch reference sits beside it.
+`backend="auto"` runs Triton on CUDA tensors; on CPU tensors the C++ extension for the two losses when it is
+built, else the PyTorch reference; "torch", "triton", "cuda" (CUDA tensors) and "cpp" (CPU tensors) force one.
+Under TRITON_INTERPRET=1, "triton" runs the real kernels on CPU tensors through Triton's interpreter. Each op's
+plain PyTorch reference sits beside it.
 """
 
 from .attention import expanded_attention, expanded_attention_reference

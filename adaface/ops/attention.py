@@ -9,6 +9,8 @@ With E = 1 everywhere this is ordinary attention (it matches scaled_dot_product_
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._backend import resolve_backend
@@ -40,6 +42,8 @@ def _validate(q, k, v, causal, key_padding_mask, attn_mask, scale) -> int:
             f"{_OP}: the copy dimensions Eq={Eq}, Ek={k.shape[3]}, Ev={v.shape[3]} must each be 1 (shared) "
             "or one common E"
         )
+    if D < 1:
+        raise ValueError(f"{_OP}: the head dimension D of `q`, `k`, `v` must be at least 1, got {D}")
     if causal and L != S:
         raise ValueError(f"{_OP}: `causal=True` needs L == S, got L={L}, S={S}")
     if key_padding_mask is not None:
@@ -49,6 +53,8 @@ def _validate(q, k, v, causal, key_padding_mask, attn_mask, scale) -> int:
             raise ValueError(
                 f"{_OP}: `key_padding_mask` must have shape [B={B}, S={S}], got {tuple(key_padding_mask.shape)}"
             )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{_OP}: `key_padding_mask` is on {key_padding_mask.device} but `q` is on {q.device}")
     if attn_mask is not None:
         is_tensor = isinstance(attn_mask, torch.Tensor)
         if not is_tensor or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
@@ -60,8 +66,12 @@ def _validate(q, k, v, causal, key_padding_mask, attn_mask, scale) -> int:
         )
         if not ok:
             raise ValueError(f"{_OP}: `attn_mask` of shape {shape} is not broadcastable to [B, H, L, S] = {target}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"{_OP}: `scale` must be a number or None, got {type(scale).__name__}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{_OP}: `attn_mask` is on {attn_mask.device} but `q` is on {q.device}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"{_OP}: `scale` must be a finite number or None, got {scale!r}")
     return max(copies) if copies else 1
 
 

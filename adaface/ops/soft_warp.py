@@ -27,9 +27,10 @@ def _mask_weights(mask: torch.Tensor | None, B: int, N: int, device: torch.devic
 
 
 def masked_row_mean(loss_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ w·loss / Σ w, and exactly 0 (with a valid graph) when no row is selected."""
+    """Σ w·loss / Σ w (a weighted mean, so a soft mask resized to a layer's resolution works too), and exactly
+    0 (with a valid graph) when no row is selected."""
     total = weights.sum()
-    return (loss_rows * weights).sum() / torch.clamp(total, min=1.0) if total.numel() else loss_rows.sum()
+    return (loss_rows * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def soft_warp_loss_reference(
@@ -78,7 +79,7 @@ def _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale) -> None:
         if tuple(mask.shape) != (B, N):
             raise ValueError(f"{_OP}: `mask` must have shape [B, N] = {(B, N)}, got {tuple(mask.shape)}")
         if not (mask.dtype == torch.bool or mask.is_floating_point()):
-            raise ValueError(f"{_OP}: `mask` must be bool or 0/1 float, got {mask.dtype}")
+            raise ValueError(f"{_OP}: `mask` must be bool or float (non-negative row weights), got {mask.dtype}")
         if mask.device != q_subj.device:
             raise ValueError(f"{_OP}: `mask` is on {mask.device} but `q_subj` is on {q_subj.device}")
     if not isinstance(scale, (int, float)):
@@ -98,7 +99,8 @@ def soft_warp_loss(
     """Masked mean of `1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj)`; scalar fp32.
 
     q_subj [B, N, Dq], q_comp [B, M, Dq], feat_subj [B, N, C], feat_comp [B, M, C], mask [B, N] (bool or
-    0/1 float; None = every row). An all-zero mask gives 0 with a valid graph.
+    non-negative float row weights, e.g. a soft face mask resized to the layer; None = every row). The loss is
+    the weighted mean over rows; an all-zero mask gives 0 with a valid graph.
     """
     _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale)
     which = resolve_backend(backend, q_subj.device, _OP, supports=("torch", "triton", "cuda", "cpp"))

@@ -206,6 +206,8 @@ def save_tiny_arc2face(
     (enc_dir / "config.json").write_text(json.dumps(config, indent=2))
     inner = getattr(enc, "text_model", enc)
     state = {f"text_model.{k}": v.clone() for k, v in inner.state_dict().items()}
+    # Test fixture only: the Arc2Face release ships this pickle-format file, and the loader under test must read it
+    # with torch's weights_only loader. The library itself never writes pickles.
     torch.save(state, enc_dir / "pytorch_model.bin")
     if with_tokenizer:
         save_tiny_tokenizer(path / "tokenizer")

@@ -30,13 +30,13 @@ def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """DDPM forward process: sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, per sample."""
-    a = _bcast(alphas_cumprod[t.cpu()], x0)
+    a = _bcast(alphas_cumprod[t.to(alphas_cumprod.device)], x0)
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x̂0 from an ε prediction: (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)."""
-    a = _bcast(alphas_cumprod[t.cpu()], x_t)
+    a = _bcast(alphas_cumprod[t.to(alphas_cumprod.device)], x_t)
     return ((x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(x_t.dtype)
 
 
@@ -94,7 +94,10 @@ def distill_trajectory(
     losses: list[float] = []
     total = 0.0
     for i in range(k):
-        t = timesteps[i].to(x.device)
+        # the schedule is indexed with the timesteps where they were drawn (the CPU), the UNets get a device copy:
+        # no device-to-host sync per step
+        t_host = timesteps[i]
+        t = t_host.to(x.device)
         with torch.no_grad():
             eps_t = teacher(x, t)
         eps_s = student(x, t, ctx)
@@ -105,9 +108,9 @@ def distill_trajectory(
         total += w * losses[-1]
         if i + 1 < k:
             with torch.no_grad():
-                x0 = predict_x0(x, eps_t, t, alphas_cumprod)
+                x0 = predict_x0(x, eps_t, t_host, alphas_cumprod)
                 noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
-                x = q_sample(x0, timesteps[i + 1].to(x.device), noise, alphas_cumprod)
+                x = q_sample(x0, timesteps[i + 1], noise, alphas_cumprod)
     if backward_scale is not None and ctx.grad is not None:
         student_context.backward(ctx.grad)
     return DistillResult(loss=total, step_losses=losses)
