@@ -320,6 +320,14 @@ def test_paper_scale_on_gpu(dtype, mode, device):
     _compare(device, 4, 12, 77, 77, 64, 8, mode, layout="proj", causal=True, mask="kpm", dtype=dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_documented_maximum_shapes_on_gpu(dtype, device):
+    """The largest documented tiles: D = 128 with E = 16 and L = S = 512, where shared memory is tightest."""
+    _compare(device, 1, 2, 512, 512, 128, 16, "qv", layout="proj", causal=True, mask="kpm", dtype=dtype)
+    _compare(device, 1, 2, 512, 512, 128, 16, "kv", layout="proj", causal=False, mask="kpm", dtype=dtype)
+
+
 def test_bad_mask_device_scale_and_head_dim():
     q = torch.randn(1, 2, 5, 1, 8)
     with pytest.raises(ValueError, match="`scale` must be a finite number"):

@@ -94,6 +94,13 @@ def test_bf16_native_dot_gpu(device):
     _check((1, 64, 64, 1280, 1280), torch.bfloat16, device, "none", seed=10)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_widest_features_on_gpu(dtype, device):
+    """Dq = C = 1280 (the 8x8 maps) in every dtype, where the feature tiles are largest, at a long M."""
+    _check((2, 64, 4096, 1280, 1280), dtype, device, "bool", seed=13)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_huge_logits_no_overflow(dtype, device):
     x = make_inputs(1, 8, 8, 19, 4, huge_logits=True)
