@@ -39,6 +39,8 @@ from ._cli import (
 SETTINGS_NAME = "settings.json"
 ARCFACE_NAME = "subject_arcface.npy"
 SCHEDULERS = ("auto", "ddim", "dpm", "euler", "pndm")
+# Seeds are int64 values: every output's seed (--seed + its index) and --random-id must fit, on any torch.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +142,14 @@ def check_args(args: argparse.Namespace) -> list[str]:
             split_on_placeholder(prompt, args.placeholder)
         except ValueError as e:
             raise OptionError(f"--prompt: {e}") from e
+    count = len(prompts) * args.num_images
+    if args.seed is not None and not SEED_MIN <= args.seed <= SEED_MAX - (count - 1):
+        raise OptionError(
+            f"--seed must be between {SEED_MIN} and {SEED_MAX - (count - 1)}, got {args.seed}: the {count} outputs "
+            f"use --seed + 0 ... --seed + {count - 1}, and each must fit in a 64-bit signed integer"
+        )
+    if args.random_id is not None and not SEED_MIN <= args.random_id <= SEED_MAX:
+        raise OptionError(f"--random-id must be between {SEED_MIN} and {SEED_MAX}, got {args.random_id}")
 
     args.base = check_source(args.base, "--base", ["model_index.json"], "an SD-1.5 pipeline folder")
     args.arc2face = check_source(args.arc2face, "--arc2face", ["encoder/config.json"], "an Arc2Face folder")

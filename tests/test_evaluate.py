@@ -63,6 +63,27 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
+def direct_arcface_faces(pack: Path, rgb: np.ndarray) -> list[np.ndarray]:
+    """A unit ArcFace vector per detected face, without FaceEncoder or FaceAnalysis: insightface's SCRFD detector,
+    its 5-point alignment to a 112x112 crop, then the recognition ONNX model run by onnxruntime."""
+    import onnxruntime as ort
+    from insightface.model_zoo.scrfd import SCRFD
+    from insightface.utils import face_align
+
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    detector = SCRFD(str(pack / "scrfd_10g_bnkps.onnx"))
+    detector.prepare(-1, input_size=(640, 640), det_thresh=0.5)
+    _, kpss = detector.detect(bgr, max_num=0, metric="default")
+    session = ort.InferenceSession(str(pack / "glintr100.onnx"), providers=["CPUExecutionProvider"])
+    faces = []
+    for kps in kpss:
+        crop = face_align.norm_crop(bgr, landmark=kps, image_size=112)[:, :, ::-1]  # aligned, back to RGB
+        blob = ((crop.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+        feat = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(blob)})[0][0]
+        faces.append(feat / np.linalg.norm(feat))
+    return faces
+
+
 def clip_cosine(clip_dir: str, image: Image.Image, text: str) -> float:
     """Independent CLIP-T: CLIPModel's own forward (which normalises both sides) and its logit scale."""
     from transformers import CLIPModel, CLIPProcessor
@@ -183,10 +204,38 @@ def test_scores_a_generate_run_end_to_end(models, tiny_sd15_dir, tmp_path, capsy
     report = json.loads((run / "eval_report.json").read_text())
     assert report["references"] == {"embedding": str(run / "subject_arcface.npy"), "count": 1}
     assert [p["clip_prompt"] for p in report["per_image"]] == ["person on the beach", "painting of person"]
+    per = report["per_image"]
+    assert [p["file"] for p in per] == ["p00_000.png", "p01_000.png"]
+
+    # Every number recomputed here from the images and the stored identity, without evaluate's code.
+    ref = np.load(run / "subject_arcface.npy").astype(np.float64)
+    ref /= np.linalg.norm(ref)
+    pack = Path(models["face_root"]) / "models" / "antelopev2"
+    scores, clip_t = [], []
+    for p in per:
+        image = Image.open(run / p["file"]).convert("RGB")
+        faces = direct_arcface_faces(pack, np.asarray(image))
+        score = max(float(f @ ref) for f in faces) if faces else None
+        scores.append(score)
+        assert p["num_faces"] == len(faces)
+        if score is None:
+            assert p["arcface"] is None
+        else:
+            assert p["arcface"] == pytest.approx(score, abs=1e-5)
+        clip_t.append(clip_cosine(models["clip"], image, p["clip_prompt"]))
+        assert p["clip_t"] == pytest.approx(clip_t[-1], abs=1e-4)
+        assert p["clip_i"] is None and p["dino"] is None  # an identity file has no pixels to compare
+    with_face = [x for x in scores if x is not None]
     s = report["summary"]
-    assert s["num_images"] == 2 and 0 <= s["num_no_face"] <= 2
-    assert -1.0 <= s["clip_t"] <= 1.0 and s["clip_i"] is None
-    assert s["arcface"] is None or -1.0 <= s["arcface"] <= 1.0
+    assert s["num_images"] == 2
+    assert s["num_no_face"] == 2 - len(with_face) and s["no_face_rate"] == pytest.approx((2 - len(with_face)) / 2)
+    if with_face:
+        assert s["arcface"] == pytest.approx(sum(with_face) / len(with_face), abs=1e-5)
+    else:
+        assert s["arcface"] is None
+    assert s["arcface_no_face_as_zero"] == pytest.approx(sum(with_face) / 2, abs=1e-5)
+    assert s["clip_t"] == pytest.approx(sum(clip_t) / 2, abs=1e-4)
+    assert s["clip_i"] is None and s["dino"] is None
 
 
 def test_video_runs_are_scored_frame_by_frame(tmp_path):

@@ -17,6 +17,8 @@ from adaface import generate
 from adaface.subject import SubjectEncoder, load_arcface_embedding, random_arcface
 from adaface.testing.tiny_models import save_tiny_antelopev2, save_tiny_arc2face, tiny_motion_adapter, tiny_text_encoder
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 PROMPT = "a photo of z in the forest"
 RUN = ["--num-images", "2", "--steps", "2", "--height", "16", "--width", "16", "--seed", "7", "--guidance", "2.0"]
 
@@ -26,6 +28,77 @@ def face_photo(box=(50, 150, 60, 160)) -> np.ndarray:
     img = np.zeros((200, 200, 3), np.uint8)
     img[box[0]:box[1], box[2]:box[3]] = (230, 200, 180)
     return img
+
+
+def direct_arcface_faces(pack: Path, rgb: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """(box area, unit ArcFace vector) per detected face, without FaceEncoder or FaceAnalysis: insightface's SCRFD
+    detector, its 5-point alignment to a 112x112 crop, then the recognition ONNX model run by onnxruntime."""
+    import onnxruntime as ort
+    from insightface.model_zoo.scrfd import SCRFD
+    from insightface.utils import face_align
+
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    detector = SCRFD(str(pack / "scrfd_10g_bnkps.onnx"))
+    detector.prepare(-1, input_size=(640, 640), det_thresh=0.5)
+    boxes, kpss = detector.detect(bgr, max_num=0, metric="default")
+    session = ort.InferenceSession(str(pack / "glintr100.onnx"), providers=["CPUExecutionProvider"])
+    faces = []
+    for box, kps in zip(boxes, kpss):
+        crop = face_align.norm_crop(bgr, landmark=kps, image_size=112)[:, :, ::-1]  # aligned, back to RGB
+        blob = ((crop.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+        feat = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(blob)})[0][0]
+        faces.append((float((box[2] - box[0]) * (box[3] - box[1])), feat / np.linalg.norm(feat)))
+    return faces
+
+
+def clip_run_with_rows(model, ids: list[int], start: int, rows: torch.Tensor):
+    """transformers' own CLIPTextModel forward on `ids`, the token embeddings from `start` on replaced by `rows`."""
+    def swap(module, inputs, output):
+        output = output.clone()
+        output[:, start:start + rows.shape[1]] = rows.to(output.dtype)
+        return output
+
+    inner = getattr(model, "text_model", model)  # transformers 4 wraps the transformer; 5 does not
+    handle = inner.embeddings.token_embedding.register_forward_hook(swap)
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids]).expand(rows.shape[0], -1), output_hidden_states=True)
+    finally:
+        handle.remove()
+
+
+def expected_subject(models: dict, identity: torch.Tensor) -> torch.Tensor:
+    """The 16 subject embeddings computed step by step from the saved files with plain transformers (METHOD.md §1):
+    Arc2Face's encoder on `photo of a id person` with the unit ArcFace vector (zero-padded) as the `id` token
+    gives positions id..id+15; the inverter's CLIP encoder on `<bos> photo of a [16 slots] <eos>` with those in
+    the slots, its last 3 hidden states mixed by the saved layer weights, then its final layer norm."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(models["base"], subfolder="tokenizer")
+    a2f = CLIPTextModel.from_pretrained(Path(models["arc2face"]) / "encoder").eval()
+    length, hidden = a2f.config.max_position_embeddings, a2f.config.hidden_size
+    ids = tok("photo of a id person", padding="max_length", max_length=length).input_ids
+    p = ids.index(tok("id", add_special_tokens=False).input_ids[0])
+    face = F.pad(identity / identity.norm(), (0, hidden - 512))[None, None]
+    id_tokens = clip_run_with_rows(a2f, ids, p, face).last_hidden_state[:, p:p + 16]
+
+    folder = Path(models["inverter"])
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    inv = CLIPTextModel(CLIPTextConfig.from_dict(config["text_config"])).eval()
+    inv.load_state_dict({k.removeprefix("text_encoder."): v for k, v in weights.items() if k != "layer_weights"})
+    mix = weights["layer_weights"]
+    torch.testing.assert_close(mix, torch.tensor([0.5, 0.3, 0.2]))  # the fixture's non-default mix was saved
+    words = tok("photo of a", add_special_tokens=False).input_ids
+    template = [tok.bos_token_id, *words, *[tok.eos_token_id] * 17]
+    template += [tok.pad_token_id] * (length - len(template))
+    a = 1 + len(words)
+    states = clip_run_with_rows(inv, template, a, id_tokens).hidden_states[-3:]
+    mixed = sum(w * h for w, h in zip(mix, states))
+    with torch.no_grad():
+        return getattr(inv, "text_model", inv).final_layer_norm(mixed)[0, a:a + 16]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +140,6 @@ def image_run(models, tmp_path_factory) -> Path:
 
 
 def test_image_run_writes_images_settings_and_identity(image_run, models):
-    from adaface.models.face_encoder import FaceEncoder
-
     run = image_run / "run"
     settings = json.loads((run / "settings.json").read_text())
     assert settings["kind"] == "image" and settings["seed"] == 7 and settings["prompts"] == [PROMPT]
@@ -80,8 +151,27 @@ def test_image_run_writes_images_settings_and_identity(image_run, models):
             assert im.size == (16, 16) and im.mode == "RGB"
     a, b = (np.asarray(Image.open(run / o["file"]), np.int16) for o in settings["outputs"])
     assert np.abs(a - b).max() > 0  # different seeds, different images
-    identity = torch.from_numpy(np.load(run / "subject_arcface.npy"))
-    torch.testing.assert_close(identity, FaceEncoder(models["face_root"])(models["photo"]))
+    identity = np.load(run / "subject_arcface.npy")
+    faces = direct_arcface_faces(Path(models["face_root"]) / "models" / "antelopev2",
+                                 np.asarray(Image.open(models["photo"]).convert("RGB")))
+    assert faces  # the bright square is a face to the tiny detector
+    largest = max(faces, key=lambda f: f[0])[1]  # one photo: its largest face is the identity
+    np.testing.assert_allclose(identity, largest, atol=1e-5, rtol=0)
+
+
+def test_subject_embeddings_match_a_direct_computation(image_run, models):
+    """What generate used (its textual-inversion file) and SubjectEncoder both equal the step-by-step result."""
+    from safetensors.torch import load_file
+
+    identity = torch.from_numpy(np.load(image_run / "run" / "subject_arcface.npy"))
+    expected = expected_subject(models, identity)
+    assert expected.shape == (16, 512)
+    saved = load_file(str(image_run / "subject.safetensors"))
+    assert list(saved) == ["<z>"]
+    torch.testing.assert_close(saved["<z>"], expected, atol=1e-5, rtol=1e-5)
+    encoder = SubjectEncoder.from_pretrained(models["arc2face"], models["inverter"], tokenizer=models["base"])
+    torch.testing.assert_close(encoder(identity), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encoder(identity[None])[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_embeddings_reproduce_the_run_through_plain_diffusers(image_run, models):
@@ -93,9 +183,7 @@ def test_saved_embeddings_reproduce_the_run_through_plain_diffusers(image_run, m
     encoder = SubjectEncoder.from_pretrained(models["arc2face"], models["inverter"], tokenizer=models["base"])
     identity = torch.from_numpy(np.load(image_run / "run" / "subject_arcface.npy"))
     subject = encoder(identity)
-    assert subject.shape == (16, 512)
-    expected = encoder.inverter(encoder.arc2face.id_tokens(identity[None]))[0]
-    torch.testing.assert_close(subject, expected)
+    assert subject.shape == (16, 512)  # its values: test_subject_embeddings_match_a_direct_computation
     rows = torch.randn(2, 512)
     unit = rows / rows.norm(dim=1, keepdim=True)
     torch.testing.assert_close(encoder.arcface(embedding=rows), unit.mean(0) / unit.mean(0).norm())
@@ -164,6 +252,11 @@ RANDOM = ["--random-id", "1"]
     (["--embedding", "{tmp}/bad.npy"], r"--embedding .*bad.npy: expected an ArcFace embedding \[512\]"),
     (["--embedding", "{tmp}/missing.npy"], "--embedding .*missing.npy: file not found"),
     (["--images", "{tmp}/bad.npy"], "--face-root is needed with --images"),
+    (RANDOM + ["--seed", str(2**63)],
+     rf"--seed must be between {INT64_MIN} and {INT64_MAX - 3}, got {2**63}: the 4 outputs use"),
+    (RANDOM + ["--seed", str(INT64_MAX - 2)], r"--seed must be between .*--seed \+ 0 \.\.\. --seed \+ 3"),
+    (RANDOM + ["--seed", str(INT64_MIN - 1)], f"--seed must be between {INT64_MIN} and"),
+    (["--random-id", str(2**64)], f"--random-id must be between {INT64_MIN} and {INT64_MAX}, got {2**64}"),
 ])
 def test_bad_options_fail_before_any_model_loads(models, tmp_path, capsys, no_models, extra, message):
     import re
@@ -177,6 +270,21 @@ def test_bad_options_fail_before_any_model_loads(models, tmp_path, capsys, no_mo
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seed, num_images, prompts", [
+    (INT64_MAX - 3, 4, 1), (INT64_MAX - 5, 3, 2), (INT64_MIN, 4, 1), (INT64_MAX, 1, 1), (None, 4, 1),
+])
+def test_seed_range_edges_pass_the_checks(models, tmp_path, seed, num_images, prompts):
+    """The last output's seed (seed + outputs - 1) may be exactly the int64 maximum; torch seeds it."""
+    argv = [*model_args(models), "--random-id", str(INT64_MAX), "--num-images", str(num_images),
+            "--out", str(tmp_path / "out"), *[x for k in range(prompts) for x in ("--prompt", f"z {k}")]]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    args = generate.build_parser().parse_args(argv)
+    assert len(generate.check_args(args)) == prompts
+    if seed is not None:
+        torch.Generator().manual_seed(seed + prompts * num_images - 1)
 
 
 def test_subject_sources_need_exactly_one(models, capsys):
