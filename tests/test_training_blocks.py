@@ -14,11 +14,14 @@ import torch
 from adaface.training import checkpoint as ckpt
 from adaface.training.ddp import DistInfo, mix_seed, rank_seed, shard, shared_seed
 from adaface.training.distill import (
+    combined_loss,
     distill_trajectory,
+    losses_to_floats,
     predict_x0,
     q_sample,
     sample_num_steps,
     sample_timesteps,
+    trajectory_timesteps,
 )
 from adaface.training.expansion import ExpansionSchedule, parse_expansions
 from adaface.training.metrics_log import MetricsLog, read_jsonl
@@ -71,6 +74,124 @@ def test_checkpoint_roundtrip_keep_last_and_latest(tmp_path):
     ckpt.save_checkpoint(root, 4, {"w": {"a": torch.zeros(1)}}, {"note": "again"}, keep=2)
     assert ckpt.load_checkpoint(latest)[1]["note"] == "again"
     assert not any(p.suffix == ".pkl" or p.name.endswith((".pt", ".bin")) for p in latest.iterdir())
+
+
+def _save(root, step, note, keep=None):
+    return ckpt.save_checkpoint(root, step, {"w": {"a": torch.full((2,), float(step))}}, {"note": note}, keep=keep)
+
+
+def test_checkpoint_files_and_temp_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    root = tmp_path / "ckpts"
+    _save(root, 1, "first")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    for step, note in ((2, "new"), (1, "re-save")):  # a new step, and a re-save of an existing one
+        events.clear()
+        final = _save(root, step, note)
+        tmp = str(root / f".{final.name}.tmp-{os.getpid()}")
+        commit = events.index(("replace", tmp, str(final)))
+        synced = {e[1] for e in events[:commit] if e[0] == "fsync"}
+        for name in os.listdir(final):
+            # each file's data was durable (fsynced under its own temporary name) before the folder got its name
+            assert {f"{tmp}/{name}", f"{tmp}/.{name}.tmp-{os.getpid()}"} & synced, name
+        assert tmp in synced  # and the folder's entries
+        assert str(root) in {e[1] for e in events[commit:] if e[0] == "fsync"}  # then the rename itself
+        if step == 1:  # the old copy was moved aside only after the new folder was complete
+            aside = [i for i, e in enumerate(events) if e[0] == "replace" and e[1] == str(final)]
+            assert aside and aside[0] > max(i for i, e in enumerate(events) if e[0] == "fsync" and e[1] == tmp)
+    assert ckpt.load_checkpoint(root / "step-00000001")[1]["note"] == "re-save"
+
+
+def _crash_between_renames(root, step, note, monkeypatch):
+    """Re-save `step`, crashing after the old copy was moved aside but before the new one got the final name."""
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(1)
+        if ".old-" in str(dst):
+            real_replace(src, dst)
+            raise KeyboardInterrupt("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, step, note)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+
+_FAKE_PIDS = iter(range(999_999_000, 999_999_999))
+
+
+def _as_other_process(root):
+    """Rename this process's leftovers as a dead process's (recovery and pruning treat those as stale)."""
+    pid = next(_FAKE_PIDS)
+    for p in root.iterdir():
+        if p.name.endswith(f"-{os.getpid()}"):
+            os.replace(p, root / (p.name.rsplit("-", 1)[0] + f"-{pid}"))
+
+
+def test_crash_during_resave_recovers_old_copy_at_load(tmp_path, monkeypatch):
+    root = tmp_path / "ckpts"
+    for step in (3, 4):
+        _save(root, step, f"v{step}")
+    _crash_between_renames(root, 4, "again", monkeypatch)
+    _as_other_process(root)
+    assert not (root / "step-00000004").exists()  # the only complete copy of step 4 is .old-*
+    assert any(".old-" in p.name for p in root.iterdir())
+    # loading the step by its final name recovers the aside copy
+    tensors, state = ckpt.load_checkpoint(root / "step-00000004")
+    assert state == {"step": 4, "note": "v4"} and torch.equal(tensors["w"]["a"], torch.full((2,), 4.0))
+    assert sorted(p.name for p in root.iterdir() if ".old-" in p.name) == []
+
+
+def test_crash_during_resave_then_latest_and_prune_keep_the_step(tmp_path, monkeypatch):
+    root = tmp_path / "ckpts"
+    for step in (3, 4):
+        _save(root, step, f"v{step}")
+    _crash_between_renames(root, 4, "again", monkeypatch)
+    _as_other_process(root)
+    latest = ckpt.latest_checkpoint(root)  # the resume path: finds step 4, not step 3
+    assert latest == root / "step-00000004" and ckpt.load_checkpoint(latest)[1]["note"] == "v4"
+    # the same crash again, then a later save with pruning (what the resumed run does) must not lose step 4
+    _crash_between_renames(root, 4, "again", monkeypatch)
+    _as_other_process(root)
+    _save(root, 5, "v5", keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000004", "step-00000005"]
+    assert ckpt.load_checkpoint(root / "step-00000004")[1]["note"] == "v4"
+    assert not any(p.name.startswith(".") for p in root.iterdir())  # stale temp folders were cleaned up
+
+
+def test_prune_never_deletes_the_only_copy_of_a_step(tmp_path):
+    root = tmp_path / "ckpts"
+    for step in (1, 2, 3):
+        _save(root, step, f"v{step}")
+    # a complete aside copy of step 3 with no final name, as a crash leaves it; an incomplete one of step 2;
+    # a redundant one of step 1 (its final copy exists)
+    os.replace(root / "step-00000003", root / ".step-00000003.old-999999999")
+    (root / ".step-00000002.old-999999998").mkdir()
+    (root / ".step-00000001.old-999999997").mkdir()
+    (root / ".step-00000001.old-999999997" / ckpt.STATE_FILE).write_text("{}")
+    ckpt.prune_checkpoints(root, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    assert ckpt.load_checkpoint(root / "step-00000003")[1]["note"] == "v3"
+    assert not any(p.name.startswith(".") for p in root.iterdir())
+    # recovery also replaces an incomplete folder under the final name
+    os.replace(root / "step-00000003", root / ".step-00000003.old-999999999")
+    (root / "step-00000003").mkdir()
+    assert ckpt.recover_checkpoints(root) == [root / "step-00000003"]
+    assert ckpt.latest_checkpoint(root).name == "step-00000003"
 
 
 def test_optimizer_state_roundtrip_continues_identically():
@@ -324,7 +445,46 @@ def test_distill_trajectory_gradient_equals_summed_loss():
         torch.testing.assert_close(got, w_ctx.grad)
         assert res.loss == pytest.approx(total.item(), rel=1e-5)
         assert len(res.step_losses) == 3
+        # the step losses stay tensors (no host sync per step); one conversion gives float() of each, exactly
+        assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in res.step_mse)
+        floats = losses_to_floats(res.step_mse)
+        assert floats == [float(v) for v in res.step_mse] == res.step_losses
+        expected = 0.0
+        for v in res.step_mse:  # the combined loss as it was accumulated before: step by step, in doubles
+            expected += weight * float(v)
+        assert res.loss == combined_loss(floats, weight) == expected
     assert conv_t.weight.grad is None  # the teacher never gets a gradient
+
+
+def test_distill_trajectory_does_not_sync_per_step(monkeypatch):
+    """No float()/.item() on the step losses inside the trajectory loop."""
+    ac = _alphas()
+    net = torch.nn.Conv2d(4, 4, 1)
+    ctx = torch.zeros(1, requires_grad=True)
+
+    def no_sync(self, *a, **k):
+        raise AssertionError("host sync inside distill_trajectory")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__float__", no_sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    res = distill_trajectory(torch.randn(1, 4, 4, 4), torch.tensor([[700], [300], [100]]), lambda x, t: net(x),
+                             lambda x, t, c: net(x) + c, ctx, ac, torch.Generator(), backward_scale=1.0)
+    monkeypatch.undo()
+    assert len(res.step_mse) == 3 and res.step_losses == [0.0, 0.0, 0.0]
+
+
+def test_trajectory_timesteps_random_ids_start_at_t_max_minus_one():
+    is_real = torch.tensor([True, False, True, False, False])
+    ts = trajectory_timesteps(4, is_real, 10, 500, torch.Generator().manual_seed(1))
+    drawn = sample_timesteps(4, 5, 10, 500, torch.Generator().manual_seed(1))
+    assert ts[0, ~is_real].tolist() == [499, 499, 499]
+    assert torch.equal(ts[0, is_real], drawn[0, is_real])  # real images keep their drawn t_1
+    assert torch.equal(ts[1:], drawn[1:])  # later steps as drawn
+    assert bool((ts[:-1] > ts[1:]).all())  # still strictly decreasing
+    assert torch.equal(trajectory_timesteps(2, torch.ones(3, dtype=torch.bool), 1, 1000,
+                                            torch.Generator().manual_seed(2)),
+                       sample_timesteps(2, 3, 1, 1000, torch.Generator().manual_seed(2)))
 
 
 def test_distill_identical_streams_have_zero_loss():

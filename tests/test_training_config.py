@@ -133,3 +133,79 @@ def test_help_exits_cleanly(capsys):
         stage1.main(["--help"])
     assert exc.value.code == 0
     assert "--plateau-patience" in capsys.readouterr().out
+
+
+def _write_config(path: Path, **values) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(values))
+
+
+def _models_with_configs(tmp_path, sd_hidden=32, a2f_hidden=32, sd_cross=32, a2f_cross=32):
+    argv = _fake_models(tmp_path)
+    sd, a2f = tmp_path / "sd", tmp_path / "a2f"
+    _write_config(sd / "text_encoder", hidden_size=sd_hidden)
+    _write_config(sd / "unet", cross_attention_dim=sd_cross)
+    _write_config(a2f / "encoder", hidden_size=a2f_hidden)
+    _write_config(a2f / "arc2face", cross_attention_dim=a2f_cross)
+    return argv
+
+
+def test_inverter_init_accepts_a_pipeline_folder_or_a_text_encoder_folder(tmp_path):
+    argv = _models_with_configs(tmp_path)
+    pipeline = tmp_path / "sd15_pipeline"
+    _write_config(pipeline / "text_encoder", hidden_size=32)
+    assert parse_config(argv + ["--inverter-init", str(pipeline)], default_config=TINY).inverter_init == str(pipeline)
+    encoder = tmp_path / "clip_text"
+    _write_config(encoder, hidden_size=32)
+    parse_config(argv + ["--inverter-init", str(encoder)], default_config=TINY)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="--inverter-init.*lacks config.json"):
+        parse_config(argv + ["--inverter-init", str(tmp_path / "empty")], default_config=TINY)
+
+
+def test_inverter_init_pipeline_folder_loads(tiny_sd15_dir, tmp_path):
+    """What the validation accepts, the loader loads: a real SD-1.5 pipeline folder as --inverter-init."""
+    from adaface.models.prompt_inverter import PromptInverter
+
+    a2f = tmp_path / "a2f"
+    for src, dst in (("unet", "arc2face"), ("text_encoder", "encoder")):
+        (a2f / dst).mkdir(parents=True)
+        (a2f / dst / "config.json").write_text((Path(tiny_sd15_dir) / src / "config.json").read_text())
+    cfg = parse_config(["--no-tiny", "--sd-model", str(tiny_sd15_dir), "--arc2face", str(a2f),
+                        "--inverter-init", str(tiny_sd15_dir)], default_config=TINY)
+    inv = PromptInverter(cfg.inverter_init)
+    assert inv.multipliers == [1] * len(inv.multipliers)
+
+
+@pytest.mark.parametrize(
+    "kw, extra, option",
+    [
+        ({"a2f_hidden": 48}, None, "--arc2face"),
+        ({}, 48, "--inverter-init"),
+        ({"sd_cross": 48}, None, "--sd-model: the UNet's cross_attention_dim"),
+        ({"a2f_cross": 48}, None, "--arc2face: the UNet's cross_attention_dim"),
+    ],
+)
+def test_model_dimensions_must_agree(tmp_path, kw, extra, option):
+    argv = _models_with_configs(tmp_path, **kw)
+    if extra is not None:
+        pipeline = tmp_path / "inv"
+        _write_config(pipeline / "text_encoder", hidden_size=extra)
+        argv += ["--inverter-init", str(pipeline)]
+    with pytest.raises(ConfigError) as exc:
+        parse_config(argv, default_config=TINY)
+    msg = str(exc.value)
+    assert option in msg
+    if "cross_attention_dim" not in option:  # the hidden-size message names all three options and both sizes
+        assert all(o in msg for o in ("--sd-model", "--arc2face", "--inverter-init")) and "48" in msg and "32" in msg
+
+
+def test_model_dimensions_agree_including_clip_config_and_list_dims(tmp_path):
+    argv = _models_with_configs(tmp_path)
+    _write_config(tmp_path / "sd" / "unet", cross_attention_dim=[32, 32, 32])
+    clip = tmp_path / "clip"  # a full CLIPConfig: the text hidden size is under text_config
+    _write_config(clip, text_config={"hidden_size": 32}, vision_config={"hidden_size": 64})
+    parse_config(argv + ["--inverter-init", str(clip)], default_config=TINY)
+    _write_config(clip, text_config={"hidden_size": 40})
+    with pytest.raises(ConfigError, match="--inverter-init"):
+        parse_config(argv + ["--inverter-init", str(clip)], default_config=TINY)

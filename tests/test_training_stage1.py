@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,22 +125,17 @@ def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_pa
     ref_out, _ = reference_run
     out = tmp_path / "killed"
     args = _args(tiny_dirs, out)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after = 8  # past the checkpoint at step 6 and the forced expansion at step 4
-    deadline = time.monotonic() + 600
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if max(_steps(out), default=0) >= kill_after:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode})"
-    assert max(_steps(out)) < STEPS
+    # Deterministic kill: the trainer SIGKILLs itself in the middle of step KILL_AT + 1 (test hook in stage1.py).
+    # KILL_AT = 7 is past the forced expansion at step 4 and the checkpoint at step 6, so step 7 was logged but
+    # never saved, and step 8 was half done: the resumed run must redo both from the step-6 checkpoint.
+    kill_at = 7
+    env = {**_env(), load_stage1().TEST_SIGKILL_ENV: str(kill_at)}
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == -signal.SIGKILL, f"not killed by the hook (rc {res.returncode}): {res.stderr[-2000:]}"
+    assert max(_steps(out)) == kill_at
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert saved == ["step-00000003", "step-00000006"]  # steps 7 and 8 are unsaved progress
 
     res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -158,6 +152,60 @@ def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_pa
     wa = load_file(str(ref_out / "inverter" / "model.safetensors"))
     wb = load_file(str(out / "inverter" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_path, monkeypatch):
+    """In Trainer._micro_step, a sample without an image (random ID, pure noise) takes its first denoising step at
+    t_max - 1, while a real-image sample keeps its drawn t_1; spied on the teacher callable's t."""
+    from diffusers import AutoencoderKL
+
+    from adaface.training.data import FaceBatch
+    from adaface.training.ddp import DistInfo, rank_seed
+    from adaface.training.distill import sample_num_steps, sample_timesteps
+    from adaface.training.metrics_log import MetricsLog
+
+    stage1 = load_stage1()
+    sd, _ = tiny_dirs
+    cfg = stage1.parse_config(_args(tiny_dirs, tmp_path / "out") + ["--batch-size", "4", "--denoise-steps", "2,3",
+                                                                     "--t-min", "100", "--t-max", "900"],
+                              default_config=stage1.DEFAULT_CONFIG)
+    models = stage1.load_models(cfg, str(sd), str(tiny_dirs[1]), torch.device("cpu"), torch.float32)
+    models.vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae").eval().requires_grad_(False)
+    is_real = torch.tensor([True, False, True, False])
+
+    class Source:  # two real faces, two random IDs; consumes no randomness, so the draws can be replayed
+        def sample(self, batch, generator):
+            images = torch.zeros(int(is_real.sum()), 3, cfg.resolution, cfg.resolution)
+            return FaceBatch(arcface=torch.nn.functional.normalize(torch.randn(batch, 512), dim=-1),
+                             is_real=is_real, images=images)
+
+        def state_dict(self):
+            return {}
+
+    trainer = stage1.Trainer(cfg, models, torch.device("cpu"), DistInfo(0, 1), Source(),
+                             MetricsLog(tmp_path / "m.jsonl", enabled=False))
+    seen = []
+    unet = models.teacher.unet
+    real_forward = unet.forward
+
+    def spy(xt, t, *a, **k):
+        seen.append(t.clone())
+        return real_forward(xt, t, *a, **k)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    for micro in range(2):
+        seen.clear()
+        trainer._micro_step(micro)
+        g = torch.Generator().manual_seed(rank_seed(cfg.seed, 0, 0, micro))
+        drawn = sample_timesteps(sample_num_steps(cfg.denoise_steps, cfg.denoise_step_weights, g), 4,
+                                 cfg.t_min, cfg.t_max, g)
+        assert len(seen) == drawn.shape[0]
+        first = seen[0]
+        assert first[~is_real].tolist() == [cfg.t_max - 1] * 2
+        assert first[is_real].tolist() == drawn[0, is_real].tolist()
+        assert all(v < cfg.t_max - 1 for v in drawn[0, is_real].tolist())  # the draw did not hit t_max - 1
+        for i in range(1, len(seen)):  # later steps stay as drawn, for every sample
+            assert seen[i].tolist() == drawn[i].tolist()
 
 
 def test_ddp_two_processes_keep_parameters_identical(tiny_dirs, tmp_path):

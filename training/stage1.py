@@ -47,7 +47,15 @@ from adaface.training.ddp import (
     shared_seed,
     shutdown_distributed,
 )
-from adaface.training.distill import distill_trajectory, q_sample, sample_num_steps, sample_timesteps
+from adaface.training.distill import (
+    DistillResult,
+    combined_loss,
+    distill_trajectory,
+    losses_to_floats,
+    q_sample,
+    sample_num_steps,
+    trajectory_timesteps,
+)
 from adaface.training.expansion import ExpansionSchedule, format_stage
 from adaface.training.metrics_log import MetricsLog, read_jsonl
 from adaface.training.optim import (
@@ -62,6 +70,17 @@ from adaface.training.plateau import PlateauDetector
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.json")
 STUDENT_PROMPT = "photo of a z"
+
+# Test hook (tests/test_training_stage1.py): with ADAFACE_TEST_SIGKILL_AT_STEP=N the trainer sends SIGKILL to
+# itself in the middle of optimizer step N + 1 (after its forward/backward passes, before its update), i.e. after
+# step N was completed, logged and (if due) checkpointed. The kill is deterministic, and everything after the last
+# checkpoint is unsaved progress that a --resume must redo. Never set it outside tests.
+TEST_SIGKILL_ENV = "ADAFACE_TEST_SIGKILL_AT_STEP"
+
+
+def _test_sigkill_step() -> int | None:
+    value = os.environ.get(TEST_SIGKILL_ENV, "").strip()
+    return int(value) if value else None
 
 
 # ---- models ------------------------------------------------------------------------------------------------
@@ -171,6 +190,7 @@ class Trainer:
         self.state = TrainState()
         self.amp_dtype = _amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.sigkill_at_step = _test_sigkill_step()
         self._build_optimizer()
 
     # -- optimizer / DDP -------------------------------------------------------------------------------------
@@ -233,15 +253,14 @@ class Trainer:
             x[batch.is_real] = q_sample(lat, t1[batch.is_real], noise[batch.is_real], self.m.alphas_cumprod)
         return x.to(self.device)
 
-    def _micro_step(self, micro: int) -> tuple[float, list[float], int]:
+    def _micro_step(self, micro: int) -> tuple[DistillResult, int]:
         c, m = self.cfg, self.m
         g = torch.Generator().manual_seed(rank_seed(c.seed, self.info.rank, self.state.step, micro))
         batch = self.source.sample(c.batch_size, g)
         k = sample_num_steps(c.denoise_steps, c.denoise_step_weights, g)
-        ts = sample_timesteps(k, c.batch_size, c.t_min, c.t_max, g)
         # A random ID has no image, so its trajectory starts from pure noise, which is x_t only at the top of the
-        # schedule: its first step is at t_max - 1 (the later, smaller steps stay as drawn).
-        ts[0, ~batch.is_real] = c.t_max - 1
+        # schedule: its first step is at t_max - 1 (the later, smaller steps stay as drawn); real faces keep t_1.
+        ts = trajectory_timesteps(k, batch.is_real, c.t_min, c.t_max, g)
         x = self._x_start(batch, ts[0], g).to(m.unet.dtype)
         arcface = batch.arcface.to(self.device)
         with self._autocast():
@@ -263,19 +282,27 @@ class Trainer:
         scale = 1.0 / c.grad_accum * (self.scaler.get_scale() if self.scaler is not None else 1.0)
         res = distill_trajectory(x, ts, teacher, student, student_ctx, m.alphas_cumprod, g,
                                  reduction=c.loss_reduction, backward_scale=scale)
-        return res.loss, res.step_losses, int(batch.is_real.sum())
+        return res, int(batch.is_real.sum())
 
     def train_step(self) -> dict[str, Any]:
         c = self.cfg
-        losses, step_losses, n_real = [], [], 0
+        results: list[DistillResult] = []
+        n_real = 0
         for micro in range(c.grad_accum):
             last = micro == c.grad_accum - 1
             sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.model.no_sync()
             with sync:
-                loss, per_step, real = self._micro_step(micro)
-            losses.append(loss)
-            step_losses.append(per_step)
+                res, real = self._micro_step(micro)
+            results.append(res)
             n_real += real
+        if self.sigkill_at_step is not None and self.state.step == self.sigkill_at_step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook (TEST_SIGKILL_ENV): die mid-step, nothing saved
+        # the per-denoising-step losses of all micro-batches reach the host in one copy (one sync per step)
+        flat = iter(losses_to_floats([t for r in results for t in r.step_mse]))
+        step_losses = [[next(flat) for _ in r.step_mse] for r in results]
+        losses = [combined_loss(s, r.weight) for s, r in zip(step_losses, results)]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = list(self.names)

@@ -1,8 +1,12 @@
 """Atomic, pickle-free training checkpoints: safetensors for tensors, JSON for everything else.
 
 A checkpoint is a folder `step-NNNNNNNN/` holding `<name>.safetensors` files and `state.json`. It is written
-into a hidden temporary folder and renamed into place (atomic on POSIX), so a run killed at any moment
-leaves either the previous complete checkpoints or the new one, never a half-written one. Optimizer state is
+into a hidden temporary folder, every file and the folder are fsynced, and the folder is renamed into place
+(atomic on POSIX), so a run killed at any moment -- or a power loss -- leaves either the previous complete
+checkpoints or the new one, never a half-written one. Re-saving an existing step moves the old copy aside to
+`.step-NNNNNNNN.old-PID` only once the new folder is complete; if a crash leaves such a copy without its final
+name, `recover_checkpoints` (run by latest_checkpoint, load_checkpoint, save and prune) renames it back, and
+pruning never deletes the only complete copy of a step. Optimizer state is
 keyed by parameter *name*, not position, so it survives a rebuilt parameter list (model expansion).
 """
 
@@ -44,7 +48,16 @@ def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.Path
     # safetensors rejects views sharing storage and non-contiguous tensors; copies are cheap next to a step
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(plain, str(tmp), metadata=metadata)
+    _fsync_file(tmp)  # the data must be on disk before the rename makes it visible under the final name
     os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- optimizer state -------------------------------------------------------------------------------------
@@ -146,16 +159,51 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+OLD_DIR = re.compile(r"^\.(step-\d{8})\.old-(\d+)$")
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file()
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under root, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints under root, oldest first (temporary folders are ignored; see recover_checkpoints)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and _is_complete(p)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def recover_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Rename a complete `.step-N.old-PID` copy back to `step-N` where a crash during a re-save left no complete
+    `step-N` (the old copy is moved aside only after the new one is complete, so it is then the only copy).
+    Returns the recovered folders. Safe to run concurrently (e.g. on every DDP rank): a lost race is ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    recovered = []
+    for p in sorted(root.iterdir()):
+        m = OLD_DIR.match(p.name)
+        if not m or not _is_complete(p):
+            continue
+        final = root / m.group(1)
+        if _is_complete(final):
+            continue
+        try:
+            if final.exists():  # an incomplete folder under the final name (not written by this module)
+                shutil.rmtree(final)
+            os.replace(p, final)
+        except OSError:
+            continue  # another process recovered it first
+        recovered.append(final)
+    if recovered:
+        _fsync_dir(root)
+    return recovered
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    recover_checkpoints(root)
     found = list_checkpoints(root)
     return found[-1] if found else None
 
@@ -171,12 +219,20 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensor_files: Mapping[st
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, tensors in tensor_files.items():
-        atomic_save_tensors(tensors, tmp / f"{name}.safetensors")
-    atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=1))
-    if final.exists():  # re-saving a step after a resume: move the old copy aside first
+        atomic_save_tensors(tensors, tmp / f"{name}.safetensors")  # each file fsynced
+    atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=1))  # last: marks complete
+    _fsync_dir(tmp)  # the folder's entries are durable before it gets its final name
+    recover_checkpoints(root)
+    if final.exists():
+        # re-saving a step after a resume. The new copy is complete and durable; only now is the old one moved
+        # aside. A crash between the two renames leaves the old copy (complete) as .old-PID without a final
+        # name: recover_checkpoints renames it back, and prune never deletes it.
         old = root / f".{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(root)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
@@ -200,20 +256,35 @@ def _fsync_dir(path: Path) -> None:
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and stale temporary folders."""
+    """Delete all but the newest `keep` complete checkpoints, and stale temporary folders of other processes.
+
+    An `.old-PID` copy is deleted only when its step has a complete copy under the final name (after
+    recover_checkpoints, which renames it back otherwise), or when the step itself is pruned."""
     root = Path(root)
-    for p in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    recover_checkpoints(root)
+    complete = list_checkpoints(root)
+    pruned = complete[:-keep] if keep > 0 else []
+    for p in pruned:
         shutil.rmtree(p, ignore_errors=True)
+    pruned_names = {p.name for p in pruned}
     for p in root.iterdir():
         if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
             pid = p.name.rsplit("-", 1)[-1]
-            if pid != str(os.getpid()):
-                shutil.rmtree(p, ignore_errors=True)
+            if pid == str(os.getpid()):
+                continue
+            m = OLD_DIR.match(p.name)
+            if m and _is_complete(p) and not (m.group(1) in pruned_names or _is_complete(root / m.group(1))):
+                continue  # the only complete copy of its step (recovery lost a race): keep it
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """All tensor files (by name) and the JSON state of one checkpoint folder."""
+    """All tensor files (by name) and the JSON state of one checkpoint folder.
+
+    If a crash during a re-save left the folder without its final name, its `.old-PID` copy is recovered first."""
     path = Path(path)
+    if not _is_complete(path) and STEP_DIR.match(path.name):
+        recover_checkpoints(path.parent)
     state = json.loads((path / STATE_FILE).read_text())
     tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
     return tensors, state

@@ -182,19 +182,87 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
     return cfg
 
 
-def _check_model_source(option: str, value: str, required: tuple[str, ...]) -> None:
-    """A local folder must exist with its sub-folders; anything else must look like a hub id."""
+def _check_model_source(option: str, value: str, required: tuple[str, ...],
+                        alternatives: tuple[tuple[str, ...], ...] = ()) -> None:
+    """A local folder must exist with its sub-folders (`required`, or one of the `alternatives` layouts);
+    anything else must look like a hub id."""
     p = Path(value).expanduser()
     if p.exists():
         if not p.is_dir():
             raise ConfigError(f"{option}: {value} is not a folder")
         missing = [r for r in required if not (p / r).exists()]
+        if missing and any(all((p / r).exists() for r in alt) for alt in alternatives):
+            return
         if missing:
-            raise ConfigError(f"{option}: {value} lacks {', '.join(missing)} (expected the released folder layout)")
+            also = "".join(f" (or {', '.join(alt)})" for alt in alternatives)
+            raise ConfigError(f"{option}: {value} lacks {', '.join(missing)}{also} (expected the released folder "
+                              "layout)")
         return
     looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or not HUB_ID.match(value)
     if looks_local:
         raise ConfigError(f"{option}: model folder not found: {value}")
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _text_hidden_size(folder: Path, subfolder: str | None = None) -> tuple[int, Path] | None:
+    """hidden_size from a CLIP text encoder's config.json: folder[/subfolder], or a pipeline folder's text_encoder/.
+    A full CLIPConfig holds it under text_config. None when no such file exists (nothing to check)."""
+    base = folder / subfolder if subfolder else folder
+    for path in (base / "config.json", base / "text_encoder" / "config.json"):
+        data = _read_json(path)
+        if data is None:
+            continue
+        if "hidden_size" not in data and isinstance(data.get("text_config"), dict):
+            data = data["text_config"]
+        if isinstance(data.get("hidden_size"), int):
+            return data["hidden_size"], path
+    return None
+
+
+def _cross_attention_dims(path: Path) -> set[int] | None:
+    data = _read_json(path)
+    if data is None or "cross_attention_dim" not in data:
+        return None
+    dim = data["cross_attention_dim"]
+    return set(dim) if isinstance(dim, (list, tuple)) else {dim}
+
+
+def check_model_dimensions(sd_model: str, arc2face: str, inverter_init: str | None) -> None:
+    """When the model sources are local folders, check from their config.json files (before loading any weights)
+    that the SD text encoder, the Arc2Face encoder and the inverter's initial text encoder have one hidden size,
+    and that both UNets cross-attend to contexts of that size. Missing config files are not checked here."""
+    sd, a2f = Path(sd_model).expanduser(), Path(arc2face).expanduser()
+    inv = Path(inverter_init).expanduser() if inverter_init else None
+    if not (sd.is_dir() and a2f.is_dir() and (inv is None or inv.is_dir())):
+        return  # a hub id: nothing local to read
+    sizes = {
+        "--sd-model": _text_hidden_size(sd, "text_encoder"),
+        "--arc2face": _text_hidden_size(a2f, "encoder"),
+        "--inverter-init": _text_hidden_size(inv) if inv is not None else None,
+    }
+    known = {opt: v for opt, v in sizes.items() if v is not None}
+    if len({h for h, _ in known.values()}) > 1:
+        detail = "; ".join(f"{opt} text encoder hidden size {h} ({path})" for opt, (h, path) in known.items())
+        raise ConfigError(f"--sd-model/--arc2face/--inverter-init: the text encoders' hidden sizes differ: {detail}. "
+                          "The inverter's output feeds the SD text encoder and the Arc2Face ID tokens feed the "
+                          "inverter, so all three must match")
+    if not known:
+        return
+    hidden = next(iter(known.values()))[0]
+    for opt, path in (("--sd-model", sd / "unet" / "config.json"), ("--arc2face", a2f / "arc2face" / "config.json")):
+        dims = _cross_attention_dims(path)
+        if dims is not None and dims != {hidden}:
+            raise ConfigError(f"{opt}: the UNet's cross_attention_dim {sorted(dims)} ({path}) does not match the text "
+                              f"encoders' hidden size {hidden} (--sd-model/--arc2face/--inverter-init)")
 
 
 def list_face_images(data_dir: Path) -> list[str]:
@@ -257,7 +325,10 @@ def validate(cfg: Stage1Config, world_size: int = 1) -> None:
         _check_model_source("--sd-model", cfg.sd_model, ("unet", "text_encoder", "tokenizer", "scheduler"))
         _check_model_source("--arc2face", cfg.arc2face, ("arc2face", "encoder"))
         if cfg.inverter_init:
-            _check_model_source("--inverter-init", cfg.inverter_init, ("config.json",))
+            # a CLIP text encoder folder, or an SD-1.5 pipeline folder (its text_encoder/), as the loader accepts
+            _check_model_source("--inverter-init", cfg.inverter_init, ("config.json",),
+                                alternatives=(("text_encoder/config.json",),))
+        check_model_dimensions(cfg.sd_model, cfg.arc2face, cfg.inverter_init)
 
     global_batch = cfg.batch_size * world_size
     if cfg.data_dir:

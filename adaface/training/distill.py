@@ -53,10 +53,50 @@ def sample_timesteps(k: int, batch: int, t_min: int, t_max: int, generator: torc
     return torch.stack(cols, dim=1)
 
 
+def trajectory_timesteps(k: int, is_real: torch.Tensor, t_min: int, t_max: int,
+                         generator: torch.Generator) -> torch.Tensor:
+    """[k, batch] timesteps of one trajectory per sample (sample_timesteps), with the first step of every sample
+    without an image (`~is_real`, a random ID) moved to t_max - 1.
+
+    Such a sample starts from pure noise, which is x_t only at the top of the schedule; its later, smaller steps
+    stay as drawn (still strictly decreasing, since every drawn step is < t_max - 1 or equal to it at i = 0).
+    A real-image sample keeps its drawn t_1: its latent is noised to exactly that step.
+    """
+    ts = sample_timesteps(k, int(is_real.shape[0]), t_min, t_max, generator)
+    ts[0, ~is_real.to(torch.bool)] = t_max - 1
+    return ts
+
+
+def combined_loss(step_losses: Sequence[float], weight: float) -> float:
+    """The combined loss of eq. 2 from per-step MSEs: sum of weight x MSE, accumulated in step order."""
+    total = 0.0
+    for v in step_losses:
+        total += weight * v
+    return total
+
+
 @dataclass
 class DistillResult:
-    loss: float  # the combined loss (what was back-propagated, before any external scaling)
-    step_losses: list[float]  # unweighted MSE per denoising step
+    """The per-step MSEs stay detached tensors (on the UNets' device): reading them is a device-to-host sync, so a
+    caller converts them once (e.g. all micro-batches of an optimizer step together, with `losses_to_floats`)."""
+
+    step_mse: list[torch.Tensor]  # unweighted MSE per denoising step, detached 0-dim float32 tensors
+    weight: float  # weight of each step in the combined loss (combine_weight)
+
+    @property
+    def step_losses(self) -> list[float]:  # syncs
+        return losses_to_floats(self.step_mse)
+
+    @property
+    def loss(self) -> float:  # syncs; the combined loss (what was back-propagated, before any external scaling)
+        return combined_loss(self.step_losses, self.weight)
+
+
+def losses_to_floats(values: Sequence[torch.Tensor]) -> list[float]:
+    """Python floats of 0-dim tensors with one device-to-host copy (the same values float() gives one by one)."""
+    if not values:
+        return []
+    return torch.stack([v.detach().reshape(()) for v in values]).tolist()
 
 
 def combine_weight(k: int, reduction: str) -> float:
@@ -91,8 +131,7 @@ def distill_trajectory(
     w = combine_weight(k, reduction)
     ctx = student_context.detach().requires_grad_(backward_scale is not None)
     x = x_start
-    losses: list[float] = []
-    total = 0.0
+    losses: list[torch.Tensor] = []
     for i in range(k):
         # the schedule is indexed with the timesteps where they were drawn (the CPU), the UNets get a device copy:
         # no device-to-host sync per step
@@ -104,8 +143,7 @@ def distill_trajectory(
         mse = F.mse_loss(eps_s.float(), eps_t.float())
         if backward_scale is not None:
             (mse * (w * backward_scale)).backward()
-        losses.append(float(mse.detach()))
-        total += w * losses[-1]
+        losses.append(mse.detach())  # no .item()/float(): that would sync the host on every step
         if i + 1 < k:
             with torch.no_grad():
                 x0 = predict_x0(x, eps_t, t_host, alphas_cumprod)
@@ -113,4 +151,4 @@ def distill_trajectory(
                 x = q_sample(x0, timesteps[i + 1], noise, alphas_cumprod)
     if backward_scale is not None and ctx.grad is not None:
         student_context.backward(ctx.grad)
-    return DistillResult(loss=total, step_losses=losses)
+    return DistillResult(step_mse=losses, weight=w)
