@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from adaface.kernels import delta_cosine as K
 from adaface.ops import delta_cosine_loss, delta_cosine_loss_reference
 from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
+from adaface.testing.grads import input_grads
 from adaface.testing.tolerances import assert_close
 
 SHAPES = [(1, 1), (5, 7), (3, 33), (2, 3, 320), (2, 1281), (4, 0), (0, 9)]
@@ -57,16 +58,6 @@ def _leaf_copies(xs, dtype=None):
     return [x.detach().to(dtype or x.dtype).clone().requires_grad_(x.requires_grad) for x in xs]
 
 
-def _grads(out, xs, weight=None):
-    """Gradients of Σ weight·out w.r.t. the inputs that require grad (None for the others)."""
-    live = [x for x in xs if x.requires_grad]
-    if not live or out.numel() == 0:
-        return [None] * len(xs)
-    loss = out.sum() if weight is None else (out * weight).sum()
-    got = iter(torch.autograd.grad(loss, live))
-    return [next(got) if x.requires_grad else None for x in xs]
-
-
 def _check_against_reference(xs, *, reduction="none", eps=1e-6, seed=1, grad_atol=None):
     """Kernel forward and every gradient vs the fp32 reference (and, for fp16/bf16, the reference in dtype)."""
     dtype = xs[0].dtype
@@ -80,12 +71,12 @@ def _check_against_reference(xs, *, reduction="none", eps=1e-6, seed=1, grad_ato
     weight = None
     if reduction == "none" and out.numel():
         weight = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device) + 0.5
-    grads = _grads(out, k_in, weight)
-    ref_grads = _grads(ref32, r32_in, weight)
+    grads = input_grads(out, k_in, weight)
+    ref_grads = input_grads(ref32, r32_in, weight)
     lp_grads = [None] * 4
     if lowp:
         lp_in = _leaf_copies(xs)
-        lp_grads = _grads(_reference(lp_in, reduction, eps, upcast=False), lp_in, weight)
+        lp_grads = input_grads(_reference(lp_in, reduction, eps, upcast=False), lp_in, weight)
     for name, g, r, lp in zip(NAMES, grads, ref_grads, lp_grads):
         if r is None:
             assert g is None, name
@@ -143,7 +134,7 @@ def _check_vs_fp64(xs, factor, floor):
     def run(fn, dtype):
         leaves = [x.detach().to(dtype).requires_grad_() for x in xs]
         out = fn(leaves)
-        return out.detach().double(), [g.double() for g in _grads(out, leaves, weight.to(out.dtype))]
+        return out.detach().double(), [g.double() for g in input_grads(out, leaves, weight.to(out.dtype))]
 
     out64, g64 = run(lambda t: _reference(t, upcast=False), torch.float64)  # fp64 all the way
     out32, g32 = run(_reference, torch.float32)

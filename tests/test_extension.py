@@ -30,6 +30,7 @@ from adaface.ops import (
     soft_warp_loss_reference,
 )
 from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
+from adaface.testing.grads import input_grads
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
@@ -64,15 +65,6 @@ def cpu_threads():
     torch.set_num_threads(old)
 
 
-def _grads(out, xs, weight=None):
-    live = [x for x in xs if x.requires_grad]
-    if not live or out.numel() == 0:
-        return [None] * len(xs)
-    loss = out.sum() if weight is None else (out * weight).sum()
-    got = iter(torch.autograd.grad(loss, live))
-    return [next(got) if x.requires_grad else None for x in xs]
-
-
 def _leaves(xs, dtype=None, flags=None):
     flags = flags or [x.requires_grad for x in xs]
     return [x.detach().to(dtype or x.dtype).clone().requires_grad_(f) for x, f in zip(xs, flags)]
@@ -92,11 +84,12 @@ def _check_delta(xs, backend, *, eps=1e-6, seed=1, grad_atol=None):
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert_close(out, ref, name="loss")
     weight = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device) + 0.5
-    grads, rgrads = _grads(out, k_in, weight), _grads(ref, r32, weight)
+    grads, rgrads = input_grads(out, k_in, weight), input_grads(ref, r32, weight)
     lgrads = [None] * 4
     if lowp:
         lp_in = _leaves(xs)
-        lgrads = _grads(delta_cosine_loss_reference(*lp_in, eps=eps, reduction="none", upcast=False), lp_in, weight)
+        lp_out = delta_cosine_loss_reference(*lp_in, eps=eps, reduction="none", upcast=False)
+        lgrads = input_grads(lp_out, lp_in, weight)
     for name, g, r, lp in zip(DELTA_NAMES, grads, rgrads, lgrads):
         if r is None:
             assert g is None, name
@@ -146,7 +139,7 @@ def test_delta_cpu_nearly_parallel_vs_fp64(parallel, shape):
     def run(fn, dtype):
         leaves = [x.detach().to(dtype).requires_grad_() for x in xs]
         out = fn(leaves)
-        return out.detach().double(), [g.double() for g in _grads(out, leaves, weight.to(out.dtype))]
+        return out.detach().double(), [g.double() for g in input_grads(out, leaves, weight.to(out.dtype))]
 
     out64, g64 = run(lambda t: delta_cosine_loss_reference(*t, reduction="none", upcast=False), torch.float64)
     out32, g32 = run(lambda t: delta_cosine_loss_reference(*t, reduction="none"), torch.float32)
@@ -229,14 +222,14 @@ def _check_warp(shape, dtype, backend, mask_kind="none", *, scale=1.0, seed=0, h
     r32 = _leaves(x, torch.float32, flags)
     ref = soft_warp_loss_reference(*r32, mask, scale=scale)
     upstream = torch.tensor(1.7, device=out.device)
-    grads, rgrads = _grads(out, ins, upstream), _grads(ref, r32, upstream)
+    grads, rgrads = input_grads(out, ins, upstream), input_grads(ref, r32, upstream)
     lowp = dtype != torch.float32
     lgrads = [None] * 4
     ref_lp = None
     if lowp:
         lp_in = _leaves(x, flags=flags)
         ref_lp = soft_warp_loss_reference(*lp_in, mask, scale=scale, upcast=False)
-        lgrads = _grads(ref_lp, lp_in, upstream)
+        lgrads = input_grads(ref_lp, lp_in, upstream)
     assert out.dtype == torch.float32 and out.shape == ()
 
     def tol(r):
