@@ -72,14 +72,11 @@ def delta_cosine_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"{_OP}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
     which = resolve_backend(backend, subj_single.device, _OP, supports=("torch", "triton", "cuda", "cpp"))
+    if which == "torch":
+        return delta_cosine_loss_reference(subj_single, subj_comp, cls_single, cls_comp, eps=eps, reduction=reduction)
     if which == "triton":
-        from adaface.kernels.delta_cosine import delta_cosine_rows_triton
-
-        rows = delta_cosine_rows_triton(subj_single, subj_comp, cls_single, cls_comp, float(eps))
-        return reduce_rows(rows, reduction)
-    if which in ("cuda", "cpp"):
-        from ._extension import delta_cosine_rows_ext
-
-        rows = delta_cosine_rows_ext(subj_single, subj_comp, cls_single, cls_comp, float(eps))
-        return reduce_rows(rows, reduction)
-    return delta_cosine_loss_reference(subj_single, subj_comp, cls_single, cls_comp, eps=eps, reduction=reduction)
+        from adaface.kernels.delta_cosine import delta_cosine_rows_triton as rows_kernel
+    else:  # "cuda" / "cpp"
+        from ._extension import delta_cosine_rows_ext as rows_kernel
+    rows = rows_kernel(subj_single, subj_comp, cls_single, cls_comp, float(eps))
+    return reduce_rows(rows, reduction)

@@ -104,17 +104,13 @@ def soft_warp_loss(
     """
     _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale)
     which = resolve_backend(backend, q_subj.device, _OP, supports=("torch", "triton", "cuda", "cpp"))
-    B, N = q_subj.shape[:2]
+    if which == "torch":
+        return soft_warp_loss_reference(q_subj, q_comp, feat_subj, feat_comp, mask, scale=scale)
     if which == "triton":
-        from adaface.kernels.soft_warp import soft_warp_rows_triton
-
-        weights = _mask_weights(mask, B, N, q_subj.device)
-        rows = soft_warp_rows_triton(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
-        return masked_row_mean(rows, weights)
-    if which in ("cuda", "cpp"):
-        from ._extension import soft_warp_rows_ext
-
-        weights = _mask_weights(mask, B, N, q_subj.device)
-        rows = soft_warp_rows_ext(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
-        return masked_row_mean(rows, weights)
-    return soft_warp_loss_reference(q_subj, q_comp, feat_subj, feat_comp, mask, scale=scale)
+        from adaface.kernels.soft_warp import soft_warp_rows_triton as rows_kernel
+    else:  # "cuda" / "cpp"
+        from ._extension import soft_warp_rows_ext as rows_kernel
+    # the kernels return per-row losses; the (weighted) mean over rows is the same for every backend
+    weights = _mask_weights(mask, *q_subj.shape[:2], q_subj.device)
+    rows = rows_kernel(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+    return masked_row_mean(rows, weights)

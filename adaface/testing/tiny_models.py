@@ -91,9 +91,9 @@ def save_tiny_tokenizer(path: str | os.PathLike) -> Path:
 def tiny_text_config(cfg: TinyConfig = TinyConfig(), vocab_size: int | None = None):
     from transformers import CLIPTextConfig
 
-    if vocab_size is None:
-        vocab_size = len(tiny_bpe()[0])
     vocab = tiny_bpe()[0]
+    if vocab_size is None:
+        vocab_size = len(vocab)
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
