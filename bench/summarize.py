@@ -1,7 +1,11 @@
-"""Print a compact table from a pytest-benchmark JSON file: one row per benchmark, grouped.
+"""Print a compact table from pytest-benchmark JSON files: one row per benchmark, grouped.
+
+    python bench/summarize.py bench.json [more.json ...]
 
 Ratios are against the row whose `extra_info["baseline"]` is true in the same group (the eager PyTorch
-reference unless a benchmark says otherwise), measured in the same run.
+reference unless a benchmark says otherwise). Several files are merged group by group: pass only files
+written on the same machine in one session (bench/device_check.sh runs the torch.compile rows in a
+separate pytest process, after the others, and merges them here).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n / 2**20:9.1f} MiB"
 
 
-def main(path: str) -> int:
-    with open(path) as fh:
-        data = json.load(fh)
+def main(paths: list[str]) -> int:
     groups: dict[str, list[dict]] = defaultdict(list)
-    for bench in data.get("benchmarks", []):
-        groups[bench.get("group") or bench["fullname"].split("::")[0]].append(bench)
+    for path in paths:
+        with open(path) as fh:
+            data = json.load(fh)
+        for bench in data.get("benchmarks", []):
+            groups[bench.get("group") or bench["fullname"].split("::")[0]].append(bench)
     for group, benches in sorted(groups.items()):
         base = next((b for b in benches if b.get("extra_info", {}).get("baseline")), None)
         base_t = base["stats"]["median"] if base else None
@@ -52,4 +57,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bench.json"))
+    sys.exit(main(sys.argv[1:] or ["bench.json"]))

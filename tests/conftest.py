@@ -18,8 +18,6 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("adaface", derandomize=True, deadline=None)
 settings.load_profile("adaface")
 
-from adaface.testing.tiny_models import save_tiny_sd15  # noqa: E402
-
 HAS_CUDA = DEVICE.type == "cuda"
 
 
@@ -41,4 +39,6 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random SD-1.5 pipeline saved in the released folder layout (built once per session)."""
+    from adaface.testing.tiny_models import save_tiny_sd15  # imports diffusers: only for the tests that use it
+
     return save_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15"))
