@@ -3,7 +3,9 @@
 CPU (this machine): soft warp fwd and fwd+bwd at B=2, N=M=1024, Dq=C=320, fp32, no mask; delta cosine fwd+bwd on four
 [4, 4096, 320] fp32 tensors (nearly parallel, as in training). Eager and cpp run in the same session; the cpp
 row records `x_eager` (eager median / cpp median) and `peak_vs_eager` (cpp peak / eager peak, both from
-adaface.testing.benchmarking.peak_memory_bytes) when the eager row of its group ran first.
+adaface.testing.benchmarking.peak_memory_bytes) when the eager row of its group ran first. The soft-warp
+groups also time `eager_matmuls_only`: the eager reference's six matrix products alone (the floor of its
+time on this BLAS), and record `returned_bytes` (the input gradients, part of every row's peak).
 CUDA (gpu-marked, skipped without a GPU): the paper's shapes in bf16, cuda vs triton vs eager.
 Every row records the device, dtype, shape, peak memory and GB/s (delta cosine) or TFLOP/s (soft warp).
 Ratios for all rows: `python bench/summarize.py <json>` (against the row marked baseline = eager).
@@ -67,15 +69,29 @@ def _skip_unavailable(variant, device):
 # CPU
 
 
+def _eager_matmuls(ins, backward):
+    """Only the batched matrix products of the eager reference (2 forward, 4 more backward), same shapes:
+    what the eager time cannot go below on this machine's BLAS."""
+    q, k, f, v = (t.detach() for t in ins)
+    s = torch.bmm(q, k.transpose(1, 2))
+    w = torch.bmm(s, v)
+    if not backward:
+        return w
+    dp = torch.bmm(f, v.transpose(1, 2))  # dW·Vᵀ
+    return w, dp, torch.bmm(s.transpose(1, 2), f), torch.bmm(dp, k), torch.bmm(dp.transpose(1, 2), q)
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("variant", ["eager", "cpp"])
+@pytest.mark.parametrize("variant", ["eager", "cpp", "eager_matmuls_only"])
 def test_bench_cpu_soft_warp(benchmark, variant, backward):
-    _skip_unavailable("eager_cpu" if variant == "eager" else variant, torch.device("cpu"))
+    _skip_unavailable("cpp" if variant == "cpp" else "eager_cpu", torch.device("cpu"))
     device = torch.device("cpu")
     B, N, M, Dq, C = CPU_WARP
     ins = [t.requires_grad_(backward) for t in make_inputs(B, N, M, Dq, C, seed=0)]
 
     def run():
+        if variant == "eager_matmuls_only":
+            return _eager_matmuls(ins, backward)
         if variant == "eager":
             out = soft_warp_loss_reference(*ins)
         else:
@@ -84,8 +100,12 @@ def test_bench_cpu_soft_warp(benchmark, variant, backward):
 
     flops = soft_warp_flops(B, N, M, Dq, C, backward=backward)
     group = f"cpu soft_warp B2 N=M=1024 Dq=C=320 {'fwd+bwd' if backward else 'fwd'}"
+    # returned_bytes: the four fp32 input gradients every variant must allocate (part of peak_bytes)
     median = _time_and_record(benchmark, device, group, variant, run, rounds=5, dtype="float32",
-                              shape=f"B{B} N{N} M{M} Dq{Dq} C{C}", flops=flops, threads=torch.get_num_threads())
+                              shape=f"B{B} N{N} M{M} Dq{Dq} C{C}", flops=flops, threads=torch.get_num_threads(),
+                              returned_bytes=sum(t.numel() * 4 for t in ins) if backward else 0,
+                              gemm_impl="avx512" if HAS_EXT and torch.ops.adaface.cpu_gemm_uses_avx512_ext()
+                              else "aten")
     benchmark.extra_info["tflops"] = flops / median / 1e12
 
 

@@ -6,6 +6,8 @@
 // contiguous fp32 rows with `omp simd` reductions, in avx512/avx2/baseline clones picked at load time.
 #include "losses.h"
 
+#include "gemm_cpu.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -257,8 +259,13 @@ void delta_bwd_impl(const at::Tensor& grad, const at::Tensor& bs, const at::Tens
 // ------------------------------------------------------------------------------------------------
 // soft warp
 
-constexpr int64_t kRowBlock = 64;   // query rows processed together (GEMM M dimension)
-constexpr int64_t kKeyBlock = 256;  // keys per step of the online softmax (GEMM N dimension)
+// Layout: a task owns a block of up to kRowBlock active query rows and walks the keys in blocks of kKeyBlock.
+// Logits are held transposed, St[key j][row i] (rows contiguous), so every step is a GEMM of gemm_cpu.h whose
+// B operand has contiguous rows (Qᵀ, dWᵀ, V, K, Q, dW) and the softmax statistics of a row are lanes of a
+// vector. Scratch per worker: about 8·kRowBlock·max(Dq, C) + 2·kRowBlock·kKeyBlock floats (~0.6 MB at 320).
+constexpr int64_t kRowBlock = 64;      // query rows per forward task (a GEMM's n or m)
+constexpr int64_t kRowBlockBwd = 128;  // per backward task: the dK/dV GEMMs' depth, so C is reloaded less often
+constexpr int64_t kKeyBlock = 256;  // keys per step (a GEMM's m or k)
 
 // Active (weight != 0) rows of each batch, concatenated; offsets[b] .. offsets[b + 1].
 struct ActiveRows {
@@ -281,95 +288,134 @@ ActiveRows active_rows(const at::Tensor& weights) {
 }
 
 struct RowBlock {
-  int64_t b, begin, count;  // rows a.idx[begin .. begin + count) of batch b
+  int64_t b, begin, count, rank;  // rows a.idx[begin .. begin + count) of batch b, its rank-th block
 };
 
-std::vector<RowBlock> row_blocks(const ActiveRows& a) {
+std::vector<RowBlock> row_blocks(const ActiveRows& a, int64_t rows) {
   std::vector<RowBlock> blocks;
   for (size_t b = 0; b + 1 < a.offsets.size(); ++b)
-    for (int64_t s = a.offsets[b]; s < a.offsets[b + 1]; s += kRowBlock)
-      blocks.push_back({static_cast<int64_t>(b), s, std::min(kRowBlock, a.offsets[b + 1] - s)});
+    for (int64_t s = a.offsets[b], r = 0; s < a.offsets[b + 1]; s += rows, ++r)
+      blocks.push_back({static_cast<int64_t>(b), s, std::min(rows, a.offsets[b + 1] - s), r});
   return blocks;
 }
 
+// Round-robin over batches (b0 r0, b1 r0, b0 r1, ...): tasks running at the same time are then mostly of
+// different batches, whose dK/dV blocks (and locks) are disjoint.
+std::vector<RowBlock> interleave_batches(const std::vector<RowBlock>& blocks, int64_t B) {
+  std::vector<std::vector<RowBlock>> per(B);
+  for (const RowBlock& blk : blocks) per[blk.b].push_back(blk);
+  std::vector<RowBlock> out;
+  out.reserve(blocks.size());
+  for (size_t r = 0; out.size() < blocks.size(); ++r)
+    for (int64_t b = 0; b < B; ++b)
+      if (r < per[b].size()) out.push_back(per[b][r]);
+  return out;
+}
+
 // Tasks handed out one at a time from a shared counter (not pre-split per thread): a thread that is
-// descheduled on a shared machine does not hold back a fixed half of the work. `per_thread(fetch)` runs once
-// per worker (allocate scratch there) and loops `for (t = fetch(); t < n; t = fetch())`.
+// descheduled on a shared machine does not hold back a fixed half of the work. `per_worker(w, fetch)` runs
+// once per worker w < workers (scratch slice w is its own) and loops `for (t = fetch(); t < n; t = fetch())`.
+int64_t worker_count(int64_t n_tasks) { return std::max<int64_t>(1, std::min<int64_t>(n_tasks, at::get_num_threads())); }
+
 template <typename F>
-void dynamic_for(int64_t n, const F& per_thread) {
+void dynamic_for(int64_t n, const F& per_worker) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const auto fetch = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  const int64_t workers = worker_count(n);
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w) per_thread(fetch);
+    for (int64_t w = w0; w < w1; ++w) per_worker(w, fetch);
   });
 }
 
-at::Tensor blob(float* p, int64_t r, int64_t c) {
-  return at::from_blob(p, {r, c}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// Online-softmax update of `rows` rows of logits S [rows, kb] (in place → unnormalised probabilities):
-// m, l: running max and sum; O [rows, C] rescaled by exp(m_old − m_new).
-ADAFACE_CLONES void online_softmax_step(float* S, int64_t rows, int64_t kb, float scale, float* m, float* l, float* O,
-                                        int64_t C) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = S + r * kb;
-    float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < kb; ++j) {
-      s[j] *= scale;
-      mx = std::max(mx, s[j]);
-    }
-    const float m_new = std::max(m[r], mx);
-    if (m_new == -std::numeric_limits<float>::infinity()) {  // every logit so far is -inf
-      std::fill(s, s + kb, 0.f);
-      continue;
-    }
-    const float corr = exp_approx(m[r] - m_new);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < kb; ++j) {
-      const float p = exp_approx(s[j] - m_new);
-      s[j] = p;
-      sum += p;
-    }
-    l[r] = l[r] * corr + sum;
-    m[r] = m_new;
-    if (corr != 1.f) {
-      float* o = O + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] *= corr;
-    }
+// Carves one worker's scratch slice into consecutive arrays.
+struct Arena {
+  float* p;
+  float* take(int64_t n) {
+    float* r = p;
+    p += n;
+    return r;
   }
+};
+
+// Scratch for all workers as one tensor allocated by the calling thread, so it shows in torch's memory
+// accounting (profiler, benchmarks) like any other allocation of the op.
+at::Tensor scratch_for(int64_t workers, int64_t floats_per_worker) {
+  return at::empty({workers, floats_per_worker}, at::TensorOptions().dtype(at::kFloat));
 }
 
-// P = exp(scale·S − lse) in place; dS = scale·P·(dP − D) in place of dP (when dP is given).
-ADAFACE_CLONES void probs_and_dlogits(float* S, float* dP, int64_t rows, int64_t kb, float scale, const float* lse,
-                                      const float* D) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = S + r * kb;
-    const float lr = lse[r];
-    if (std::isinf(lr)) {  // no keys, or every logit -inf: the row has no probabilities
-      std::fill(s, s + kb, 0.f);
-      if (dP) std::fill(dP + r * kb, dP + (r + 1) * kb, 0.f);
-      continue;
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < kb; ++j) s[j] = exp_approx(scale * s[j] - lr);
-    if (dP) {
-      float* dp = dP + r * kb;
-      const float dr = D[r];
-#pragma omp simd
-      for (int64_t j = 0; j < kb; ++j) dp[j] = scale * s[j] * (dp[j] - dr);
-    }
+// dst[p·cnt + r] = src[idx[r]·width + p]: rows idx of src, transposed (fp32)
+template <typename T>
+void gather_rows_t(const T* src, const int64_t* idx, int64_t cnt, int64_t width, float* dst) {
+  for (int64_t r = 0; r < cnt; ++r) {
+    const T* row = src + idx[r] * width;
+    for (int64_t p = 0; p < width; ++p) dst[p * cnt + r] = static_cast<float>(row[p]);
   }
 }
 
 template <typename T>
 void gather_rows(const T* src, const int64_t* idx, int64_t count, int64_t width, float* dst) {
   for (int64_t r = 0; r < count; ++r) to_float(src + idx[r] * width, dst + r * width, width);
+}
+
+// Online-softmax update for one key block of transposed logits St [kb, cnt] (in place → unnormalised
+// probabilities): m, l = running max and sum per row; O [cnt, C] rows rescaled by exp(m_old − m_new).
+// A row whose logits are all -inf so far keeps m = -inf: its exponent is taken against 0, giving p = 0.
+ADAFACE_CLONES void online_softmax_cols(float* St, int64_t kb, int64_t cnt, float scale, float* m, float* l,
+                                        float* O, int64_t C, float* m_new, float* sum) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < cnt; ++i) {
+    m_new[i] = m[i];
+    sum[i] = 0.f;
+  }
+  for (int64_t j = 0; j < kb; ++j) {
+    float* s = St + j * cnt;
+#pragma omp simd
+    for (int64_t i = 0; i < cnt; ++i) {
+      s[i] *= scale;
+      m_new[i] = std::max(m_new[i], s[i]);
+    }
+  }
+  for (int64_t i = 0; i < cnt; ++i) m_new[i] = m_new[i] == kNegInf ? 0.f : m_new[i];  // safe exponent base
+  for (int64_t j = 0; j < kb; ++j) {
+    float* s = St + j * cnt;
+#pragma omp simd
+    for (int64_t i = 0; i < cnt; ++i) {
+      const float p = exp_approx(s[i] - m_new[i]);
+      s[i] = p;
+      sum[i] += p;
+    }
+  }
+  for (int64_t i = 0; i < cnt; ++i) {
+    const float corr = exp_approx(m[i] - m_new[i]);  // m = -inf (first block): 0, and O, l are still 0
+    l[i] = l[i] * corr + sum[i];
+    m[i] = m_new[i];
+    if (corr != 1.f) {
+      float* o = O + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] *= corr;
+    }
+  }
+}
+
+// Transposed P = exp(scale·St − lse) in place; dSt = scale·P·(dPt − D) in place of dPt (when given).
+// lse = +inf (a row with no probabilities) gives P = 0.
+ADAFACE_CLONES void probs_and_dlogits_cols(float* St, float* dPt, int64_t kb, int64_t cnt, float scale,
+                                           const float* lse, const float* D, float* lse_safe, float* live) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    live[i] = std::isinf(lse[i]) ? 0.f : 1.f;
+    lse_safe[i] = std::isinf(lse[i]) ? 0.f : lse[i];
+  }
+  for (int64_t j = 0; j < kb; ++j) {
+    float* s = St + j * cnt;
+#pragma omp simd
+    for (int64_t i = 0; i < cnt; ++i) s[i] = live[i] * exp_approx(scale * s[i] - lse_safe[i]);
+    if (dPt) {
+      float* dp = dPt + j * cnt;
+#pragma omp simd
+      for (int64_t i = 0; i < cnt; ++i) dp[i] = scale * s[i] * (dp[i] - D[i]);
+    }
+  }
 }
 
 template <typename T>
@@ -379,149 +425,148 @@ void soft_warp_fwd_impl(const at::Tensor& q, const at::Tensor& k32, const at::Te
   const int64_t Dq = q.size(2), M = k32.size(1), C = f.size(2);
   const T* pq = q.const_data_ptr<T>();
   const T* pf = f.const_data_ptr<T>();
+  const float* pk = k32.const_data_ptr<float>();
+  const float* pv = v32.const_data_ptr<float>();
   float* prow = rows_out.data_ptr<float>();
   float* plse = lse.data_ptr<float>();
   float* pw = warped.data_ptr<float>();
-  const std::vector<RowBlock> blocks = row_blocks(act);
+  const std::vector<RowBlock> blocks = row_blocks(act, kRowBlock);
   const int64_t n_tasks = static_cast<int64_t>(blocks.size());
-  dynamic_for(n_tasks, [&](const auto& fetch) {
-    std::vector<float> Qa(kRowBlock * Dq), S(kRowBlock * kKeyBlock), O(kRowBlock * C), m(kRowBlock), l(kRowBlock),
-        frow(C);
+  const int64_t R = kRowBlock, KB = kKeyBlock;
+  const int64_t per_worker = Dq * R + KB * R + R * C + 4 * R + C;
+  at::Tensor scratch = scratch_for(worker_count(n_tasks), per_worker);
+  dynamic_for(n_tasks, [&](int64_t w, const auto& fetch) {
+    Arena arena{scratch.data_ptr<float>() + w * per_worker};
+    float *Qt = arena.take(Dq * R), *St = arena.take(KB * R), *O = arena.take(R * C), *m = arena.take(R),
+          *l = arena.take(R), *m_new = arena.take(R), *sum = arena.take(R), *frow = arena.take(C);
     for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
       const RowBlock& blk = blocks[t];
       const int64_t cnt = blk.count;
       const int64_t* idx = act.idx.data() + blk.begin;
-      gather_rows(pq, idx, cnt, Dq, Qa.data());
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(O.begin(), O.end(), 0.f);
-      at::Tensor tQ = blob(Qa.data(), cnt, Dq), tO = blob(O.data(), cnt, C);
-      const at::Tensor kb_all = k32[blk.b], vb_all = v32[blk.b];
-      for (int64_t j0 = 0; j0 < M; j0 += kKeyBlock) {
-        const int64_t kb = std::min(kKeyBlock, M - j0);
-        at::Tensor tS = blob(S.data(), cnt, kb);
-        at::mm_out(tS, tQ, kb_all.narrow(0, j0, kb).t());
-        online_softmax_step(S.data(), cnt, kb, scale, m.data(), l.data(), O.data(), C);
-        tO.addmm_(tS, vb_all.narrow(0, j0, kb));
+      gather_rows_t(pq, idx, cnt, Dq, Qt);
+      std::fill(m, m + cnt, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + cnt, 0.f);
+      std::fill(O, O + cnt * C, 0.f);
+      const float* kb_all = pk + blk.b * M * Dq;
+      const float* vb_all = pv + blk.b * M * C;
+      for (int64_t j0 = 0; j0 < M; j0 += KB) {
+        const int64_t kb = std::min(KB, M - j0);
+        cpu::gemm_f32(kb, cnt, Dq, kb_all + j0 * Dq, Dq, 1, Qt, cnt, St, cnt, false);  // Sᵀ = K_j Qᵀ
+        online_softmax_cols(St, kb, cnt, scale, m, l, O, C, m_new, sum);
+        cpu::gemm_f32(cnt, C, kb, St, 1, cnt, vb_all + j0 * C, C, O, C, true);  // O += P V_j
       }
       for (int64_t r = 0; r < cnt; ++r) {
         const int64_t row = idx[r];
-        float* w = pw + row * C;
+        float* wr = pw + row * C;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        for (int64_t c = 0; c < C; ++c) w[c] = O[r * C + c] * inv;
+        for (int64_t c = 0; c < C; ++c) wr[c] = O[r * C + c] * inv;
         plse[row] = l[r] > 0.f ? m[r] + std::log(l[r]) : std::numeric_limits<float>::infinity();
-        const float* fr = row_f32(pf + row * C, frow.data(), C);
+        const float* fr = row_f32(pf + row * C, frow, C);
         const float ce = static_cast<float>(kCosineEps);
-        const float nw = std::sqrt(dot(w, w, C)), nf = std::sqrt(dot(fr, fr, C));
-        prow[row] = 1.f - dot(w, fr, C) / (std::max(nw, ce) * std::max(nf, ce));
+        const float nw = std::sqrt(dot(wr, wr, C)), nf = std::sqrt(dot(fr, fr, C));
+        prow[row] = 1.f - dot(wr, fr, C) / (std::max(nw, ce) * std::max(nf, ce));
       }
     }
   });
 }
 
-// Per active row: dW = g·d(1 − cos)/dw (into dW), D = dW·w, and the gradient of feat_subj (when asked).
-template <typename T>
-void soft_warp_row_grads(const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& warped,
-                         const ActiveRows& act, at::Tensor& dW, at::Tensor& Dv, T* g_f) {
-  const int64_t C = f.size(2);
-  const float* pg = grad_rows.const_data_ptr<float>();
-  const T* pf = f.const_data_ptr<T>();
-  const float* pw = warped.const_data_ptr<float>();
-  float* pdW = dW.data_ptr<float>();
-  float* pD = Dv.data_ptr<float>();
-  const int64_t n_active = static_cast<int64_t>(act.idx.size());
-  at::parallel_for(0, n_active, row_grain(C), [&](int64_t i0, int64_t i1) {
-    std::vector<float> frow(C), gf(C);
-    const float ce = static_cast<float>(kCosineEps);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = act.idx[i];
-      const float g = pg[row];
-      const float* w = pw + row * C;
-      const float* fr = row_f32(pf + row * C, frow.data(), C);
-      const float sw = std::sqrt(dot(w, w, C)), sf = std::sqrt(dot(fr, fr, C)), wf = dot(w, fr, C);
-      const float n1 = std::max(sw, ce), n2 = std::max(sf, ce);
-      const float alpha = -g / (n1 * n2);
-      const float beta_w = sw > 0.f ? g * wf / (n1 * n1 * n2 * sw) : 0.f;
-      const float beta_f = sf > 0.f ? g * wf / (n2 * n2 * n1 * sf) : 0.f;
-      float* dw = pdW + row * C;
-      float d = 0.f;
-      for (int64_t c = 0; c < C; ++c) {
-        dw[c] = alpha * fr[c] + beta_w * w[c];
-        d += dw[c] * w[c];
-      }
-      pD[row] = d;
-      if (g_f) {
-        for (int64_t c = 0; c < C; ++c) gf[c] = alpha * w[c] + beta_f * fr[c];
-        from_float(gf.data(), g_f + row * C, C);
-      }
-    }
-  });
-}
-
-// Attention backward: tasks are (batch, block of keys), handed out dynamically, so dK/dV rows have one owner.
-// dQ rows get a contribution from every key block: each task adds its [rows × Dq] block of dQ under the lock of
-// that row block, and tasks of one batch start their row walk at different row blocks, so they rarely wait.
-ADAFACE_CLONES void add_rows(float* dst, const float* src, const int64_t* idx, int64_t cnt, int64_t width) {
-  for (int64_t r = 0; r < cnt; ++r) {
-    float* d = dst + idx[r] * width;
-    const float* x = src + r * width;
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) d[c] += x[c];
+// Per row of a task: dW = g·d(1 − cos)/dw (into dw), returns D = dW·w; the gradient of feat_subj into gf.
+ADAFACE_CLONES float cosine_row_grads(float g, const float* w, const float* fr, int64_t C, float* dw, float* gf) {
+  const float ce = static_cast<float>(kCosineEps);
+  const float sw = std::sqrt(dot(w, w, C)), sf = std::sqrt(dot(fr, fr, C)), wf = dot(w, fr, C);
+  const float n1 = std::max(sw, ce), n2 = std::max(sf, ce);
+  const float alpha = -g / (n1 * n2);
+  const float beta_w = sw > 0.f ? g * wf / (n1 * n1 * n2 * sw) : 0.f;
+  const float beta_f = sf > 0.f ? g * wf / (n2 * n2 * n1 * sf) : 0.f;
+  float d = 0.f;
+#pragma omp simd reduction(+ : d)
+  for (int64_t c = 0; c < C; ++c) {
+    dw[c] = alpha * fr[c] + beta_w * w[c];
+    d += dw[c] * w[c];
   }
+  if (gf) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) gf[c] = alpha * w[c] + beta_f * fr[c];
+  }
+  return d;
 }
 
-void soft_warp_attn_bwd(const at::Tensor& q32, const at::Tensor& k32, const at::Tensor& v32, const at::Tensor& lse,
-                        const at::Tensor& dW, const at::Tensor& Dv, const ActiveRows& act, float scale, bool need_q,
-                        bool need_k, bool need_v, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+// Backward. Tasks are row blocks (as in the forward). A task first turns its rows' loss gradients into dW
+// (and the feat_subj gradient), then walks every key block, starting at a different one per task so that
+// concurrent tasks of one batch rarely want the same block. dQ rows have one owner (the task); dK/dV rows of
+// a key block are shared by all tasks of the batch and updated under that block's locks.
+template <typename T>
+void soft_warp_bwd_impl(const at::Tensor& q32, const at::Tensor& k32, const at::Tensor& v32, const at::Tensor& f,
+                        const at::Tensor& warped, const at::Tensor& lse, const at::Tensor& grad_rows,
+                        const ActiveRows& act, float scale, bool need_q, bool need_k, bool need_v, T* g_f,
+                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q32.size(0), Dq = q32.size(2), M = k32.size(1), C = v32.size(2);
   const int64_t key_blocks = (M + kKeyBlock - 1) / kKeyBlock;
   const float* pq = q32.const_data_ptr<float>();
+  const float* pk = k32.const_data_ptr<float>();
+  const float* pv = v32.const_data_ptr<float>();
+  const T* pf = f.const_data_ptr<T>();
+  const float* pw = warped.const_data_ptr<float>();
   const float* plse = lse.const_data_ptr<float>();
-  const float* pdW = dW.const_data_ptr<float>();
-  const float* pD = Dv.const_data_ptr<float>();
+  const float* pg = grad_rows.const_data_ptr<float>();
   float* pdq = need_q ? dq.data_ptr<float>() : nullptr;
+  float* pdk = need_k ? dk.data_ptr<float>() : nullptr;
+  float* pdv = need_v ? dv.data_ptr<float>() : nullptr;
   const bool need_dp = need_q || need_k;
-  std::vector<int64_t> lock_base(B + 1, 0);  // row block rb of batch b ↔ locks[lock_base[b] + rb]
-  for (int64_t b = 0; b < B; ++b)
-    lock_base[b + 1] = lock_base[b] + (act.offsets[b + 1] - act.offsets[b] + kRowBlock - 1) / kRowBlock;
-  std::unique_ptr<std::mutex[]> locks(new std::mutex[std::max<int64_t>(lock_base[B], 1)]);
-  const int64_t n_tasks = B * key_blocks;
-  dynamic_for(n_tasks, [&](const auto& fetch) {
-    std::vector<float> Qa(kRowBlock * Dq), Wa(kRowBlock * C), la(kRowBlock), Da(kRowBlock), S(kRowBlock * kKeyBlock),
-        dS(kRowBlock * kKeyBlock), dQa(kRowBlock * Dq);
+  const bool need_attn = (need_q || need_k || need_v) && M > 0;
+  // locks[2·(b·key_blocks + kblk) + {0: dK, 1: dV}]
+  std::unique_ptr<std::mutex[]> locks(new std::mutex[std::max<int64_t>(2 * B * key_blocks, 1)]);
+  const std::vector<RowBlock> blocks = interleave_batches(row_blocks(act, kRowBlockBwd), B);
+  const int64_t n_tasks = static_cast<int64_t>(blocks.size());
+  const int64_t R = kRowBlockBwd, KB = kKeyBlock;
+  const int64_t per_worker = 3 * R * Dq + 2 * R * C + 2 * KB * R + 4 * R + 2 * C;
+  at::Tensor scratch = scratch_for(worker_count(n_tasks), per_worker);
+  dynamic_for(n_tasks, [&](int64_t w, const auto& fetch) {
+    Arena arena{scratch.data_ptr<float>() + w * per_worker};
+    float *Qa = arena.take(R * Dq), *Qt = arena.take(Dq * R), *dQa = arena.take(R * Dq), *Wa = arena.take(R * C),
+          *Wt = arena.take(C * R), *St = arena.take(KB * R), *dSt = arena.take(KB * R), *la = arena.take(R),
+          *Da = arena.take(R), *lse_safe = arena.take(R), *live = arena.take(R), *frow = arena.take(C),
+          *gf = arena.take(C);
     for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
-      const int64_t b = t / key_blocks, kblk = t % key_blocks;
-      const int64_t j0 = kblk * kKeyBlock, kb = std::min(kKeyBlock, M - j0);
-      const int64_t n_rb = lock_base[b + 1] - lock_base[b];
-      if (n_rb == 0) continue;
-      const at::Tensor Kj = k32[b].narrow(0, j0, kb), Vj = v32[b].narrow(0, j0, kb);
-      at::Tensor dVj = need_v ? dv[b].narrow(0, j0, kb) : at::Tensor();
-      at::Tensor dKj = need_k ? dk[b].narrow(0, j0, kb) : at::Tensor();
-      const int64_t first = (kblk * n_rb) / key_blocks;  // stagger the row walks of one batch's tasks
-      for (int64_t step = 0; step < n_rb; ++step) {
-        const int64_t rb = (first + step) % n_rb;
-        const int64_t s = act.offsets[b] + rb * kRowBlock;
-        const int64_t cnt = std::min(kRowBlock, act.offsets[b + 1] - s);
-        const int64_t* idx = act.idx.data() + s;
-        gather_rows(pq, idx, cnt, Dq, Qa.data());
-        gather_rows(pdW, idx, cnt, C, Wa.data());
-        for (int64_t r = 0; r < cnt; ++r) {
-          la[r] = plse[idx[r]];
-          Da[r] = pD[idx[r]];
+      const RowBlock& blk = blocks[t];
+      const int64_t b = blk.b, cnt = blk.count;
+      const int64_t* idx = act.idx.data() + blk.begin;
+      for (int64_t r = 0; r < cnt; ++r) {
+        const int64_t row = idx[r];
+        const float* fr = row_f32(pf + row * C, frow, C);
+        Da[r] = cosine_row_grads(pg[row], pw + row * C, fr, C, Wa + r * C, g_f ? gf : nullptr);
+        if (g_f) from_float(gf, g_f + row * C, C);
+        la[r] = plse[row];
+      }
+      if (!need_attn) continue;
+      gather_rows_t(pq, idx, cnt, Dq, Qt);
+      if (need_k) gather_rows(pq, idx, cnt, Dq, Qa);
+      if (need_dp)
+        for (int64_t r = 0; r < cnt; ++r)
+          for (int64_t c = 0; c < C; ++c) Wt[c * cnt + r] = Wa[r * C + c];
+      if (need_q) std::fill(dQa, dQa + cnt * Dq, 0.f);
+      const int64_t first = blk.rank % key_blocks;  // staggered start within the batch
+      for (int64_t step = 0; step < key_blocks; ++step) {
+        const int64_t kblk = (first + step) % key_blocks;
+        const int64_t j0 = kblk * KB, kb = std::min(KB, M - j0);
+        const float* Kj = pk + (b * M + j0) * Dq;
+        const float* Vj = pv + (b * M + j0) * C;
+        cpu::gemm_f32(kb, cnt, Dq, Kj, Dq, 1, Qt, cnt, St, cnt, false);           // Sᵀ = K_j Qᵀ
+        if (need_dp) cpu::gemm_f32(kb, cnt, C, Vj, C, 1, Wt, cnt, dSt, cnt, false);  // dPᵀ = V_j dWᵀ
+        probs_and_dlogits_cols(St, need_dp ? dSt : nullptr, kb, cnt, scale, la, Da, lse_safe, live);
+        if (need_q) cpu::gemm_f32(cnt, Dq, kb, dSt, 1, cnt, Kj, Dq, dQa, Dq, true);  // dQ += dS K_j
+        std::mutex* lk = &locks[2 * (b * key_blocks + kblk)];
+        if (need_v) {
+          const std::lock_guard<std::mutex> guard(lk[1]);
+          cpu::gemm_f32(kb, C, cnt, St, cnt, 1, Wa, C, pdv + (b * M + j0) * C, C, true);  // dV_j += Pᵀ dW
         }
-        at::Tensor tQ = blob(Qa.data(), cnt, Dq), tW = blob(Wa.data(), cnt, C), tdQ = blob(dQa.data(), cnt, Dq);
-        at::Tensor tS = blob(S.data(), cnt, kb), tdS = blob(dS.data(), cnt, kb);
-        at::mm_out(tS, tQ, Kj.t());
-        if (need_dp) at::mm_out(tdS, tW, Vj.t());
-        probs_and_dlogits(S.data(), need_dp ? dS.data() : nullptr, cnt, kb, scale, la.data(), Da.data());
-        if (need_v) dVj.addmm_(tS.t(), tW);
-        if (need_k) dKj.addmm_(tdS.t(), tQ);
-        if (need_q) {
-          at::mm_out(tdQ, tdS, Kj);
-          const std::lock_guard<std::mutex> guard(locks[lock_base[b] + rb]);
-          add_rows(pdq, dQa.data(), idx, cnt, Dq);
+        if (need_k) {
+          const std::lock_guard<std::mutex> guard(lk[0]);
+          cpu::gemm_f32(kb, Dq, cnt, dSt, cnt, 1, Qa, Dq, pdk + (b * M + j0) * Dq, Dq, true);  // dK_j += dSᵀ Q
         }
       }
+      if (need_q)
+        for (int64_t r = 0; r < cnt; ++r) std::memcpy(pdq + idx[r] * Dq, dQa + r * Dq, sizeof(float) * Dq);
     }
   });
 }
@@ -611,20 +656,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(
   at::Tensor dq32, dk32, dv32;
   if (nk) dk32 = at::zeros({B, M, Dq}, f32);
   if (nv) dv32 = at::zeros({B, M, C}, f32);
+  if (nq) dq32 = at::zeros({B, N, Dq}, f32);
   if (!act.idx.empty() && (nq || nk || nf || nv)) {
     const at::Tensor g = grad_rows.to(at::kFloat).contiguous(), w = warped.contiguous(), f = feat_subj.contiguous();
-    at::Tensor dW = at::empty({B, N, C}, f32), Dv = at::empty({B, N}, f32);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "soft_warp_row_grads_cpu", [&] {
-      soft_warp_row_grads<scalar_t>(g, f, w, act, dW, Dv, nf ? g_f.data_ptr<scalar_t>() : nullptr);
+    // fp32 views of the attention inputs (free for fp32 inputs; converted copies otherwise)
+    const at::Tensor q32 = as_f32(q_subj), k32 = as_f32(q_comp), v32 = as_f32(feat_comp);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "soft_warp_bwd_cpu", [&] {
+      soft_warp_bwd_impl<scalar_t>(q32, k32, v32, f, w, lse.contiguous(), g, act, static_cast<float>(scale), nq, nk,
+                                   nv, nf ? g_f.data_ptr<scalar_t>() : nullptr,
+                                   dq32, dk32, dv32);
     });
-    if ((nq || nk || nv) && M > 0) {
-      if (nq) dq32 = at::zeros({B, N, Dq}, f32);
-      const at::Tensor q32 = as_f32(q_subj), k32 = as_f32(q_comp), v32 = as_f32(feat_comp);
-      soft_warp_attn_bwd(q32, k32, v32, lse.contiguous(), dW, Dv, act, static_cast<float>(scale), nq, nk, nv, dq32,
-                         dk32, dv32);
-    }
   }
-  at::Tensor g_q = nq ? (dq32.defined() ? dq32.to(q_subj.scalar_type()) : at::zeros_like(q_subj)) : empty;
+  at::Tensor g_q = nq ? dq32.to(q_subj.scalar_type()) : empty;
   at::Tensor g_k = nk ? dk32.to(q_subj.scalar_type()) : empty;
   at::Tensor g_v = nv ? dv32.to(q_subj.scalar_type()) : empty;
   return {g_q, g_k, g_f, g_v};

@@ -208,7 +208,10 @@ def _check_warp(shape, dtype, backend, mask_kind="none", *, scale=1.0, seed=0, h
                 x=None):
     """Loss and the gradients of the inputs that require grad vs the fp32 (and in-dtype) reference.
 
-    C = 1: the cosine is ±1, its exact gradient 0, and both sides return rounding residue: absolute bound 1e-6.
+    C = 1: the cosine is ±1 and every exact gradient 0; both sides return the rounding residue of terms that
+    cancel, g_n/|w_n| and g_n/|f_n| (g_n = the row's weight in the mean × upstream), carried to q/k/v by
+    |feat_comp| · scale·(|q_subj| + |q_comp|): the bound is 16 fp32 ulps of the largest such term
+    (`_c1_residue_bound`).
     Where PyTorch's own in-dtype run is not finite (fp16 with no keys), the 2×-PyTorch rule is meaningless and
     the fp32 bound is used.
     """
@@ -232,10 +235,12 @@ def _check_warp(shape, dtype, backend, mask_kind="none", *, scale=1.0, seed=0, h
         lgrads = input_grads(ref_lp, lp_in, upstream)
     assert out.dtype == torch.float32 and out.shape == ()
 
+    c1_atol = _c1_residue_bound(x, mask, scale, float(upstream)) if C == 1 else None
+
     def tol(r):
         if huge and not lowp:
             return dict(atol=2e-3 * r.abs().max().item(), rtol=2e-3)
-        return dict(atol=1e-6) if C == 1 else {}
+        return dict(atol=c1_atol) if C == 1 else {}
 
     def finite(lp):
         return lp if lp is not None and torch.isfinite(lp.float()).all() else None
@@ -250,11 +255,27 @@ def _check_warp(shape, dtype, backend, mask_kind="none", *, scale=1.0, seed=0, h
     return out, grads, mask
 
 
-WARP_SHAPES = [  # (B, N, M, Dq, C): the CPU kernel's blocks are 64 query rows × 256 keys
+def _c1_residue_bound(x, mask, scale: float, upstream: float) -> float:
+    """Rounding residue allowed for C = 1 (see _check_warp): 16 ulps(fp32) × max_n g_n·(1/|w_n| + 1/|f_n|) ×
+    max(1, |feat_comp|max · scale·(|q_subj|max + |q_comp|max)), with w = the warped feature in fp64."""
+    q, k, f, v = (t.detach().double() for t in x)
+    B, N = q.shape[:2]
+    if q.numel() == 0 or k.shape[1] == 0:
+        return 1e-6
+    w = torch.softmax(scale * q @ k.transpose(1, 2), dim=-1) @ v
+    weights = torch.ones(B, N, dtype=torch.float64) if mask is None else mask.double()
+    g = upstream * weights / weights.sum().clamp_min(1e-30)
+    terms = g * (1 / w[..., 0].abs().clamp_min(1e-30) + 1 / f[..., 0].abs().clamp_min(1e-30))
+    carry = max(1.0, v.abs().max().item() * abs(scale) * (q.abs().max().item() + k.abs().max().item()))
+    return max(1e-6, 16 * 2.0**-24 * terms.max().item() * carry)
+
+
+WARP_SHAPES = [  # (B, N, M, Dq, C): CPU tasks are 64 (forward) / 128 (backward) query rows, keys in blocks of 256
     (1, 1, 1, 1, 1),
     (2, 5, 33, 7, 9),
-    (2, 67, 301, 19, 45),  # two row blocks, two key blocks
-    (1, 130, 517, 33, 17),  # three key blocks, B = 1: the dQ key-range split
+    (2, 67, 301, 19, 45),  # two forward row blocks, two key blocks
+    (1, 130, 517, 33, 17),  # three key blocks, B = 1: tasks of one batch share dK/dV blocks (locks)
+    (1, 259, 257, 37, 35),  # backward row blocks 128+128+3, key blocks 256+1; GEMM column tails (35, 37 > 32)
     (3, 9, 0, 4, 5),  # no keys: warped = 0, loss 1
     (2, 0, 6, 3, 4),  # no rows
 ]
@@ -284,9 +305,64 @@ def test_warp_cpu_mask_kinds(mask_kind):
 @needs_ext
 @pytest.mark.parametrize("threads", [1, 3])
 def test_warp_cpu_thread_counts_split_the_keys(threads, cpu_threads):
-    """B = 1, M = 600: three key-block tasks add into the same dQ row blocks (under locks), on 1 or 3 threads."""
+    """B = 1, N = 300, M = 600: three backward tasks add into the same three dK/dV key blocks (under locks),
+    starting at different blocks, on 1 or 3 threads."""
     cpu_threads(threads)
-    _check_warp((1, 70, 600, 9, 12), torch.float32, "cpp", "bool", seed=5)
+    _check_warp((1, 300, 600, 9, 12), torch.float32, "cpp", "none", seed=5)
+
+
+# The CPU GEMM (csrc/gemm_cpu.cpp): AVX-512 micro-tiles of 12 rows × 32 columns, masked column tails, strided A,
+# and its ATen fallback (forced here, so machines with AVX-512 test it too).
+GEMM_SHAPES = [(1, 1, 1), (13, 33, 7), (12, 32, 320), (25, 47, 0), (100, 17, 65), (64, 320, 256), (7, 16, 3)]
+
+
+@pytest.fixture(params=["auto", "aten"])
+def gemm_impl(request):
+    prev = torch.ops.adaface.cpu_gemm_impl_ext(1 if request.param == "aten" else 0)
+    yield request.param
+    torch.ops.adaface.cpu_gemm_impl_ext(prev)
+
+
+@needs_ext
+@pytest.mark.parametrize("m, n, k", GEMM_SHAPES)
+@pytest.mark.parametrize("a_layout", ["rows", "transposed", "padded_rows"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cpu_gemm_matches_fp64(m, n, k, a_layout, accumulate, gemm_impl, nan_fill):
+    """Error bound: the classical one for fp32 sums of k products, γ = 2k·2⁻²⁴, times (|A||B| (+|C|))."""
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    if a_layout == "rows":
+        a = torch.randn(m, k, generator=g)
+    elif a_layout == "transposed":
+        a = torch.randn(k, m, generator=g).t()
+    else:
+        a = torch.randn(m, k + 5, generator=g)[:, 2 : 2 + k]
+    b = torch.randn(k, n, generator=g)
+    c = torch.randn(m, n, generator=g) if accumulate else None
+    out = torch.ops.adaface.cpu_gemm_ext(a, b, c)
+    ref = a.double() @ b.double() + (c.double() if accumulate else 0)
+    bound = (a.double().abs() @ b.double().abs() + (c.double().abs() if accumulate else 0)) * (2 * (k + 1) * 2.0**-24)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() <= bound + 1e-30).all(), (out.double() - ref).abs().max()
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(2, 67, 301, 19, 45), (1, 259, 257, 37, 35)])
+def test_warp_cpu_with_aten_gemm_fallback(shape):
+    prev = torch.ops.adaface.cpu_gemm_impl_ext(1)
+    try:
+        assert not torch.ops.adaface.cpu_gemm_uses_avx512_ext()
+        _check_warp(shape, torch.float32, "cpp", "bool", seed=4)
+    finally:
+        torch.ops.adaface.cpu_gemm_impl_ext(prev)
+
+
+@needs_ext
+def test_cpu_gemm_rejects_bad_inputs():
+    with pytest.raises(RuntimeError, match="a \\[m, k\\] and b \\[k, n\\]"):
+        torch.ops.adaface.cpu_gemm_ext(torch.ones(2, 3), torch.ones(4, 5))
+    with pytest.raises(RuntimeError, match="0 \\(auto\\) or 1 \\(ATen\\)"):
+        torch.ops.adaface.cpu_gemm_impl_ext(7)
 
 
 @needs_ext

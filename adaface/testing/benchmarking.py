@@ -13,9 +13,11 @@ from .device import device_name
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by torch while `fn()` runs, above what was allocated before it.
 
-    CUDA: the caching allocator's peak counter. CPU: torch's profiler memory records, in time order: each
-    op's *self* allocations (its children's are their own records, so nothing is counted twice) and the
-    `[memory]` records of frees; the running sum's maximum is the peak.
+    CUDA: the caching allocator's peak counter. CPU: torch's profiler memory records: each op's *self*
+    allocations (its children's are their own records, so nothing is counted twice) and the `[memory]`
+    records of frees; the running sum's maximum is the peak. An op's self figure is net (what it allocated
+    minus what it freed of its children's, e.g. the scratch of a C++ op): a gain is placed at the op's start
+    and a loss at its end, so the frees of an op's temporaries never come before their allocations.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -28,11 +30,15 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.self_cpu_memory_usage]
-    events.sort(key=lambda e: e.time_range.start)
+    deltas = []
+    for e in prof.events():
+        d = e.self_cpu_memory_usage
+        if d:
+            deltas.append((e.time_range.start if d > 0 else e.time_range.end, d))
+    deltas.sort()
     current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
+    for _, d in deltas:
+        current += d
         peak = max(peak, current)
     return peak
 
