@@ -1,0 +1,201 @@
+"""Compile every Triton kernel configuration the ops launch on CUDA, for real GPU targets, without a GPU.
+
+    python tests/triton_compile_check.py                 # sm_80, sm_86, sm_89, sm_90
+    python tests/triton_compile_check.py --arch 86 --arch 90 --json out.json
+
+Why: the CPU test suite runs the kernels under TRITON_INTERPRET=1, which never lowers them to PTX, so a kernel
+that does not compile for a GPU (a Triton version's API change, a type error only the compiler sees) or that
+needs more shared memory than an architecture has (~99 KB on sm_86/sm_89) would first show on a GPU machine.
+
+How: (1) `record`, in a child process under the interpreter: the public ops are called at the GPU tests' and
+benchmarks' shapes with `interpreting()` patched to False, so the launchers choose their CUDA tiles, warps and
+flags; every launch is recorded (argument dtypes / integer values, constexprs, num_warps, num_stages) and
+skipped. (2) `compile`, in another child without the interpreter: each distinct configuration is compiled
+with `triton.compile` for each target (ptxas included) and its shared memory is checked against the
+architecture's limit per block. Exit status 1 when any configuration fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Largest dynamic shared memory per block (bytes), from NVIDIA's compute-capability tables.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+KERNEL_MODULES = ("expanded_attention", "delta_cosine", "soft_warp", "ortho_subtract")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# record (child process, TRITON_INTERPRET=1)
+
+
+def _workloads():
+    """The ops at the shapes the gpu tests and the CUDA benchmarks use (values never matter: nothing runs)."""
+    import torch
+
+    from adaface.ops import delta_cosine_loss, expanded_attention, ortho_subtract, soft_warp_loss
+    from adaface.testing.attention_inputs import as_views, make_leaves
+    from adaface.testing.soft_warp_inputs import make_mask
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for dtype in dtypes:
+        for D in (40, 64, 128):
+            for mode, E in (("none", 1), ("qv", 8), ("kv", 8), ("qkv", 16)):
+                for causal in (True, False):
+                    L = 512 if D == 128 else 77
+                    leaves = make_leaves(1, 2, L, L, D, E, mode, dtype=dtype, layout="proj")
+                    q, k, v = as_views(leaves, "proj", E)
+                    out = expanded_attention(q, k, v, causal=causal, backend="triton")
+                    torch.autograd.grad(out, leaves, torch.ones_like(out))
+        for shape in ((4, 4096, 1280), (4, 4096, 320), (4, 1310720), (3, 5, 21)):
+            xs = [torch.zeros(shape, dtype=dtype, requires_grad=i < 2) for i in range(4)]
+            loss = delta_cosine_loss(*xs, backend="triton")
+            torch.autograd.grad(loss, xs[:2])
+        for B, N, M, Dq, C, kind in ((4, 4096, 4096, 320, 320, "none"), (4, 4096, 4096, 320, 320, "bool"),
+                                     (4, 64, 64, 1280, 1280, "none"), (2, 77, 33, 40, 24, "bool")):
+            xs = [torch.zeros(B, n, d, dtype=dtype, requires_grad=True) for n, d in ((N, Dq), (M, Dq), (N, C), (M, C))]
+            mask = make_mask(kind, B, N, torch.device("cpu"), torch.Generator().manual_seed(0))
+            loss = soft_warp_loss(*xs, mask, backend="triton")
+            torch.autograd.grad(loss, xs)
+        for shape in ((2, 77, 768), (3, 5, 33)):
+            a = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            b = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            out = ortho_subtract(a, b, backend="triton")
+            torch.autograd.grad(out, (a, b), torch.ones_like(out))
+
+
+def _record(path: str) -> None:
+    import importlib
+    import inspect
+
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    dtypes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+              torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+    records: dict[str, dict] = {}
+
+    def run(self, *args, grid, warmup, **kwargs):  # replaces the interpreter's launch: record, do not run
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(params, args))
+        bound.update({k: v for k, v in kwargs.items() if k in params})
+        sig, consts = {}, {}
+        for name, param in params.items():
+            value = bound.get(name, param.default)
+            if "constexpr" in str(param.annotation):
+                value = getattr(value, "value", value)
+                is_dtype = type(value).__name__ == "dtype"  # a Triton dtype constexpr (e.g. an output type)
+                consts[name] = {"triton_dtype": str(value)} if is_dtype else value
+            elif isinstance(value, torch.Tensor):
+                sig[name] = "*" + dtypes[value.dtype]
+            elif isinstance(value, bool):
+                sig[name] = "i1"
+            elif isinstance(value, int):
+                sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                sig[name] = "fp32"
+            else:
+                raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(value).__name__}")
+        rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": sig, "constexprs": consts,
+               "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+        records[json.dumps(rec, sort_keys=True)] = rec
+
+    InterpretedFunction.run = run
+    # the launchers then pick their CUDA tiles and flags (adaface.ops still lets CPU tensors reach them)
+    not_interpreting = lambda: False  # noqa: E731
+    for mod in KERNEL_MODULES:
+        module = importlib.import_module(f"adaface.kernels.{mod}")
+        if hasattr(module, "interpreting"):
+            module.interpreting = not_interpreting
+    _workloads()
+    Path(path).write_text(json.dumps(list(records.values()), indent=1))
+    print(f"recorded {len(records)} distinct kernel configurations")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compile (child process, no interpreter)
+
+
+def _compile_one(rec: dict, arch: int) -> dict:
+    """Compile one recorded configuration for one target; the row says whether it fits."""
+    import importlib
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+    sig = dict(rec["signature"], **{name: "constexpr" for name in rec["constexprs"]})
+    sig = {name: sig[name] for name in fn.arg_names}
+    consts = {k: tl.core.dtype(v["triton_dtype"]) if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
+    row = {"kernel": rec["kernel"], "arch": arch, "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
+           "constexprs": {k: v for k, v in rec["constexprs"].items() if v is not None}}
+    try:
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+        row["shared"] = int(compiled.metadata.shared)
+        row["ok"] = row["shared"] <= SHARED_LIMIT[arch]
+        if not row["ok"]:
+            row["error"] = f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B"
+    except Exception as exc:  # noqa: BLE001 - reported per configuration
+        row["ok"] = False
+        row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:300]
+    return row
+
+
+def _compile(path: str, archs: list[int], out_json: str | None, jobs: int) -> int:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import triton
+
+    records = json.loads(Path(path).read_text())
+    work = [(rec, arch) for arch in archs for rec in records]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_compile_one, *zip(*work), chunksize=4))
+    failures = [r for r in results if not r["ok"]]
+    for r in failures:
+        print(f"FAIL sm_{r['arch']} {r['kernel']} {r['constexprs']} warps={r['num_warps']} "
+              f"stages={r['num_stages']}: {r['error']}")
+    largest = {a: max((r.get("shared", 0) for r in results if r["arch"] == a), default=0) for a in archs}
+    print(f"triton {triton.__version__}: {len(records)} configurations x {len(archs)} targets, {len(failures)} failed; "
+          "largest shared memory: " + ", ".join(f"sm_{a} {largest[a]} B (limit {SHARED_LIMIT[a]})" for a in archs))
+    if out_json:
+        Path(out_json).write_text(json.dumps(results, indent=1))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
+                    help="compute capability ×10 (repeatable; default: all of 80, 86, 89, 90)")
+    ap.add_argument("--json", help="write one row per (configuration, target) here")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
+    ap.add_argument("--_record", help=argparse.SUPPRESS)
+    ap.add_argument("--_compile", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    archs = args.arch or sorted(SHARED_LIMIT)
+    if args._record:
+        _record(args._record)
+        return 0
+    if args._compile:
+        return _compile(args._compile, archs, args.json, args.jobs)
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        subprocess.run([sys.executable, __file__, "--_record", rec], check=True, env=env, cwd=ROOT)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        extra = [a for arch in archs for a in ("--arch", str(arch))] + ["--jobs", str(args.jobs)]
+        extra += ["--json", args.json] if args.json else []
+        return subprocess.run([sys.executable, __file__, "--_compile", rec, *extra], env=env, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
