@@ -1,9 +1,14 @@
 // CPU kernels of the two losses and the registration of the `torch.ops.adaface.*_ext` ops (schemas here,
 // CPU implementations here, CUDA implementations in losses_cuda.cu, fake/autograd in adaface/ops/_extension.py).
 //
-// Parallelism: at::parallel_for over rows (delta cosine) or over blocks of query rows / key ranges (soft warp);
-// this file is compiled with -fopenmp so at::parallel_for really forks (see setup.py). Inner loops run on
-// contiguous fp32 rows with `omp simd` reductions, in avx512/avx2/baseline clones picked at load time.
+// Parallelism: at::parallel_for over rows (delta cosine) or over blocks of query rows (soft warp, forward and
+// backward); this file is compiled with -fopenmp so at::parallel_for really forks (see setup.py). Inner loops
+// run on contiguous fp32 rows with `omp simd` reductions, in avx512/avx2/baseline clones picked at load time;
+// the soft warp's matrix products go through gemm_cpu.h (an AVX-512 micro-kernel, at::mm without AVX-512).
+//
+// Soft-warp work per (row block, key block): forward 2 matrix products (Sᵀ = K Qᵀ, O += P V), backward 5
+// (Sᵀ recomputed, dPᵀ = V dWᵀ, dQ += dS K, dK += dSᵀ Q, dV += Pᵀ dW): one more than the eager reference,
+// which keeps P ([B, N, M]) from its forward instead.
 #include "losses.h"
 
 #include "gemm_cpu.h"

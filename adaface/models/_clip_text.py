@@ -12,6 +12,7 @@ keeps them under `model.text_model` and passes an additive padding mask and an a
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -65,6 +66,23 @@ def _legacy_masks(
     return pad, causal
 
 
+@functools.cache
+def _no_cache_kwarg() -> str:
+    """create_causal_mask's name for its (unused here) KV-cache argument: `past_key_values` up to transformers
+    5.17 or so, `cache` in later 5.x releases."""
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _causal_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              **{_no_cache_kwarg(): None})
+
+
 def run_clip_text(
     model: nn.Module,
     token_embeds: torch.Tensor,
@@ -88,9 +106,7 @@ def run_clip_text(
             hidden = layer(hidden, pad, causal)[0]
             states.append(hidden)
     else:
-        from transformers.masking_utils import create_causal_mask
-
-        mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
+        mask = _causal_mask(parts.config, hidden, attention_mask)
         for layer in parts.layers:
             hidden = layer(hidden, mask, is_causal=True)
             states.append(hidden)

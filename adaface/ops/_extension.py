@@ -12,6 +12,8 @@ Ops (rows = the input shape without the last dim; `needs` = which inputs need a 
     soft_warp_bwd_ext(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, lse, warped, scale, needs)
         -> (d q_subj, d q_comp, d feat_subj, d feat_comp)
 A gradient that is not needed comes back as an empty tensor (shape [0]) and is returned to autograd as None.
+Test hooks of the CPU GEMM behind the soft-warp kernels (csrc/gemm_cpu.cpp), not part of the API:
+    cpu_gemm_ext(a, b, c=None) -> c + a·b;  cpu_gemm_impl_ext(0 auto | 1 ATen) -> previous;  cpu_gemm_uses_avx512_ext()
 """
 
 from __future__ import annotations
