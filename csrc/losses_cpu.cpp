@@ -336,12 +336,20 @@ void dynamic_for(int64_t n, const F& per_worker) {
 // Carves one worker's scratch slice into consecutive arrays.
 struct Arena {
   float* p;
+  float* end;
   float* take(int64_t n) {
+    TORCH_INTERNAL_ASSERT(n <= end - p, "soft warp: a worker's scratch slice is smaller than its arrays");
     float* r = p;
     p += n;
     return r;
   }
 };
+
+// Worker w's slice (row w) of a scratch tensor from scratch_for.
+Arena worker_arena(const at::Tensor& scratch, int64_t w) {
+  float* base = scratch.data_ptr<float>() + w * scratch.size(1);
+  return {base, base + scratch.size(1)};
+}
 
 // Scratch for all workers as one tensor allocated by the calling thread, so it shows in torch's memory
 // accounting (profiler, benchmarks) like any other allocation of the op.
@@ -441,7 +449,7 @@ void soft_warp_fwd_impl(const at::Tensor& q, const at::Tensor& k32, const at::Te
   const int64_t per_worker = Dq * R + KB * R + R * C + 4 * R + C;
   at::Tensor scratch = scratch_for(worker_count(n_tasks), per_worker);
   dynamic_for(n_tasks, [&](int64_t w, const auto& fetch) {
-    Arena arena{scratch.data_ptr<float>() + w * per_worker};
+    Arena arena = worker_arena(scratch, w);
     float *Qt = arena.take(Dq * R), *St = arena.take(KB * R), *O = arena.take(R * C), *m = arena.take(R),
           *l = arena.take(R), *m_new = arena.take(R), *sum = arena.take(R), *frow = arena.take(C);
     for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
@@ -527,7 +535,7 @@ void soft_warp_bwd_impl(const at::Tensor& q32, const at::Tensor& k32, const at::
   const int64_t per_worker = 3 * R * Dq + 2 * R * C + 2 * KB * R + 4 * R + 2 * C;
   at::Tensor scratch = scratch_for(worker_count(n_tasks), per_worker);
   dynamic_for(n_tasks, [&](int64_t w, const auto& fetch) {
-    Arena arena{scratch.data_ptr<float>() + w * per_worker};
+    Arena arena = worker_arena(scratch, w);
     float *Qa = arena.take(R * Dq), *Qt = arena.take(Dq * R), *dQa = arena.take(R * Dq), *Wa = arena.take(R * C),
           *Wt = arena.take(C * R), *St = arena.take(KB * R), *dSt = arena.take(KB * R), *la = arena.take(R),
           *Da = arena.take(R), *lse_safe = arena.take(R), *live = arena.take(R), *frow = arena.take(C),

@@ -347,14 +347,11 @@ def test_cpu_gemm_matches_fp64(m, n, k, a_layout, accumulate, gemm_impl, nan_fil
 
 
 @needs_ext
+@pytest.mark.parametrize("gemm_impl", ["aten"], indirect=True)
 @pytest.mark.parametrize("shape", [(2, 67, 301, 19, 45), (1, 259, 257, 37, 35)])
-def test_warp_cpu_with_aten_gemm_fallback(shape):
-    prev = torch.ops.adaface.cpu_gemm_impl_ext(1)
-    try:
-        assert not torch.ops.adaface.cpu_gemm_uses_avx512_ext()
-        _check_warp(shape, torch.float32, "cpp", "bool", seed=4)
-    finally:
-        torch.ops.adaface.cpu_gemm_impl_ext(prev)
+def test_warp_cpu_with_aten_gemm_fallback(shape, gemm_impl):
+    assert not torch.ops.adaface.cpu_gemm_uses_avx512_ext()
+    _check_warp(shape, torch.float32, "cpp", "bool", seed=4)
 
 
 @needs_ext
