@@ -26,8 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ._cli import HelpFormatter, OptionError, check_file
+from .faces.crop import face_crop_transform
+from .faces.masks import box_mask, landmark_mask
+from .models.face_encoder import largest_face
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_CHOICES = ("auto", "parser", "landmarks", "box")
@@ -149,7 +153,7 @@ class Decoded:
 
 def decode(item: tuple[str, Path]) -> Decoded:
     """Read one photo (EXIF orientation applied) as RGB; a bad file gives a status instead of an exception."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     key, path = item
     try:
@@ -208,12 +212,6 @@ class Preparer:
             self.parser = FaceParser(find_parser_weights(args.parser_weights), device=args.device)
 
     def __call__(self, item: Decoded) -> tuple[dict, Any, Any, np.ndarray | None]:
-        from PIL import Image
-
-        from .faces.crop import face_crop_transform
-        from .faces.masks import box_mask, landmark_mask
-        from .models.face_encoder import largest_face
-
         entry: dict[str, Any] = {"key": item.key, "source_size": item.size, "source_mtime_ns": item.mtime_ns}
         min_face = self.args.min_face
 
@@ -305,19 +303,24 @@ def prepare(args: argparse.Namespace) -> dict:
     preparer = Preparer(args, encoder, detector, mask_method)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.workers) as pool, \
-            tqdm(total=len(todo), unit="img", desc="preparing", file=sys.stderr) as bar:
-        for item in ordered_map(pool, decode, todo, window=2 * args.workers):
-            try:
-                entry, crop, mask, embedding = preparer(item)
-            except Exception as e:  # one photo a model cannot handle must not stop the other 400,000
-                entry = {"key": item.key, "source_size": item.size, "source_mtime_ns": item.mtime_ns,
-                         "status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-                crop = mask = embedding = None
-            if crop is not None:
-                entry["image"], entry["mask"] = folder.write_outputs(item.key, crop, mask)
-            folder.record(entry, embedding)
-            bar.update(1)
+    try:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool, \
+                tqdm(total=len(todo), unit="img", desc="preparing", file=sys.stderr) as bar:
+            for item in ordered_map(pool, decode, todo, window=2 * args.workers):
+                try:
+                    entry, crop, mask, embedding = preparer(item)
+                except Exception as e:  # one photo a model cannot handle must not stop the other 400,000
+                    reason = str(e).splitlines()[0] if str(e) else ""
+                    entry = {"key": item.key, "source_size": item.size, "source_mtime_ns": item.mtime_ns,
+                             "status": "error", "error": f"{type(e).__name__}: {reason}"}
+                    crop = mask = embedding = None
+                if crop is not None:
+                    entry["image"], entry["mask"] = folder.write_outputs(item.key, crop, mask)
+                folder.record(entry, embedding)
+                bar.update(1)
+    except KeyboardInterrupt:
+        folder.commit()  # keep what is done; a rerun continues from here
+        raise
     elapsed = time.perf_counter() - start
     folder.finish(args.class_word_table)
     summary = {"inputs": len(files), "processed": len(todo), "skipped": len(files) - len(todo),
@@ -353,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare(args)
     except OptionError as e:
         parser.error(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted: the results so far are saved in {args.out}; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
     print_summary(summary, args.out)
     return 0
 

@@ -182,8 +182,9 @@ def kill_inputs(tmp_path_factory, packs):
 @pytest.mark.parametrize("where", ["mid_images", "final_merge"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_folder(kill_inputs, packs, tmp_path, where):
     images, reference, publishes = kill_inputs
-    # settings, then per face its crop and mask, a shard every 2 inputs; at the end the merged embeddings and
-    # the compacted manifest: kill after the 2nd face's crop, or just before the compacted manifest lands.
+    # Atomic writes: the settings, then per face its crop and mask (the inputs run bad.webp, empty.png, face0, ...),
+    # a shard every 2 inputs with a face; at the end the merged embeddings and the compacted manifest. Kill as the
+    # 2nd face's mask is moved into place, or as the compacted manifest is (the last write).
     kill_at = {"mid_images": 5, "final_merge": publishes}[where]
     out = tmp_path / "out"
     argv = [str(images), "--out", str(out), "--face-root", str(packs["arc2face"]), *BASE, "--commit-every", "2"]
@@ -349,3 +350,26 @@ def test_parser_masks_through_a_facexlib_bisenet(packs, tmp_path, monkeypatch):
     mask = np.asarray(Image.open(out / entry["mask"]))
     bright = crop > 160
     assert (mask[bright] > 127).mean() > 0.95 and (mask[~bright] < 128).mean() > 0.95
+
+
+def test_ctrl_c_keeps_the_work_done_and_a_rerun_completes_it(kill_inputs, packs, tmp_path, monkeypatch, capsys):
+    images, reference, _ = kill_inputs
+    out = tmp_path / "out"
+    argv = [str(images), "--out", str(out), "--face-root", str(packs["arc2face"]), *BASE, "--commit-every", "2"]
+    real_call, calls = prepare_data.Preparer.__call__, [0]
+
+    def interrupted(self, item):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real_call(self, item)
+
+    monkeypatch.setattr(prepare_data.Preparer, "__call__", interrupted)
+    assert prepare_data.main(argv + ["--commit-every", "64"]) == 130
+    assert "rerun the same command" in capsys.readouterr().err
+    saved = [json.loads(line)["key"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert saved == ["bad.webp", "empty.png", "face0.png"]  # committed by the interrupt, not by --commit-every
+    monkeypatch.setattr(prepare_data.Preparer, "__call__", real_call)
+    assert prepare_data.main(argv) == 0
+    assert "4 processed now" in capsys.readouterr().out
+    assert tree(out) == tree(reference)

@@ -1,4 +1,4 @@
-"""Face-parsing masks with BiSeNet (the paper's mask source, §3) through `facexlib`, from local weights only.
+"""Face-parsing masks with BiSeNet (the paper's mask source, §3.1) through `facexlib`, from local weights only.
 
 facexlib's own `init_parsing_model` downloads its weights when they are missing; here they are looked up and
 loaded directly (`torch.load(..., weights_only=True)`, never arbitrary unpickling), so nothing is downloaded.

@@ -14,7 +14,8 @@ batch's embeddings go to a shard `.pending/NNNNNN.safetensors` first, then its m
 manifest line never names an embedding that is not on disk. `finish` merges the shards into
 `arcface.safetensors`, rewrites the manifest with one line per key in key order, and removes the shards and any
 file no `ok` line names (leftovers of a killed run); a folder that a killed run left behind is therefore
-completed by a rerun into exactly the folder an uninterrupted run writes.
+completed by a rerun into exactly the folder an uninterrupted run writes. An input that later disappears from
+the images folder keeps its entry and outputs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Face2Vec (METHOD.md §2): face photos → one 512-d L2-normalised ArcFace embedding, through insightface.
+"""Face2Vec (paper Fig. 2): face photos → one 512-d L2-normalised ArcFace embedding, through insightface.
 
 `FaceEncoder(root)` loads an insightface model pack from a local folder only — `root` may be the pack folder
 itself (holding the .onnx files), an insightface root holding `models/<name>/`, or a folder holding `<name>/`.
