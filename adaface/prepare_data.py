@@ -197,6 +197,9 @@ def resolve_mask_method(args: argparse.Namespace, encoder: Any) -> str:
         return args.masks
     if facexlib_available() and find_parser_weights(args.parser_weights) is not None:
         return "parser"
+    if args.parser_weights is not None:
+        warn(f"--parser-weights {args.parser_weights}: facexlib is not installed, so the parser cannot run; "
+             "masks come from the landmarks or the box instead")
     return "landmarks" if encoder.landmark_model is not None else "box"
 
 
