@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trained AdaFace Prompt Inverter folder (config.json + model.safetensors)")
     models.add_argument("--face-root",
                         help="insightface model root holding the antelopev2 pack (needed with --images)")
+    models.add_argument("--strict", action="store_true",
+                        help="with --images, refuse a face recognizer other than Arc2Face's arcface.onnx "
+                        "(default: warn)")
 
     subject = p.add_argument_group("subject (exactly one)")
     src = subject.add_mutually_exclusive_group(required=True)
@@ -276,6 +279,17 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     subject_encoder = load_subject_encoder(args, device, dtype)
+    recognizer = None
+    if args.images:  # Arc2Face was conditioned on its own arcface.onnx: record (and check) what embeds the photos
+        from .models.face_encoder import RecognizerMismatch, check_recognizer
+
+        recognizer = subject_encoder.face_encoder.recognizer_file
+        try:
+            warning = check_recognizer(recognizer, strict=args.strict)
+        except RecognizerMismatch as e:
+            raise OptionError(f"--strict: {e}") from e
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     try:
         arcface = subject_encoder.arcface(images=args.images, embedding=args.embedding, random_id=args.random_id,
                                           on_no_face=args.on_no_face, generator=torch.Generator().manual_seed(seed))
@@ -292,6 +306,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
 
     pipe = load_pipeline(args, device, dtype)
     settings = run_settings(args, prompts, seed, device, dtype, pipe)
+    settings["recognizer"] = recognizer
     negative = None
     if args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
         negative, _ = pipe.encode_prompt(args.negative_prompt, device, 1, False)

@@ -105,3 +105,62 @@ def test_missing_model_folder_is_an_error_not_a_download(tmp_path, monkeypatch):
 def test_largest_face_uses_box_area():
     faces = [SimpleNamespace(bbox=np.array(b, np.float32)) for b in ([0, 0, 10, 50], [0, 0, 30, 20], [5, 5, 12, 12])]
     assert largest_face(faces) is faces[1]  # 600 > 500 > 49
+
+
+@pytest.fixture(scope="module")
+def full_pack_encoder(tmp_path_factory):
+    from adaface.testing.tiny_face_models import save_tiny_antelopev2_full
+
+    root = tmp_path_factory.mktemp("full")
+    save_tiny_antelopev2_full(root, recognizer="arcface.onnx")
+    return FaceEncoder(root, landmarks=True, genderage=True)
+
+
+def test_per_face_steps_match_insightface_face_analysis(full_pack_encoder):
+    """detect / embed_face / landmarks_106 / class_word against FaceAnalysis running all its models itself."""
+    from insightface.app import FaceAnalysis
+
+    enc = full_pack_encoder
+    assert enc.recognizer_file == "arcface.onnx"
+    img = np.full((256, 256, 3), 20, np.uint8)
+    img[64:128, 64:128] = 230
+    img[128:192, 128:192] = 200
+    faces = enc.detect(img)
+    assert len(faces) == 2 and all(f.kps.shape == (5, 2) for f in faces)
+    app = FaceAnalysis(name=str(enc.pack), providers=["CPUExecutionProvider"],
+                       allowed_modules=["detection", "recognition", "landmark_2d_106", "genderage"])
+    app.prepare(ctx_id=-1, det_size=(640, 640))
+    ref = app.get(np.ascontiguousarray(img[:, :, ::-1]))
+    assert len(ref) == 2
+    for face in faces:
+        match = min(ref, key=lambda r: np.abs(r.bbox - face.bbox).sum())
+        np.testing.assert_allclose(face.bbox, match.bbox, atol=1e-4)
+        np.testing.assert_allclose(enc.embed_face(img, face), match.normed_embedding, atol=1e-5)
+        np.testing.assert_allclose(enc.landmarks_106(img, face), match.landmark_2d_106, atol=1e-4)
+        assert enc.class_word(img, face) == ("man" if match.sex == "M" else "woman")
+    assert len(enc.app.models) == 2  # the per-face models do not run inside app.get
+
+
+def test_optional_models_absent_give_none_and_load_without_a_detector(encoder, tmp_path):
+    from adaface.testing.tiny_face_models import save_tiny_antelopev2_full
+
+    face = encoder.detect(_face_image())[0]
+    assert encoder.recognizer_file == "glintr100.onnx"
+    assert encoder.landmarks_106(_face_image(), face) is None and encoder.class_word(_face_image(), face) is None
+    save_tiny_antelopev2_full(tmp_path, with_detector=False)
+    no_detector = FaceEncoder(tmp_path, landmarks=True, genderage=True)
+    assert not no_detector.has_detector
+    assert no_detector.landmark_model is not None and no_detector.genderage_model is not None
+    assert no_detector.landmarks_106(_face_image(), face).shape == (106, 2)
+    with pytest.raises(ValueError, match="no face detector"):
+        no_detector.detect(_face_image())
+
+
+def test_check_recognizer_warns_or_refuses():
+    from adaface.models.face_encoder import RecognizerMismatch, check_recognizer
+
+    assert check_recognizer("arcface.onnx") is None and check_recognizer("arcface.onnx", strict=True) is None
+    warning = check_recognizer("glintr100.onnx")
+    assert "glintr100.onnx" in warning and "arcface.onnx" in warning
+    with pytest.raises(RecognizerMismatch, match="glintr100.onnx"):
+        check_recognizer("glintr100.onnx", strict=True)

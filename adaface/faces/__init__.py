@@ -1,0 +1,1 @@
+"""Face data preparation pieces: crops, masks, face parsing, detectors and the prepared folder's writer."""
