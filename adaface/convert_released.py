@@ -165,6 +165,13 @@ def _text_parts(proj: Any) -> tuple[Any, Any, list[Any], Any]:
     return parts["embeddings"], encoder, layers, parts["final_layer_norm"]
 
 
+def _child(module: Any, name: str, what: str) -> Any:
+    child = su.children(module).get(name)
+    if child is None:
+        raise ConversionError(f"{what}.{name} is missing")
+    return child
+
+
 def _weight(module: Any, what: str, name: str = "weight") -> torch.Tensor:
     t = su.own_tensors(module).get(name)
     if t is None:
@@ -183,7 +190,7 @@ def _config_of(proj: Any) -> dict:
 def _layer_multiplier(i: int, attn: Any, hidden: int) -> int:
     rows = {}
     for p in ("k", "v", "q"):
-        w = _weight(su.children(attn).get(f"{p}_proj"), f"layer {i} self_attn.{p}_proj")
+        w = _weight(_child(attn, f"{p}_proj", f"layer {i} self_attn"), f"layer {i} self_attn.{p}_proj")
         if w.dim() != 2 or w.shape[1] != hidden or w.shape[0] % hidden:
             raise ConversionError(
                 f"layer {i} self_attn.{p}_proj.weight has shape {list(w.shape)}; expected [m*{hidden}, {hidden}]")
@@ -299,16 +306,16 @@ def build_inverter(in_path: str | os.PathLike, *, tokenizer: str | os.PathLike |
     where, gen = _pick_face_generator(ckpt, report)
     proj = su.children(gen)["prompt2token_proj"]
     embeddings, _, layers, final_ln = _text_parts(proj)
-    emb_parts = su.children(embeddings)
-    tok_table = _weight(emb_parts.get("token_embedding"), "embeddings.token_embedding")
-    pos_table = _weight(emb_parts.get("position_embedding"), "embeddings.position_embedding")
+    tok_table = _weight(_child(embeddings, "token_embedding", "embeddings"), "embeddings.token_embedding")
+    pos_table = _weight(_child(embeddings, "position_embedding", "embeddings"), "embeddings.position_embedding")
     vocab, hidden = tok_table.shape
     cfg = _config_of(proj)
-    heads = cfg.get("num_attention_heads") or su.attr(su.children(layers[0])["self_attn"], "num_heads")
+    heads = cfg.get("num_attention_heads") or su.attr(_child(layers[0], "self_attn", "layer 0"), "num_heads")
     if not isinstance(heads, int) or heads < 1 or hidden % heads:
         raise ConversionError(f"cannot tell the number of attention heads (config says {heads!r}, width {hidden})")
-    multipliers = [_layer_multiplier(i, su.children(layer)["self_attn"], hidden) for i, layer in enumerate(layers)]
-    fc1 = _weight(su.children(su.children(layers[0])["mlp"])["fc1"], "layer 0 mlp.fc1")
+    multipliers = [_layer_multiplier(i, _child(layer, "self_attn", f"layer {i}"), hidden)
+                   for i, layer in enumerate(layers)]
+    fc1 = _weight(_child(_child(layers[0], "mlp", "layer 0"), "fc1", "layer 0 mlp"), "layer 0 mlp.fc1")
     eps = su.attr(final_ln, "eps", cfg.get("layer_norm_eps", 1e-5))
     special = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if isinstance(cfg.get(k), int)}
     text_config = CLIPTextConfig(
@@ -340,12 +347,14 @@ def build_inverter(in_path: str | os.PathLike, *, tokenizer: str | os.PathLike |
         put(parts.embeddings.token_embedding.weight, tok_table, "token_embedding.weight")
         put(parts.embeddings.position_embedding.weight, pos_table, "position_embedding.weight")
         for i, (src_layer, dst_layer) in enumerate(zip(layers, parts.layers)):
-            src = su.children(src_layer)
-            src_attn, dst_attn = su.children(src["self_attn"]), dst_layer.self_attn
+            src = {n: _child(src_layer, n, f"layer {i}") for n in ("self_attn", "layer_norm1", "layer_norm2", "mlp")}
+            src_attn, dst_attn = src["self_attn"], dst_layer.self_attn
             m = multipliers[i]
             for p in ("q", "k", "v", "out"):
-                lin, dst = src_attn[f"{p}_proj"], getattr(dst_attn, f"{p}_proj")
+                lin, dst = _child(src_attn, f"{p}_proj", f"layer {i} self_attn"), getattr(dst_attn, f"{p}_proj")
                 w, b = _weight(lin, f"layer {i} {p}_proj"), _weight(lin, f"layer {i} {p}_proj", "bias")
+                if b.shape != (w.shape[0],):
+                    raise ConversionError(f"layer {i} {p}_proj.bias has shape {list(b.shape)}; expected [{w.shape[0]}]")
                 if p in ("k", "v") and m > 1:
                     # Copy j is the j-th block of `hidden` output rows (the authors' view puts it at slot t*m+j).
                     put(dst.weight, w[:hidden], f"layer {i} {p}_proj.weight[:{hidden}]")
@@ -362,11 +371,11 @@ def build_inverter(in_path: str | os.PathLike, *, tokenizer: str | os.PathLike |
                 put(getattr(dst_layer, name).weight, _weight(src[name], f"layer {i} {name}"), f"layer {i} {name}")
                 put(getattr(dst_layer, name).bias, _weight(src[name], f"layer {i} {name}", "bias"),
                     f"layer {i} {name}.bias")
-            mlp = su.children(src["mlp"])
             for name in ("fc1", "fc2"):
                 dst = getattr(dst_layer.mlp, name)
-                put(dst.weight, _weight(mlp[name], f"layer {i} mlp.{name}"), f"layer {i} mlp.{name}.weight")
-                put(dst.bias, _weight(mlp[name], f"layer {i} mlp.{name}", "bias"), f"layer {i} mlp.{name}.bias")
+                fc = _child(src["mlp"], name, f"layer {i} mlp")
+                put(dst.weight, _weight(fc, f"layer {i} mlp.{name}"), f"layer {i} mlp.{name}.weight")
+                put(dst.bias, _weight(fc, f"layer {i} mlp.{name}", "bias"), f"layer {i} mlp.{name}.bias")
         put(parts.final_layer_norm.weight, _weight(final_ln, "final_layer_norm"), "final_layer_norm.weight")
         put(parts.final_layer_norm.bias, _weight(final_ln, "final_layer_norm", "bias"), "final_layer_norm.bias")
         inverter.layer_weights.copy_(layer_weights)

@@ -302,6 +302,8 @@ def _write_not_checkpoints(tmp_path: Path) -> dict[str, Path]:
     with zipfile.ZipFile(files["zip"], "w") as zf:
         zf.writestr("archive/version", "3\n")
     files["pickle"].write_bytes(b"\x80\x02}q\x00.")
+    files["plain"] = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, files["plain"])
     return files
 
 
@@ -311,6 +313,7 @@ def _write_not_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("zip", "holds no data.pkl"),
     ("pickle", "a bare pickle or a legacy"),
     ("missing", "file not found"),
+    ("plain", "not a released AdaFace checkpoint"),
 ])
 def test_files_that_are_not_checkpoints_get_one_line(tmp_path, capsys, kind, message):
     files = _write_not_checkpoints(tmp_path)
