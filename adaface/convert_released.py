@@ -11,7 +11,8 @@ imported or called. Recognised layouts ("generations"):
 - 2025: keys `string_to_subj_basis_generator_dict`, `placeholder_strings`, `subject_strings` and optionally
   `unet_lora_modules` (UNet LoRA weights, not used here).
 The Arc2Face-based generator's inverse CLIP text model (`prompt2token_proj`) is the paper's Prompt Inverter
-(§2.1): K and V expanded (`mode="kv"`), copy j of key t at slot t·m + j, one softmax over all L·m keys; the
+(§2.1). Its Dynamic Model Expansion (§2.2) expands K and V in the released code, not Q and V as the paper
+says (`mode="kv"`): copy j of key t at slot t·m + j, one softmax over all L·m keys; the
 per-layer multiplier m is read from the k_proj/v_proj shapes (the pickled multiplier attributes are not
 reliable). Its `hidden_state_layer_weights` [3, 1] are applied normalised to sum 1, so they are stored
 normalised. Everything else (the background generator, the ConsistentID-based generator, which needs models
