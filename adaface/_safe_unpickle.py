@@ -20,6 +20,7 @@ torch's `weights_only` unpickler already implements both and calls nothing but a
 from __future__ import annotations
 
 import os
+import pickle
 import pickletools
 import struct
 import zipfile
@@ -207,7 +208,8 @@ def load_with_stand_ins(
     try:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, ValueError, EOFError, OSError, KeyError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, KeyError, TypeError,
+            AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: torch's restricted loader could not read it ({first})") from None
     return obj, kinds

@@ -53,8 +53,9 @@ _CLASS_MODULES = {
     "adaface.subj_basis_generator", "adaface.arc2face_models", "adaface.util",
 }
 _CLASS_PACKAGES = ("torch.nn.modules.", "transformers.models.clip.")
-# The slow CLIPTokenizer's compiled pattern pickles as a call to regex's compile: stood in for, never called.
-_FUNCTIONS = {"regex._regex.compile"}
+# The slow CLIPTokenizer's compiled pattern pickles as a call to regex's compile, and its text cleaner is
+# ftfy's fix_text where ftfy was installed: both stood in for, never called.
+_FUNCTIONS = {"regex._regex.compile", "ftfy.fix_text"}
 
 
 class ConversionError(ValueError):

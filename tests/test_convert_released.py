@@ -338,6 +338,7 @@ def test_a_folder_that_already_holds_an_inverter_is_kept(released, capsys):
     ("adaface.arc2face_models", "CLIPAttentionMKV", "class"),
     ("einops.layers.torch", "Rearrange", "class"),
     ("regex._regex", "compile", "function"),
+    ("ftfy", "fix_text", "function"),
     ("ldm.util", "instantiate_from_config", None),  # a function under an allowed module: not a class name
     ("adaface.util", "os.system", None),
     ("torch.nn.modules.module", "register_module_forward_hook", None),
