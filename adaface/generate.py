@@ -304,9 +304,7 @@ def check_out(args: argparse.Namespace) -> None:
         raise OptionError(f"--out {args.out}: exists and is not a folder")
     args.clear = []
     if not out.is_dir() or not any(out.iterdir()):
-        if args.overwrite:
-            raise OptionError(f"--overwrite: --out {args.out} holds no earlier run to replace (leave it out)")
-        return
+        return  # nothing to replace: --overwrite is a no-op, so scripts may always pass it
     previous = earlier_run(out)
     if not args.overwrite:
         what = "an earlier generate run" if previous is not None else "files"
