@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,3 +86,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def save_strict_json(obj: Any, path: Path) -> None:
+    """Write `obj` atomically as strict JSON: a NaN or infinity is a bug upstream, never written as `NaN`."""
+    from .models._io import atomic_save_json
+
+    try:
+        json.dumps(obj, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: refusing to write a non-finite number ({e})") from e
+    atomic_save_json(obj, path)
+
+
+def model_type(source: str, option: str) -> str | None:
+    """`model_type` from a model's config.json: read from a local folder, or the hub's config alone."""
+    path = Path(source) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()).get("model_type")
+        except (ValueError, AttributeError) as e:
+            raise OptionError(f"{option} {source}: config.json is not a model config ({e})") from e
+    from transformers import AutoConfig
+
+    with loading(option, source):
+        return getattr(AutoConfig.from_pretrained(source), "model_type", None)

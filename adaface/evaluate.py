@@ -1,23 +1,32 @@
-"""`python -m adaface.evaluate`: identity and prompt fidelity of generated images (METHOD.md §5).
+"""`python -m adaface.evaluate`: identity and prompt fidelity of generated images (paper §3.3, Table 1).
 
 Metrics, as the reference evaluation computes them:
 - ArcFace similarity: for each generated image, every detected face's ArcFace embedding against every reference
   (the mean cosine over references), the best face kept. Images where no face is detected are not averaged in;
   they are counted (`num_no_face`, `no_face_rate`), and `arcface_no_face_as_zero` averages them in as 0.
 - CLIP-T: CLIP image-text cosine between each image and its prompt with the subject placeholder replaced by a
-  class word (`--class-word`, e.g. "man"), with `--clip` (CLIP ViT-B/32 in the paper).
+  class word (`--class-word`, e.g. "man"), with `--clip` (a CLIPModel, ViT-B/32 in the paper). An article is put
+  before the class word ("a photo of z" → "a photo of a man") unless the word before the placeholder or the class
+  word itself already starts with one.
 - CLIP-I (same CLIP model) and DINO (`--dino`, ViT-S/16 in the paper): mean pairwise cosine between generated
   images and the reference photos; only when reference photos are given (an embedding file has no pixels).
 
 Inputs: a run folder written by `python -m adaface.generate` (its `settings.json` gives each file's prompt, the
-placeholder and the subject's reference photos, or the saved identity for embedding / random-ID runs). Video
-runs are scored frame by frame. Any folder of images works too, with `--prompt` and `--references`/`--embedding`.
+placeholder and the subject's reference photos, or the saved identity for embedding / random-ID runs and for
+photos in which no face was found). Any folder of images works too, with `--prompt` and `--references` /
+`--embedding`.
+
+Videos: every frame is scored as an image, and each clip gets identity-consistency figures (`per_video`, and
+their means over clips in the summary): the mean, minimum and standard deviation of its frames' ArcFace
+similarity (frames with a face), the fraction of frames with a detected face, and CLIP-I between consecutive
+frames (mean and minimum of the cosine of frame t and frame t + 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +35,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._cli import HelpFormatter, OptionError, check_file, check_source, loading, resolve_device
+from ._cli import (
+    HelpFormatter,
+    OptionError,
+    check_file,
+    check_source,
+    loading,
+    model_type,
+    resolve_device,
+    save_strict_json,
+)
 
 SETTINGS_NAME = "settings.json"
 REPORT_NAME = "eval_report.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CONTACT_SHEET_NAME = "contact_sheet.png"  # generate's grid of a run's images: never scored itself
+CLIP_TYPES = ("clip",)
+DINO_TYPES = ("vit", "dinov2")
+# Words after which the class word needs no article of its own ("a photo of the z", "my z").
+DETERMINERS = frozenset("a an the this that these those my your his her its our their one".split())
 
 
 @dataclass
@@ -40,6 +63,7 @@ class Item:
     file: Path
     prompt: str
     source: str  # the output it belongs to (the GIF for a frame)
+    frame: int | None = None  # the frame's index within its video; None for an image
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt of every image (overrides settings.json's); needed when RUN_DIR has no settings.json")
     p.add_argument("--placeholder", help="subject placeholder in the prompts (default: settings.json's, else z)")
     p.add_argument("--class-word", default="person",
-                   help="what replaces the placeholder for CLIP-T, e.g. man, woman, 'a person'")
+                   help="what replaces the placeholder for CLIP-T, e.g. man, woman; an article is added where the "
+                        "prompt has none ('a photo of z' -> 'a photo of a person')")
     p.add_argument("--device", default="auto", help="torch device for CLIP / DINO: auto, cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=16, help="images per CLIP / DINO forward pass")
     p.add_argument("--out", help=f"report path (default: RUN_DIR/{REPORT_NAME})")
@@ -70,9 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def class_prompt(prompt: str, placeholder: str, class_word: str) -> str:
+    """The prompt with the placeholder as the class word, with an article where the prompt gives it none."""
     from .models.subject_prompt import placeholder_pattern  # encode_prompt's own whole-word rule
 
-    return placeholder_pattern(placeholder).sub(lambda _: class_word, prompt)
+    def noun_phrase(match: re.Match) -> str:
+        before = re.findall(r"[A-Za-z]+", prompt[:match.start()])
+        first = class_word.split()[0].lower()
+        if (before and before[-1].lower() in DETERMINERS) or first in DETERMINERS:
+            return class_word
+        return f"{'an' if first[0] in 'aeiou' else 'a'} {class_word}"
+
+    return placeholder_pattern(placeholder).sub(noun_phrase, prompt)
 
 
 def read_run(args: argparse.Namespace) -> tuple[list[Item], dict]:
@@ -90,13 +123,15 @@ def read_run(args: argparse.Namespace) -> tuple[list[Item], dict]:
         items = []
         for out in outputs:
             prompt = args.prompt or out["prompt"]
-            for name in out.get("frames") or [out["file"]]:
-                items.append(Item(run / name, prompt, out["file"]))
+            if out.get("frames"):
+                items += [Item(run / name, prompt, out["file"], k) for k, name in enumerate(out["frames"])]
+            else:
+                items.append(Item(run / out["file"], prompt, out["file"]))
     else:
         settings = {}
         if not args.prompt:
             raise OptionError(f"--prompt is needed: {run} has no {SETTINGS_NAME} to take the prompts from")
-        files = sorted(f for f in run.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in run.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.name != CONTACT_SHEET_NAME)
         items = [Item(f, args.prompt, f.name) for f in files]
     missing = [str(i.file) for i in items if not i.file.is_file()]
     if missing:
@@ -115,7 +150,9 @@ def reference_source(args: argparse.Namespace, settings: dict) -> dict:
 
         return {"embedding": str(check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES))}
     subject = settings.get("subject", {})
-    images = subject.get("images")
+    # Photos in which generate found no face (a random vector stood in) are no reference for the identity.
+    stand_ins = set(subject.get("random_stand_ins") or [])
+    images = [i for i in subject.get("images") or [] if i not in stand_ins]
     if images and all(Path(i).is_file() for i in images):
         return {"images": images}
     for key in ("embedding", "arcface_file"):
@@ -145,11 +182,21 @@ def check_args(args: argparse.Namespace) -> tuple[list[Item], dict, dict, str]:
     except FileNotFoundError as e:
         raise OptionError(f"--face-root {args.face_root}: {e}") from e
     args.clip = check_source(args.clip, "--clip", ["config.json"], "a CLIPModel folder")
+    if Path(args.clip).is_dir():
+        check_model_type(args.clip, "--clip", CLIP_TYPES, "a CLIP model (e.g. openai/clip-vit-base-patch32)")
     if args.dino:
         args.dino = check_source(args.dino, "--dino", ["config.json"], "a DINO ViT folder")
+        if Path(args.dino).is_dir():
+            check_model_type(args.dino, "--dino", DINO_TYPES, "a DINO ViT (e.g. facebook/dino-vits16)")
     if args.out and Path(args.out).suffix != ".json":
         raise OptionError(f"--out {args.out}: the report is JSON; give a .json path")
     return items, settings, refs, placeholder
+
+
+def check_model_type(source: str, option: str, types: tuple[str, ...], what: str) -> None:
+    found = model_type(source, option)
+    if found not in types:
+        raise OptionError(f"{option} {source}: expected {what}, but its config.json says model_type {found!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,6 +282,45 @@ def dino_features(model: Any, processor: Any, files: list, device: torch.device,
     return F.normalize(torch.cat(rows), dim=-1)
 
 
+def video_consistency(items: list[Item], arc: list[tuple[float | None, int]], img: torch.Tensor) -> list[dict]:
+    """Per clip: its frames' ArcFace mean / min / std (frames with a face), face rate, consecutive-frame CLIP-I."""
+    clips: dict[str, list[int]] = {}
+    for k, item in enumerate(items):
+        if item.frame is not None:
+            clips.setdefault(item.source, []).append(k)
+    rows = []
+    for source, ks in clips.items():
+        ks = sorted(ks, key=lambda k: items[k].frame)
+        scores = torch.tensor([arc[k][0] for k in ks if arc[k][0] is not None], dtype=torch.float64)
+        feats = img[ks].double()
+        consecutive = (feats[:-1] * feats[1:]).sum(-1) if len(ks) > 1 else None
+        has_scores = scores.numel() > 0
+        rows.append({
+            "output": source,
+            "num_frames": len(ks),
+            "face_rate": scores.numel() / len(ks),
+            "arcface_mean": scores.mean().item() if has_scores else None,
+            "arcface_min": scores.min().item() if has_scores else None,
+            "arcface_std": scores.std(unbiased=False).item() if has_scores else None,
+            "clip_i_consecutive": consecutive.mean().item() if consecutive is not None else None,
+            "clip_i_consecutive_min": consecutive.min().item() if consecutive is not None else None,
+        })
+    return rows
+
+
+VIDEO_KEYS = ("face_rate", "arcface_mean", "arcface_min", "arcface_std", "clip_i_consecutive",
+              "clip_i_consecutive_min")
+
+
+def video_summary(per_video: list[dict]) -> dict:
+    """Each per-clip figure averaged over the clips that have it (a clip without any face has no ArcFace)."""
+    summary: dict[str, Any] = {"num_videos": len(per_video)}
+    for key in VIDEO_KEYS:
+        values = [v[key] for v in per_video if v[key] is not None]
+        summary[key] = sum(values) / len(values) if values else None
+    return summary
+
+
 def _stats(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "std": None, "count": 0}
@@ -249,6 +335,10 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
     from .models.face_encoder import FaceEncoder
 
     device = resolve_device(args.device)
+    if not Path(args.clip).is_dir():  # a hub id: its config is fetched alone, before the model
+        check_model_type(args.clip, "--clip", CLIP_TYPES, "a CLIP model (e.g. openai/clip-vit-base-patch32)")
+    if args.dino and not Path(args.dino).is_dir():
+        check_model_type(args.dino, "--dino", DINO_TYPES, "a DINO ViT (e.g. facebook/dino-vits16)")
     encoder = FaceEncoder(args.face_root)
     ref_arcface = reference_arcface(encoder, refs)
     arc = arcface_scores(encoder, items, ref_arcface)
@@ -277,7 +367,7 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
     per_image = [
         {"file": str(it.file.relative_to(Path(args.run_dir).expanduser()))
          if it.file.is_relative_to(Path(args.run_dir).expanduser()) else str(it.file),
-         "output": it.source, "prompt": it.prompt, "clip_prompt": eval_prompts[k],
+         "output": it.source, "frame": it.frame, "prompt": it.prompt, "clip_prompt": eval_prompts[k],
          "arcface": arc[k][0], "num_faces": arc[k][1], "clip_t": clip_t[k],
          "clip_i": None if clip_i is None else clip_i[k].item(), "dino": None if dino is None else dino[k].item()}
         for k, it in enumerate(items)
@@ -298,6 +388,9 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         "clip_i": details["clip_i"]["mean"] if clip_i is not None else None,
         "dino": details["dino"]["mean"] if dino is not None else None,
     }
+    per_video = video_consistency(items, arc, img)
+    if per_video:
+        summary["video"] = video_summary(per_video)
     return {
         "tool": "adaface.evaluate",
         "adaface_version": __version__,
@@ -308,6 +401,7 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         "options": {"clip": args.clip, "dino": args.dino, "face_root": args.face_root, "class_word": args.class_word,
                     "placeholder": placeholder, "device": str(device)},
         "per_image": per_image,
+        **({"per_video": per_video} if per_video else {}),
     }
 
 
@@ -318,13 +412,17 @@ def summary_line(report: dict) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     faces = s["num_images"] - s["num_no_face"]
-    return (f"arcface {fmt(s['arcface'])} ({faces}/{s['num_images']} with a face) | clip-t {fmt(s['clip_t'])} | "
+    line = (f"arcface {fmt(s['arcface'])} ({faces}/{s['num_images']} with a face) | clip-t {fmt(s['clip_t'])} | "
             f"clip-i {fmt(s['clip_i'])} | dino {fmt(s['dino'])}")
+    v = s.get("video")
+    if v:
+        line += (f" | {v['num_videos']} video(s): frame arcface mean/min/std {fmt(v['arcface_mean'])}/"
+                 f"{fmt(v['arcface_min'])}/{fmt(v['arcface_std'])}, faces in {v['face_rate']:.0%} of frames, "
+                 f"consecutive clip-i {fmt(v['clip_i_consecutive'])}")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models._io import atomic_save_json
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -333,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as e:
         parser.error(str(e))
     out = Path(args.out).expanduser() if args.out else Path(args.run_dir).expanduser() / REPORT_NAME
-    atomic_save_json(report, out)
+    try:
+        save_strict_json(report, out)
+    except ValueError as e:  # a non-finite score: a broken model or image, not a number to report
+        parser.error(f"--out {out}: {e}")
     print(summary_line(report))
     return 0
 

@@ -9,16 +9,27 @@ encoder as diffusers would encode it. Outputs, in `--out`:
     subject_arcface.npy       the identity used (512-d), which `python -m adaface.evaluate` can compare against
     p00_000.png ...           images: prompt index, image index
     p00_000.gif, p00_000/     videos: a GIF and its frames as PNGs
+    contact_sheet.png         every image (a video's first frame) in one grid: a row per prompt
 
 Each output has its own seed (`--seed` + its running index, on a CPU generator), so any single image can be
-reproduced alone and on any device.
+reproduced alone and on any device. `--out` must be a new or empty folder; `--overwrite` replaces an earlier
+run there (its outputs are deleted first, so no stale file is mixed in).
+
+Videos longer than the motion module's window (`--context-length`, by default the adapter's
+`motion_max_seq_length`) use diffusers' FreeNoise: overlapping windows of that length, `--context-stride`
+frames apart, with their noise re-used and their outputs blended. diffusers' FreeNoise encodes the prompt
+itself (it accepts no `prompt_embeds`), so there the subject goes in as a textual inversion loaded into the
+pipeline, which gives the same prompt embeddings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,10 +45,19 @@ from ._cli import (
     loading,
     resolve_device,
     resolve_dtype,
+    save_strict_json,
 )
 
 SETTINGS_NAME = "settings.json"
 ARCFACE_NAME = "subject_arcface.npy"
+CONTACT_SHEET_NAME = "contact_sheet.png"
+REPORT_NAME = "eval_report.json"  # written into a run folder by `python -m adaface.evaluate`
+OUTPUT_PATTERN = re.compile(r"^p\d{2,}_\d{3,}(\.png|\.gif)?$")  # every image, GIF and frame folder of a run
+FREE_NOISE_TOKEN = "<adaface-subject>"  # the subject's textual-inversion token inside a FreeNoise pipeline
+DEFAULT_CONTEXT_STRIDE = 4
+MAX_FPS = 100.0  # GIF frame delays are whole hundredths of a second
+# Defaults that take hours per call on a CPU (a warning says so when a run uses them there).
+CPU_SLOW_PIXELS = 512 * 512
 SCHEDULERS = ("auto", "ddim", "dpm", "euler", "pndm")
 # Seeds are int64 values: every output's seed (--seed + its index) and --random-id must fit, on any torch.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -88,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("sampling")
     gen.add_argument("--num-images", type=int, default=4, help="images (or videos) per prompt")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--guidance", type=float, default=7.5,
+                     help="classifier-free guidance scale, >= 0 (at most 1: no guidance)")
     gen.add_argument("--seed", type=int, help="seed of the first output (others use seed+1, ...); random if omitted")
     gen.add_argument("--height", type=int, default=512, help="output height in pixels, a multiple of 8")
     gen.add_argument("--width", type=int, default=512, help="output width in pixels, a multiple of 8")
@@ -101,13 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     video = p.add_argument_group("video (AnimateDiff)")
     video.add_argument("--video", action="store_true", help="generate videos with AnimateDiffPipeline")
     video.add_argument("--motion-adapter", help="AnimateDiff MotionAdapter folder or hub id (needed with --video)")
-    video.add_argument("--num-frames", type=int, default=16, help="frames per video")
-    video.add_argument("--fps", type=float, default=8.0, help="frame rate of the GIF")
+    video.add_argument("--num-frames", type=int, default=16,
+                       help="frames per video; more than --context-length uses FreeNoise's sliding windows")
+    video.add_argument("--context-length", type=int,
+                       help="FreeNoise window: frames the motion module sees at once (default and maximum: the "
+                            "adapter's motion_max_seq_length)")
+    video.add_argument("--context-stride", type=int,
+                       help=f"FreeNoise: frames between the starts of consecutive windows (default "
+                            f"{DEFAULT_CONTEXT_STRIDE}, at most --context-length)")
+    video.add_argument("--fps", type=float, default=8.0, help=f"frame rate of the GIF, at most {MAX_FPS:g}")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    out.add_argument("--out", required=True, metavar="DIR", help="output folder: new or empty (created if missing)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="--out holds an earlier run: delete its outputs first, then write this run there")
     out.add_argument("--save-embeddings", metavar="PATH.safetensors",
-                     help="also write the subject as a diffusers textual-inversion file")
+                     help="also write the subject as a textual-inversion file; A1111 and ComfyUI use the file's "
+                          "name as the trigger word, so name it after the person (alice.safetensors)")
     out.add_argument("--ti-token", default="<z>",
                      help="token under which --save-embeddings writes the subject: pipelines that load the file "
                           "with load_textual_inversion say this token; this command's prompts use --placeholder")
@@ -135,8 +166,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         v = getattr(args, name)
         if v < 8 or v % 8:
             raise OptionError(f"--{name} must be a positive multiple of 8, got {v}")
-    if args.fps <= 0:
-        raise OptionError(f"--fps must be positive, got {args.fps}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise OptionError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
+        raise OptionError(f"--fps must be a number in (0, {MAX_FPS:g}] (GIF delays are 1/100 s steps), got {args.fps}")
     if not args.placeholder.strip() or any(c.isspace() for c in args.placeholder):
         raise OptionError(f"--placeholder must be one word, got {args.placeholder!r}")
     prompts = read_prompts(args)
@@ -188,14 +221,110 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.motion_adapter:
         args.motion_adapter = check_source(args.motion_adapter, "--motion-adapter", ["config.json"],
                                            "a MotionAdapter folder")
+    check_frames(args)
     if args.save_embeddings and Path(args.save_embeddings).suffix != ".safetensors":
         raise OptionError(f"--save-embeddings {args.save_embeddings}: the file name must end in .safetensors")
     if not args.ti_token.strip() or any(c.isspace() for c in args.ti_token):
         raise OptionError(f"--ti-token must be one word without spaces, got {args.ti_token!r}")
+    check_out(args)
+    return prompts
+
+
+def motion_window(source: str) -> int:
+    """The motion adapter's `motion_max_seq_length` from its config (a local file or the hub's config only)."""
+    path = Path(source) / "config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as e:
+            raise OptionError(f"--motion-adapter {source}: config.json is not valid JSON ({e})") from e
+    else:
+        from diffusers import MotionAdapter
+
+        with loading("--motion-adapter", source):
+            config = MotionAdapter.load_config(source)
+    window = config.get("motion_max_seq_length")
+    if window is None:  # an older config without the key: MotionAdapter's own default applies
+        import inspect
+
+        from diffusers import MotionAdapter
+
+        window = inspect.signature(MotionAdapter.__init__).parameters["motion_max_seq_length"].default
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise OptionError(f"--motion-adapter {source}: config.json has no valid motion_max_seq_length ({window!r})")
+    return window
+
+
+def check_frames(args: argparse.Namespace) -> None:
+    """--num-frames against the adapter's window (read from its config, before any model loads); sets
+    `args.free_noise` and resolves the FreeNoise window options."""
+    args.free_noise = False
+    if not args.video:
+        for name in ("context_length", "context_stride"):
+            if getattr(args, name) is not None:
+                raise OptionError(f"--{name.replace('_', '-')} is only used with --video")
+        return
+    window = motion_window(args.motion_adapter)
+    length = window if args.context_length is None else args.context_length
+    if not 1 <= length <= window:
+        raise OptionError(
+            f"--context-length must be between 1 and the motion adapter's motion_max_seq_length {window}, got {length}"
+        )
+    stride = DEFAULT_CONTEXT_STRIDE if args.context_stride is None else args.context_stride
+    if not 1 <= stride <= length:
+        raise OptionError(f"--context-stride must be between 1 and --context-length ({length}), got {stride}")
+    args.context_length, args.context_stride = length, stride
+    args.free_noise = args.num_frames > length
+
+
+def earlier_run(out: Path) -> list[Path] | None:
+    """What an earlier `generate` run wrote into `out` (its settings, identity, outputs, frames, contact sheet,
+    evaluation report, a textual-inversion file saved inside it); None if `out` holds no generate run."""
+    settings_path = out / SETTINGS_NAME
+    try:
+        settings = json.loads(settings_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(settings, dict) or settings.get("tool") != "adaface.generate":
+        return None
+    files = {settings_path, out / ARCFACE_NAME, out / CONTACT_SHEET_NAME, out / REPORT_NAME}
+    for entry in settings.get("outputs") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            files.add(out / entry["file"])
+    # An interrupted run wrote an output it had not listed yet: its names follow the pattern.
+    files.update(f for f in out.iterdir() if OUTPUT_PATTERN.match(f.name))
+    embeddings = (settings.get("subject") or {}).get("embeddings_file")
+    if isinstance(embeddings, str) and Path(embeddings).parent == out.resolve():
+        files.add(out / Path(embeddings).name)
+    root = out.resolve()
+    return sorted(f for f in files if (f.exists() or f.is_symlink()) and f.resolve().parent == root)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out must be new or empty; --overwrite accepts an earlier generate run (cleared when this run starts)."""
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {args.out}: exists and is not a folder")
-    return prompts
+    args.clear = []
+    if not out.is_dir() or not any(out.iterdir()):
+        return  # nothing to replace: --overwrite is a no-op, so scripts may always pass it
+    previous = earlier_run(out)
+    if not args.overwrite:
+        what = "an earlier generate run" if previous is not None else "files"
+        raise OptionError(f"--out {args.out}: not empty (holds {what}); pass --overwrite to replace an earlier "
+                          "run, or choose a new folder")
+    if previous is None:
+        raise OptionError(f"--overwrite: --out {args.out} is not empty and holds no generate run ({SETTINGS_NAME} "
+                          "with tool adaface.generate); only a run's own outputs are ever deleted")
+    args.clear = previous
+
+
+def clear_earlier_run(files: list[Path]) -> None:
+    for f in files:
+        if f.is_dir() and not f.is_symlink():
+            shutil.rmtree(f)
+        else:
+            f.unlink(missing_ok=True)
 
 
 def make_scheduler(name: str, config: Any, video: bool) -> Any:
@@ -221,6 +350,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
             adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
         with loading("--base", args.base):
             pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype)
+        if args.free_noise:
+            pipe.enable_free_noise(context_length=args.context_length, context_stride=args.context_stride)
     else:
         from diffusers import StableDiffusionPipeline
 
@@ -267,16 +398,41 @@ def save_frames(frames: list, folder: Path, gif: Path, fps: float) -> list[str]:
     return names
 
 
+def warn_if_slow_on_cpu(args: argparse.Namespace, prompts: list[str], device: torch.device) -> None:
+    if device.type != "cpu" or args.height * args.width < CPU_SLOW_PIXELS:
+        return
+    count = len(prompts) * args.num_images
+    what = f"{count} video(s) of {args.num_frames} frames" if args.video else f"{count} image(s)"
+    print(f"warning: {what} at {args.width}x{args.height}, {args.steps} steps, on the CPU: expect hours; for a "
+          "try-out pass e.g. --height 64 --width 64 --steps 4 --num-images 1", file=sys.stderr)
+
+
+def report_stand_ins(args: argparse.Namespace, subject: Any) -> None:
+    if not subject.random_stand_ins:
+        return
+    whose = "the whole identity is random" if subject.all_random else "averaged in with the other photos"
+    print(f"--on-no-face random: no face found in {', '.join(subject.random_stand_ins)}; a random identity stands in "
+          f"for {'it' if len(subject.random_stand_ins) == 1 else 'them'} ({whose}; recorded in {SETTINGS_NAME})",
+          file=sys.stderr)
+
+
+def free_noise_prompt(prompt: str, placeholder: str) -> str:
+    """The prompt with the subject as the pipeline's textual-inversion token (FreeNoise encodes prompts itself)."""
+    from .models.subject_prompt import placeholder_pattern
+
+    return placeholder_pattern(placeholder).sub(lambda _: FREE_NOISE_TOKEN, prompt)
+
+
 def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     """Load the models, encode the subject, run the pipeline; returns the settings written to settings.json."""
     import numpy as np
 
-    from .models._io import atomic_save_json
     from .models.subject_prompt import encode_prompt, save_textual_inversion
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    warn_if_slow_on_cpu(args, prompts, device)
 
     subject_encoder = load_subject_encoder(args, device, dtype)
     recognizer = None
@@ -291,37 +447,49 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     try:
-        arcface = subject_encoder.arcface(images=args.images, embedding=args.embedding, random_id=args.random_id,
-                                          on_no_face=args.on_no_face, generator=torch.Generator().manual_seed(seed))
+        identity = subject_encoder.resolve_identity(
+            images=args.images, embedding=args.embedding, random_id=args.random_id, on_no_face=args.on_no_face,
+            generator=torch.Generator().manual_seed(seed))
     except ValueError as e:  # no face in a photo, unreadable photo
         raise OptionError(f"--images: {e}") from e
+    report_stand_ins(args, identity)
+    arcface = identity.arcface
     subject = subject_encoder(arcface).float()
     del subject_encoder  # the pipeline needs the memory more
 
     out = Path(args.out).expanduser()
+    clear_earlier_run(args.clear)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
     if args.save_embeddings:
         save_textual_inversion(subject, Path(args.save_embeddings).expanduser(), token=args.ti_token)
 
     pipe = load_pipeline(args, device, dtype)
-    settings = run_settings(args, prompts, seed, device, dtype, pipe)
+    settings = run_settings(args, prompts, seed, device, dtype, pipe, identity)
     settings["recognizer"] = recognizer
     negative = None
-    if args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
+    if args.free_noise:
+        pipe.load_textual_inversion({FREE_NOISE_TOKEN: subject.to(device, dtype)})
+    elif args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
         negative, _ = pipe.encode_prompt(args.negative_prompt, device, 1, False)
     index = 0
+    sheet: list[list[Any]] = []
     with torch.no_grad():
         for p, prompt in enumerate(prompts):
-            embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
-                                   subject.to(device), placeholder=args.placeholder)
+            if args.free_noise:
+                text = dict(prompt=free_noise_prompt(prompt, args.placeholder),
+                            negative_prompt=args.negative_prompt)
+            else:
+                text = dict(prompt_embeds=encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
+                                                        subject.to(device), placeholder=args.placeholder),
+                            negative_prompt_embeds=negative)
+            sheet.append([])
             for i in range(args.num_images):
                 item_seed = seed + index
                 index += 1
                 common = dict(
-                    prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance, height=args.height, width=args.width,
-                    generator=torch.Generator().manual_seed(item_seed),
+                    **text, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                    width=args.width, generator=torch.Generator().manual_seed(item_seed),
                 )
                 name = f"p{p:02d}_{i:03d}"
                 entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
@@ -329,20 +497,37 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
                     frames = pipe(num_frames=args.num_frames, **common).frames[0]
                     entry["file"] = f"{name}.gif"
                     entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
+                    sheet[-1].append(frames[0])
                 else:
                     result = pipe(**common)
                     result.images[0].save(out / f"{name}.png")
                     entry["file"] = f"{name}.png"
                     nsfw = getattr(result, "nsfw_content_detected", None)
                     entry["nsfw"] = bool(nsfw[0]) if nsfw else None
+                    sheet[-1].append(result.images[0])
                 settings["outputs"].append(entry)
                 # Rewritten after every output, so an interrupted run can still be evaluated.
-                atomic_save_json(settings, out / SETTINGS_NAME)
+                save_strict_json(settings, out / SETTINGS_NAME)
+    contact_sheet(sheet).save(out / CONTACT_SHEET_NAME)
+    settings["contact_sheet"] = CONTACT_SHEET_NAME
+    save_strict_json(settings, out / SETTINGS_NAME)
     return settings
 
 
+def contact_sheet(rows: list[list[Any]]) -> Any:
+    """One image: a row per prompt, its outputs left to right (all outputs of a run have one size)."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    sheet = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            sheet.paste(image.convert("RGB"), (x * width, y * height))
+    return sheet
+
+
 def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device: torch.device,
-                 dtype: torch.dtype, pipe: Any) -> dict:
+                 dtype: torch.dtype, pipe: Any, identity: Any) -> dict:
     import diffusers
     import transformers
 
@@ -353,7 +538,7 @@ def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device
         "adaface_version": __version__,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
-        "options": dict(vars(args)),
+        "options": {k: v for k, v in vars(args).items() if k not in ("clear", "free_noise")},
         "prompts": prompts,
         "placeholder": args.placeholder,
         "seed": seed,
@@ -363,12 +548,17 @@ def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "subject": {**subject_source(args), "arcface_file": ARCFACE_NAME,
                     "embeddings_file": str(Path(args.save_embeddings).expanduser().resolve())
-                    if args.save_embeddings else None},
+                    if args.save_embeddings else None,
+                    # photos without a face for which a random vector stood in (--on-no-face random)
+                    "random_stand_ins": identity.random_stand_ins, "all_random": identity.all_random},
         "kind": "video" if args.video else "image",
         "outputs": [],
     }
+    if args.video:
+        settings["video"] = {"num_frames": args.num_frames, "free_noise": args.free_noise,
+                             "context_length": args.context_length, "context_stride": args.context_stride}
     # Round trip through JSON once: scheduler configs hold tuples and numpy values.
-    return json.loads(json.dumps(settings, default=str))
+    return json.loads(json.dumps(settings, default=str, allow_nan=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,10 @@
-"""A subject's identity → its 16 AdaFace subject embeddings (METHOD.md §1), for generation and textual inversion.
+"""A subject's identity → its 16 AdaFace subject embeddings (paper §2.1, Figure 3), for generation and textual
+inversion.
 
 Three ways to name an identity, each giving one L2-normalised 512-d ArcFace vector:
 - face photos (paths, PIL images, numpy RGB arrays) through `FaceEncoder` (insightface `antelopev2` pack);
-  several photos give the mean, renormalised;
+  several photos give the mean, renormalised; with `on_no_face="random"` a photo without a face is replaced by
+  a random vector, and `resolve_identity` says which photos were (callers must tell the user);
 - a precomputed ArcFace embedding file (`load_arcface_embedding`: `.npy` or `.safetensors`, `[512]` or
   `[N, 512]`, never a pickle);
 - a random ID (`random_arcface(seed)`), as stage 1 trains on.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,26 @@ def load_arcface_embedding(path: PathLike) -> torch.Tensor:
     if not torch.isfinite(rows).all() or (rows.norm(dim=1) == 0).any():
         raise ValueError(f"{path}: the embedding holds non-finite values or all-zero rows")
     return F.normalize(rows, dim=1)
+
+
+@dataclass
+class Identity:
+    """An identity `[512]` and the photos (their descriptions) for which a random vector stood in."""
+
+    arcface: torch.Tensor
+    random_stand_ins: list[str] = field(default_factory=list)
+    num_photos: int = 0
+
+    @property
+    def all_random(self) -> bool:
+        return self.num_photos > 0 and len(self.random_stand_ins) == self.num_photos
+
+
+NO_FACE_MESSAGE = "no face found"  # how FaceEncoder starts its ValueError for a photo without a face
+
+
+def _describe_photo(image: object, index: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"image #{index} ({type(image).__name__})"
 
 
 def identity(rows: torch.Tensor) -> torch.Tensor:
@@ -146,21 +169,53 @@ class SubjectEncoder:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Exactly one of `images` / `embedding` (file or tensor) / `random_id` → the identity `[512]` (CPU)."""
+        return self.resolve_identity(images=images, embedding=embedding, random_id=random_id,
+                                     on_no_face=on_no_face, generator=generator).arcface
+
+    def resolve_identity(
+        self,
+        *,
+        images: object = None,
+        embedding: PathLike | torch.Tensor | None = None,
+        random_id: int | None = None,
+        on_no_face: str = "error",
+        generator: torch.Generator | None = None,
+    ) -> Identity:
+        """As `arcface`, also naming the photos in which no face was found (`on_no_face="random"`)."""
         given = [name for name, v in (("images", images), ("embedding", embedding), ("random_id", random_id))
                  if v is not None]
         if len(given) != 1:
             raise ValueError(f"pass exactly one of images, embedding, random_id; got {given or 'none'}")
+        if on_no_face not in ("error", "random"):
+            raise ValueError(f"on_no_face must be 'error' or 'random', got {on_no_face!r}")
         if images is not None:
-            return self.face_encoder(images, on_no_face=on_no_face, generator=generator)
+            return self._photos_identity(images, on_no_face, generator)
         if random_id is not None:
-            return random_arcface(random_id)
+            return Identity(random_arcface(random_id))
         if isinstance(embedding, torch.Tensor):
             rows = embedding.detach().float().cpu()
             rows = rows.unsqueeze(0) if rows.dim() == 1 else rows
             if rows.dim() != 2 or rows.shape[1] != ARCFACE_DIM:
                 raise ValueError(f"embedding must be [512] or [N, 512], got {tuple(embedding.shape)}")
-            return identity(F.normalize(rows, dim=1))
-        return identity(load_arcface_embedding(embedding))
+            return Identity(identity(F.normalize(rows, dim=1)))
+        return Identity(identity(load_arcface_embedding(embedding)))
+
+    def _photos_identity(self, images: object, on_no_face: str, generator: torch.Generator | None) -> Identity:
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if on_no_face == "error":
+            return Identity(self.face_encoder(items), num_photos=len(items))
+        # Photo by photo, so the ones without a face are known; the random rows are drawn in photo order from
+        # `generator`, as FaceEncoder's own fallback draws them.
+        rows, stand_ins = [], []
+        for i, item in enumerate(items):
+            try:
+                rows.append(self.face_encoder.embed_each([item])[0])
+            except ValueError as e:
+                if not str(e).startswith(NO_FACE_MESSAGE):
+                    raise
+                rows.append(F.normalize(torch.randn(ARCFACE_DIM, generator=generator), dim=0))
+                stand_ins.append(_describe_photo(item, i))
+        return Identity(identity(torch.stack(rows)), stand_ins, len(items))
 
     @torch.no_grad()
     def __call__(self, arcface: torch.Tensor) -> torch.Tensor:

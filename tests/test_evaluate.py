@@ -122,8 +122,9 @@ def test_report_values_on_known_images(models, run_dir, capsys):
     assert s["arcface"] == pytest.approx((1.0 + sim_b) / 2, abs=1e-5)
     assert s["arcface_no_face_as_zero"] == pytest.approx((1.0 + sim_b) / 3, abs=1e-5)
 
-    assert per["p01_000.png"]["clip_prompt"] == "man wearing a red hat"
-    expected = clip_cosine(models["clip"], photo(None), "man wearing a red hat")
+    assert per["p01_000.png"]["clip_prompt"] == "a man wearing a red hat"
+    assert per["p00_000.png"]["clip_prompt"] == "a photo of a man in the forest"  # not "a photo of man"
+    expected = clip_cosine(models["clip"], photo(None), "a man wearing a red hat")
     assert per["p01_000.png"]["clip_t"] == pytest.approx(expected, abs=1e-4)
     for p in report["per_image"]:
         assert -1.0 <= p["clip_t"] <= 1.0 and -1.0 <= p["clip_i"] <= 1.0 + 1e-6 and -1.0 <= p["dino"] <= 1.0 + 1e-6
@@ -152,7 +153,7 @@ def test_folder_without_settings_with_an_embedding(models, run_dir, tmp_path, ca
     assert report["summary"]["arcface"] == pytest.approx(1.0, abs=1e-5)
     # no reference pixels: the image-to-image scores are absent, not invented
     assert report["summary"]["clip_i"] is None and report["summary"]["dino"] is None
-    assert report["per_image"][0]["clip_prompt"] == "portrait of person"
+    assert report["per_image"][0]["clip_prompt"] == "portrait of a person"
     assert "clip-i n/a" in capsys.readouterr().out
 
 
@@ -163,6 +164,9 @@ def test_folder_without_settings_with_an_embedding(models, run_dir, tmp_path, ca
     (["--out", "{tmp}/report.txt"], "--out .*give a .json path"),
     (["--run", "{tmp}/none"], "RUN_DIR .*none: folder not found"),
     (["--run", "{tmp}"], "--prompt is needed"),
+    (["--clip", "{dino}"], r"--clip .*: expected a CLIP model \(e.g. openai/clip-vit-base-patch32\), but its "
+                           r"config.json says model_type 'vit'"),
+    (["--dino", "{clip}"], "--dino .*: expected a DINO ViT .*model_type 'clip'"),
 ])
 def test_bad_options(models, run_dir, tmp_path, capsys, monkeypatch, extra, message):
     def refuse(*args, **kwargs):
@@ -170,7 +174,7 @@ def test_bad_options(models, run_dir, tmp_path, capsys, monkeypatch, extra, mess
 
     monkeypatch.setattr(evaluate, "evaluate", refuse)
     opts = {"--run": str(run_dir), "--face-root": models["face_root"], "--clip": models["clip"]}
-    extra = [a.format(tmp=tmp_path) for a in extra]
+    extra = [a.format(tmp=tmp_path, clip=models["clip"], dino=models["dino"]) for a in extra]
     opts.update(zip(extra[::2], extra[1::2]))
     argv = [opts.pop("--run")] + [x for kv in opts.items() for x in kv]
     with pytest.raises(SystemExit) as info:
@@ -203,7 +207,7 @@ def test_scores_a_generate_run_end_to_end(models, tiny_sd15_dir, tmp_path, capsy
     assert evaluate.main([str(run), "--face-root", models["face_root"], "--clip", models["clip"]]) == 0
     report = json.loads((run / "eval_report.json").read_text())
     assert report["references"] == {"embedding": str(run / "subject_arcface.npy"), "count": 1}
-    assert [p["clip_prompt"] for p in report["per_image"]] == ["person on the beach", "painting of person"]
+    assert [p["clip_prompt"] for p in report["per_image"]] == ["a person on the beach", "painting of a person"]
     per = report["per_image"]
     assert [p["file"] for p in per] == ["p00_000.png", "p01_000.png"]
 
@@ -255,3 +259,102 @@ def test_video_runs_are_scored_frame_by_frame(tmp_path):
     (tmp_path / "p00_000" / "001.png").unlink()
     with pytest.raises(evaluate.OptionError, match="1 listed image.*001.png"):
         evaluate.read_run(args)
+
+
+@pytest.mark.parametrize("prompt, class_word, expected", [
+    ("a photo of z", "person", "a photo of a person"),
+    ("z wearing a red hat", "man", "a man wearing a red hat"),
+    ("a photo of the z, smiling", "woman", "a photo of the woman, smiling"),
+    ("my z at the beach", "dog", "my dog at the beach"),
+    ("z's portrait", "old man", "an old man's portrait"),
+    ("a photo of z", "a person", "a photo of a person"),
+    ("a photo of z", "the man", "a photo of the man"),
+    ("pizza and z", "girl", "pizza and a girl"),
+])
+def test_class_prompt_reads_as_english(prompt, class_word, expected):
+    assert evaluate.class_prompt(prompt, "z", class_word) == expected
+
+
+def test_photos_without_a_face_are_not_references(tmp_path):
+    """A photo for which generate used a random stand-in holds no face to compare against."""
+    for name in ("face.png", "dark.png"):
+        photo(FACE_A if name == "face.png" else None).save(tmp_path / name)
+    np.save(tmp_path / "subject_arcface.npy", np.ones(512, np.float32))
+    face, dark = str(tmp_path / "face.png"), str(tmp_path / "dark.png")
+    args = evaluate.build_parser().parse_args([str(tmp_path), "--face-root", "r", "--clip", "c"])
+    subject = {"images": [face, dark], "random_stand_ins": [dark], "arcface_file": "subject_arcface.npy"}
+    assert evaluate.reference_source(args, {"subject": subject}) == {"images": [face]}
+    subject = {"images": [dark], "random_stand_ins": [dark], "arcface_file": "subject_arcface.npy"}
+    assert evaluate.reference_source(args, {"subject": subject}) == {"embedding": str(tmp_path / "subject_arcface.npy")}
+
+
+FACE_C = (100, 190, 10, 100)
+
+
+def clip_image_embeds(clip_dir: str, images: list) -> np.ndarray:
+    """Independent CLIP image embeddings: CLIPModel's own forward (normalised `image_embeds`)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        out = model(**proc(text=["x"], images=images, return_tensors="pt", padding=True))
+    return out.image_embeds.double().numpy()
+
+
+def test_video_consistency_on_clips_of_known_consistency(models, tmp_path, capsys):
+    """A clip of one frame repeated is perfectly consistent; a clip of different faces (one frame without) is not,
+    by amounts recomputed here from the detector, the recogniser and CLIP directly."""
+    from adaface.models.face_encoder import FaceEncoder
+
+    photo(FACE_A).save(tmp_path / "reference.png")
+    clips = {"p00_000": [FACE_B] * 4, "p00_001": [FACE_A, FACE_B, None, FACE_C]}
+    outputs = []
+    for name, boxes in clips.items():
+        (tmp_path / name).mkdir()
+        for k, box in enumerate(boxes):
+            photo(box).save(tmp_path / name / f"{k:03d}.png")
+        outputs.append({"file": f"{name}.gif", "prompt": "portrait of z",
+                        "frames": [f"{name}/{k:03d}.png" for k in range(len(boxes))]})
+    settings = {"placeholder": "z", "subject": {"images": [str(tmp_path / "reference.png")]}, "outputs": outputs}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    assert evaluate.main([str(tmp_path), "--face-root", models["face_root"], "--clip", models["clip"]]) == 0
+    line = capsys.readouterr().out.strip()
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    per = {v["output"]: v for v in report["per_video"]}
+
+    encoder = FaceEncoder(models["face_root"])
+    ref = encoder(photo(FACE_A)).numpy()
+
+    def score(box):  # the best of the faces the detector finds, against the one reference
+        if box is None:
+            return None
+        faces = encoder.app.get(np.asarray(photo(box))[:, :, ::-1].copy())
+        return max(float(f.normed_embedding @ ref) for f in faces)
+
+    same = per["p00_000.gif"]
+    assert same["num_frames"] == 4 and same["face_rate"] == 1.0
+    assert same["arcface_mean"] == pytest.approx(score(FACE_B), abs=1e-5)
+    assert same["arcface_min"] == pytest.approx(same["arcface_mean"], abs=1e-9)
+    assert same["arcface_std"] == pytest.approx(0.0, abs=1e-9)
+    assert same["clip_i_consecutive"] == pytest.approx(1.0, abs=1e-6)
+    assert same["clip_i_consecutive_min"] == pytest.approx(1.0, abs=1e-6)
+
+    varied = per["p00_001.gif"]
+    scores = np.array([score(b) for b in clips["p00_001"] if b is not None])
+    assert varied["num_frames"] == 4 and varied["face_rate"] == 0.75
+    assert varied["arcface_mean"] == pytest.approx(scores.mean(), abs=1e-5)
+    assert varied["arcface_min"] == pytest.approx(scores.min(), abs=1e-5)
+    assert varied["arcface_std"] == pytest.approx(scores.std(), abs=1e-5) and varied["arcface_std"] > 1e-3
+    emb = clip_image_embeds(models["clip"], [photo(b) for b in clips["p00_001"]])
+    consecutive = (emb[:-1] * emb[1:]).sum(1)
+    assert varied["clip_i_consecutive"] == pytest.approx(consecutive.mean(), abs=1e-4)
+    assert varied["clip_i_consecutive_min"] == pytest.approx(consecutive.min(), abs=1e-4)
+    assert varied["clip_i_consecutive"] < same["clip_i_consecutive"] - 1e-4
+
+    video = report["summary"]["video"]
+    assert video["num_videos"] == 2 and video["face_rate"] == pytest.approx(0.875)
+    for key in ("arcface_mean", "arcface_min", "arcface_std", "clip_i_consecutive"):
+        assert video[key] == pytest.approx((same[key] + varied[key]) / 2, abs=1e-9)
+    assert [p["frame"] for p in report["per_image"]] == [0, 1, 2, 3] * 2
+    assert line == evaluate.summary_line(report)
+    assert "2 video(s): frame arcface mean/min/std" in line and "faces in 88% of frames" in line

@@ -68,7 +68,7 @@ def clip_run_with_rows(model, ids: list[int], start: int, rows: torch.Tensor):
 
 
 def expected_subject(models: dict, identity: torch.Tensor) -> torch.Tensor:
-    """The 16 subject embeddings computed step by step from the saved files with plain transformers (METHOD.md §1):
+    """The 16 subject embeddings computed step by step from the saved files with plain transformers (paper §2.1):
     Arc2Face's encoder on `photo of a id person` with the unit ArcFace vector (zero-padded) as the `id` token
     gives positions id..id+15; the inverter's CLIP encoder on `<bos> photo of a [16 slots] <eos>` with those in
     the slots, its last 3 hidden states mixed by the saved layer weights, then its final layer norm."""
@@ -151,6 +151,11 @@ def test_image_run_writes_images_settings_and_identity(image_run, models):
             assert im.size == (16, 16) and im.mode == "RGB"
     a, b = (np.asarray(Image.open(run / o["file"]), np.int16) for o in settings["outputs"])
     assert np.abs(a - b).max() > 0  # different seeds, different images
+    assert settings["contact_sheet"] == "contact_sheet.png"
+    sheet = np.asarray(Image.open(run / "contact_sheet.png").convert("RGB"), np.int16)
+    assert sheet.shape == (16, 32, 3)  # one prompt: one row of the two images
+    assert np.array_equal(sheet[:, :16], a) and np.array_equal(sheet[:, 16:], b)
+    assert settings["subject"]["random_stand_ins"] == [] and settings["subject"]["all_random"] is False
     identity = np.load(run / "subject_arcface.npy")
     faces = direct_arcface_faces(Path(models["face_root"]) / "models" / "antelopev2",
                                  np.asarray(Image.open(models["photo"]).convert("RGB")))
@@ -257,13 +262,26 @@ RANDOM = ["--random-id", "1"]
     (RANDOM + ["--seed", str(INT64_MAX - 2)], r"--seed must be between .*--seed \+ 0 \.\.\. --seed \+ 3"),
     (RANDOM + ["--seed", str(INT64_MIN - 1)], f"--seed must be between {INT64_MIN} and"),
     (["--random-id", str(2**64)], f"--random-id must be between {INT64_MIN} and {INT64_MAX}, got {2**64}"),
+    (RANDOM + ["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+    (RANDOM + ["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (RANDOM + ["--guidance", "inf"], "--guidance must be a finite number >= 0, got inf"),
+    (RANDOM + ["--fps", "nan"], r"--fps must be a number in \(0, 100\]"),
+    (RANDOM + ["--fps", "0"], r"--fps must be a number in \(0, 100\]"),
+    (RANDOM + ["--fps", "1000"], r"--fps must be a number in \(0, 100\].*got 1000.0"),
+    (RANDOM + ["--context-length", "4"], "--context-length is only used with --video"),
+    (RANDOM + ["--video", "--motion-adapter", "{motion}", "--context-length", "9"],
+     "--context-length must be between 1 and the motion adapter's motion_max_seq_length 8, got 9"),
+    (RANDOM + ["--video", "--motion-adapter", "{motion}", "--context-length", "4", "--context-stride", "5"],
+     r"--context-stride must be between 1 and --context-length \(4\), got 5"),
+    (RANDOM + ["--video", "--motion-adapter", "{motion}", "--context-stride", "0"],
+     r"--context-stride must be between 1 and --context-length \(8\), got 0"),
 ])
 def test_bad_options_fail_before_any_model_loads(models, tmp_path, capsys, no_models, extra, message):
     import re
 
     np.save(tmp_path / "bad.npy", np.ones(7, np.float32))
     argv = [*model_args(models), "--prompt", PROMPT, "--out", str(tmp_path / "out")]
-    argv += [a.format(tmp=tmp_path) for a in extra]  # argparse keeps the last value of a repeated option
+    argv += [a.format(tmp=tmp_path, motion=models["motion"]) for a in extra]  # the last of a repeated option wins
     with pytest.raises(SystemExit) as info:
         generate.main(argv)
     assert info.value.code == 2
@@ -317,9 +335,13 @@ def test_embedding_files(tmp_path):
     assert random_arcface(5).norm().item() == pytest.approx(1.0, abs=1e-6)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _python(*args: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter that imports this checkout's adaface (the working directory comes first on its path)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def test_tool_modules_import_light():
@@ -339,3 +361,131 @@ def test_help_documents_every_option():
             assert flag in res.stdout
         if action.option_strings and action.help is None:
             pytest.fail(f"{action.option_strings} has no help text")
+
+
+TINY = ["--steps", "1", "--guidance", "1", "--height", "16", "--width", "16", "--seed", "3"]
+
+
+def test_a_random_stand_in_for_a_photo_without_a_face_is_said_and_recorded(models, tmp_path, capsys):
+    """--on-no-face random used to swap in a random identity silently while settings.json named the photo."""
+    import torch.nn.functional as F
+
+    from adaface.models.face_encoder import FaceEncoder
+
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "dark.png")  # no face for the detector
+    dark, face = str(tmp_path / "dark.png"), models["photo"]
+    out = tmp_path / "all"
+    assert generate.main([*model_args(models), "--face-root", models["face_root"], "--images", dark,
+                          "--on-no-face", "random", "--num-images", "1", *TINY, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"--on-no-face random: no face found in {dark}; a random identity stands in for it" in err
+    assert "the whole identity is random" in err
+    subject = json.loads((out / "settings.json").read_text())["subject"]
+    assert subject["random_stand_ins"] == [dark] and subject["all_random"] is True
+    expected = F.normalize(torch.randn(512, generator=torch.Generator().manual_seed(3)), dim=0)  # from --seed
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "subject_arcface.npy")), expected)
+
+    out = tmp_path / "mixed"
+    assert generate.main([*model_args(models), "--face-root", models["face_root"], "--images", face, dark,
+                          "--on-no-face", "random", "--num-images", "1", *TINY, "--out", str(out)]) == 0
+    assert "averaged in with the other photos" in capsys.readouterr().err
+    subject = json.loads((out / "settings.json").read_text())["subject"]
+    assert subject["random_stand_ins"] == [dark] and subject["all_random"] is False
+    rows = torch.stack([FaceEncoder(models["face_root"])(face), expected])
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "subject_arcface.npy")),
+                               F.normalize(rows.mean(0), dim=0), atol=1e-6, rtol=0)
+
+    with pytest.raises(SystemExit):  # the default still refuses
+        generate.main([*model_args(models), "--face-root", models["face_root"], "--images", dark, *TINY,
+                       "--out", str(tmp_path / "refused")])
+    assert "--images: no face found in" in capsys.readouterr().err
+
+
+def test_out_must_be_new_or_an_earlier_run_replaced_with_overwrite(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*model_args(models), "--random-id", "2", *TINY, "--out", str(out)]
+    assert generate.main([*argv, "--num-images", "2", "--save-embeddings", str(out / "alice.safetensors")]) == 0
+    (out / "eval_report.json").write_text("{}")  # evaluate's report of the earlier run
+    (out / "p00_002.png").write_bytes(b"")  # an output the earlier run wrote but had not listed yet
+    (out / "notes.txt").write_text("mine")  # not the run's: never deleted
+    first = json.loads((out / "settings.json").read_text())
+
+    with pytest.raises(SystemExit):
+        generate.main([*argv, "--num-images", "1"])
+    assert "--out " in (err := capsys.readouterr().err) and "not empty (holds an earlier generate run); pass " \
+        "--overwrite" in err
+    assert json.loads((out / "settings.json").read_text()) == first  # refused before touching anything
+
+    assert generate.main([*argv, "--num-images", "1", "--overwrite"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["contact_sheet.png", "notes.txt", "p00_000.png",
+                                                    "settings.json", "subject_arcface.npy"]
+    second = json.loads((out / "settings.json").read_text())
+    assert [o["file"] for o in second["outputs"]] == ["p00_000.png"] and second["options"]["overwrite"] is True
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        generate.main([*argv[:-1], str(other), "--overwrite"])
+    assert "--overwrite: --out" in (err := capsys.readouterr().err) and "holds no generate run" in err
+    assert (other / "holiday.jpg").exists()
+    args = generate.build_parser().parse_args([*argv[:-1], str(tmp_path / "new"), "--overwrite"])
+    generate.check_args(args)  # a new folder: --overwrite has nothing to replace, and is no error
+    assert args.clear == []
+
+
+def test_settings_are_strict_json(tmp_path):
+    from adaface._cli import save_strict_json
+
+    with pytest.raises(ValueError, match="settings.json: refusing to write a non-finite number"):
+        save_strict_json({"guidance": float("nan")}, tmp_path / "settings.json")
+    assert not (tmp_path / "settings.json").exists()
+    save_strict_json({"guidance": 7.5}, tmp_path / "settings.json")
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"guidance": 7.5}
+
+
+def test_cpu_defaults_are_announced_before_starting(models, capsys):
+    base = [*model_args(models), "--random-id", "1", "--out", "o"]
+    generate.warn_if_slow_on_cpu(generate.build_parser().parse_args(base), ["a photo of z"], torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "4 image(s) at 512x512, 30 steps, on the CPU: expect hours" in err
+    small = generate.build_parser().parse_args([*base, "--height", "64", "--width", "64"])
+    generate.warn_if_slow_on_cpu(small, ["a photo of z"], torch.device("cpu"))
+    generate.warn_if_slow_on_cpu(generate.build_parser().parse_args(base), ["z"], torch.device("cuda"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_32_frame_clip_through_free_noise(models, tmp_path):
+    """The tiny motion adapter sees 8 frames (plain AnimateDiff fails on more); FreeNoise's windows give 32."""
+    out = tmp_path / "long"
+    assert generate.main([*model_args(models), "--random-id", "5", "--video", "--motion-adapter", models["motion"],
+                          "--num-frames", "32", "--context-stride", "4", "--num-images", "1", *TINY,
+                          "--prompt", "portrait of z at night", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["video"] == {"num_frames": 32, "free_noise": True, "context_length": 8, "context_stride": 4}
+    (entry,) = settings["outputs"]
+    assert len(entry["frames"]) == 32
+    with Image.open(out / entry["file"]) as gif:
+        assert gif.n_frames == 32
+    frames = [np.asarray(Image.open(out / f), np.int16) for f in entry["frames"]]
+    assert all(f.shape == (16, 16, 3) for f in frames)
+    assert max(np.abs(frames[0] - f).max() for f in frames[8:]) > 0  # later windows are not a copy of the first
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"), np.int16)
+    assert np.array_equal(sheet, frames[0])  # a video's first frame stands for it
+
+
+def test_free_noise_prompt_gives_the_same_embeddings(models):
+    """Under FreeNoise the subject enters as a textual inversion: the pipeline's own encoding of the rewritten
+    prompt equals encode_prompt's."""
+    from diffusers import StableDiffusionPipeline
+
+    from adaface.models.subject_prompt import encode_prompt
+
+    pipe = StableDiffusionPipeline.from_pretrained(models["base"])
+    subject = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
+    ours = encode_prompt(pipe.tokenizer, pipe.text_encoder, "z's portrait, at night", subject)
+    pipe.load_textual_inversion({generate.FREE_NOISE_TOKEN: subject})
+    text = generate.free_noise_prompt("z's portrait, at night", "z")
+    assert text == f"{generate.FREE_NOISE_TOKEN}'s portrait, at night"
+    theirs, _ = pipe.encode_prompt(text, "cpu", 1, False)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Arc2Face teacher (METHOD.md §2, §6) loaded from the released folder layout with tiny weights."""
+"""Arc2Face teacher (paper §2.2, Figure 4) loaded from the released folder layout with tiny weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ExpandedCLIPAttention / expand_clip_attention on a tiny transformers CLIPTextModel (METHOD.md §2)."""
+"""ExpandedCLIPAttention / expand_clip_attention on a tiny transformers CLIPTextModel (paper §2.2)."""
 
 from __future__ import annotations
 
@@ -135,9 +135,56 @@ def test_further_expansion_keeps_existing_copies():
     for i in range(3):
         attn = model.encoder.layers[i].self_attn
         assert torch.equal(attn.q_extra_weight[:3], old[i])
-        w0 = attn.q_proj.weight
-        fresh = attn.q_extra_weight[3:] - w0  # new copies: noisy copies of copy 0
-        assert fresh.std().item() == pytest.approx(0.1 * w0.std(dim=1).mean().item(), rel=0.05)
+        copies = torch.cat([attn.q_proj.weight[None], old[i]])  # copies 0..3 before the second expansion
+        for c in range(4, 8):  # copy c duplicates copy c mod 4, plus noise scaled to that copy's weights
+            source = copies[c % 4]
+            fresh = attn.q_extra_weight[c - 1] - source
+            assert fresh.std().item() == pytest.approx(0.1 * source.std(dim=1).mean().item(), rel=0.1)
+            assert (fresh - (copies[(c + 1) % 4] - source)).abs().max() > 1e-3  # not another copy's duplicate
+            assert torch.equal(attn.q_extra_bias[c - 1], torch.cat([attn.q_proj.bias[None], attn.q_extra_bias])[c % 4])
+
+
+@pytest.mark.parametrize("mode", ["qv", "kv"])
+def test_re_expansion_of_distinct_copies_keeps_the_function(mode):
+    """The paper's second plateau (x4 -> x8): with noise ratio 0 the layer's output must not move, even though its
+    four copies already differ. Appending duplicates of copy 0 only would move the joint softmax's weight."""
+    model = _model("eager")
+    ids, mask = _inputs()
+    expand_clip_attention(model, 4, mode=mode, noise_ratio=0.3, generator=torch.Generator().manual_seed(0))
+    for layer in model.encoder.layers:  # the copies really differ
+        extra = getattr(layer.self_attn, f"{mode[0]}_extra_weight")
+        assert (extra[0] - getattr(layer.self_attn, f"{mode[0]}_proj").weight).abs().max() > 1e-3
+    before = _run(model, ids, mask)
+    expand_clip_attention(model, [8, 8, 8, 4], mode=mode, noise_ratio=0.0)
+    assert clip_attention_multipliers(model) == [8, 8, 8, 4]
+    after = _run(model, ids, mask)
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)  # fp32 rounding of a longer softmax sum
+    expand_clip_attention(model, 16, mode=mode, noise_ratio=0.0)  # x2 and x4 at once, from 8 and 4
+    torch.testing.assert_close(_run(model, ids, mask), before, atol=2e-5, rtol=1e-4)
+
+
+def test_re_expansion_must_be_a_multiple():
+    model = _model()
+    expand_clip_attention(model, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"multipliers\[0\] \(layer 0\): multiplier 6 is not a multiple of .* 4"):
+        expand_clip_attention(model, [6, 4, 4, 4])
+    assert clip_attention_multipliers(model) == [4, 4, 4, 4]  # nothing changed
+    with pytest.raises(ValueError, match="multiplier 6 is not a multiple"):
+        model.encoder.layers[0].self_attn.expand(6)
+
+
+def test_output_attentions_is_refused_not_silently_empty():
+    model = _model("eager")
+    ids, _ = _inputs(padded=False)
+    assert len(model(ids, output_attentions=True).attentions) == len(model.encoder.layers)  # unpatched: returned
+    expand_clip_attention(model, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="does not return attention weights.*output_attentions=False"):
+        model(ids, output_attentions=True)
+    model.config.output_attentions = True  # asked through the config (eager attention allows it)
+    with pytest.raises(ValueError, match="does not return attention weights"):
+        model(ids)
+    model.config.output_attentions = False
+    assert model(ids).last_hidden_state.shape == (*ids.shape, model.config.hidden_size)
 
 
 def test_restore_gives_back_the_original_model():
@@ -164,8 +211,12 @@ def test_invalid_requests_raise_clear_errors():
         expand_clip_attention(model, 2, mode="qq")
     with pytest.raises(ValueError, match="noise_ratio"):
         expand_clip_attention(model, 2, noise_ratio=-1.0)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="noise_ratio must be a finite number"):
+            expand_clip_attention(model, 2, noise_ratio=bad)
+    assert not isinstance(model.encoder.layers[0].self_attn, ExpandedCLIPAttention)  # refused before any change
     expand_clip_attention(model, 4)
-    with pytest.raises(ValueError, match="below layer 0's current multiplier 4"):
+    with pytest.raises(ValueError, match=r"multipliers\[0\] \(layer 0\): multiplier 2 is below the layer's current 4"):
         expand_clip_attention(model, [2, 4, 4, 4])
     with pytest.raises(ValueError, match="already expanded with mode 'qv'"):
         expand_clip_attention(model, 4, mode="kv")

@@ -1,4 +1,4 @@
-"""PromptInverter (METHOD.md §2): template, last-3-layer mix, expansion, safetensors round trip."""
+"""PromptInverter (paper §2.1): template, last-3-layer mix, expansion, safetensors round trip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dynamic Model Expansion for Hugging Face CLIP text encoders (METHOD.md §2): a drop-in `CLIPAttention`.
+"""Dynamic Model Expansion for Hugging Face CLIP text encoders (paper §2.2): a drop-in `CLIPAttention`.
 
 `expand_clip_attention(model, multipliers)` swaps every layer's `self_attn` for an `ExpandedCLIPAttention`
 holding E paired copies of the expanded projections (mode "qv": Q and V, the paper; mode "kv": K and V, the
@@ -13,10 +13,15 @@ Parameter layout (chosen so an optimizer can be rebuilt cheaply after each expan
   the parameters (and state-dict keys) of `CLIPAttention`. Expanding again *replaces* these two parameters;
   every other parameter, and its optimizer state, stays.
 
-Expansion rule: new copies are copy 0 plus Gaussian noise, std = `noise_ratio` × mean over output rows of
-the row's (unbiased) std of copy 0's weight; biases are copied without noise. Expanding E → E' keeps the E
-existing copies and appends E' − E new noisy copies of copy 0 (never of a trained extra copy). Noise is drawn
-per projection in q, k, v order, one `randn([E'-E, out, in])` each, from `generator` (on its device) when given.
+Expansion rule (paper §2.2, "Dynamic Model Expansion": N identical copies, Gaussian noise on the new ones).
+Growing E → E' (E' a multiple of E) keeps copies 0..E-1 as they are and appends copies E..E'-1, copy c being a
+duplicate of copy `c mod E` (`expansion_sources`). Every existing copy is thus duplicated E'/E times: its slots
+appear E'/E times in the joint softmax with equal logits, so each slot's weight is split evenly and, with noise
+ratio 0, the layer computes exactly what it computed before — also when the existing copies already differ
+(a second plateau, ×4 → ×8). A multiplier that is not a multiple of E cannot keep the function and is refused.
+Noise then goes on the new copies only: Gaussian, std = `noise_ratio` × mean over output rows of the row's
+(unbiased) std of the source copy's weight; biases are duplicated without noise. Noise is drawn per projection
+in q, k, v order, one `randn([E'-E, out, in])` each, from `generator` (on its device) when given.
 
 Masks: transformers 5 hands the module `attention_mask` as None (sdpa, with `is_causal=True`), a bool 4-D
 mask (sdpa with padding), an additive float 4-D mask (eager) or the raw 2-D padding mask (flash-attention
@@ -53,12 +58,39 @@ def _check_multiplier(name: str, value: object) -> int:
     return value
 
 
+def _check_noise_ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"noise_ratio must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def expansion_sources(current: int, multiplier: int) -> list[int]:
+    """The copy each new copy duplicates when E = `current` grows to `multiplier`: copy c ← copy c mod E.
+
+    One list per expansion, in the order the new copies are appended (copies E..E'-1). Shared with the
+    optimizer-state transfer (`adaface.training.optim`), which gives each new copy its source's state.
+    """
+    current = _check_multiplier("current multiplier", current)
+    multiplier = _check_multiplier("multiplier", multiplier)
+    if multiplier < current:
+        raise ValueError(
+            f"multiplier {multiplier} is below the layer's current {current}; copies are never removed one by one "
+            "(use restore_clip_attention to go back to the original layer)"
+        )
+    if multiplier % current:
+        raise ValueError(
+            f"multiplier {multiplier} is not a multiple of the layer's current {current}: only duplicating every "
+            "copy the same number of times keeps the layer's function (e.g. 4 -> 8)"
+        )
+    return [c % current for c in range(current, multiplier)]
+
+
 class ExpandedCLIPAttention(nn.Module):
     """CLIP self-attention with E paired copies of the projections named in `mode`, one joint softmax.
 
     Build it from a loaded `CLIPAttention` with `from_clip_attention` (shares its Linear modules) and grow it
     with `expand`. `forward` takes the same arguments as `CLIPAttention.forward` in transformers 4.x and 5.x
-    and returns `(attn_output, None)`.
+    and returns `(attn_output, None)`; asked for attention weights (`output_attentions`), it raises a ValueError.
     """
 
     def __init__(
@@ -131,34 +163,31 @@ class ExpandedCLIPAttention(nn.Module):
     ) -> list[nn.Parameter]:
         """Grow to `multiplier` copies (see the module docstring for the rule); returns the new Parameters."""
         multiplier = _check_multiplier("multiplier", multiplier)
-        if not isinstance(noise_ratio, (int, float)) or isinstance(noise_ratio, bool) or noise_ratio < 0:
-            raise ValueError(f"noise_ratio must be a number >= 0, got {noise_ratio!r}")
-        if multiplier < self.multiplier:
-            raise ValueError(
-                f"multiplier {multiplier} is below the layer's current {self.multiplier}; copies are never removed "
-                "one by one (use restore_clip_attention to go back to the original layer)"
-            )
-        added = multiplier - self.multiplier
-        if added == 0:
+        _check_noise_ratio(noise_ratio)
+        sources = expansion_sources(self.multiplier, multiplier)
+        if not sources:
             return []
         new_params = []
         for p in self.mode:
             lin = getattr(self, f"{p}_proj")
-            w0 = lin.weight.detach()
-            fresh = w0.unsqueeze(0).repeat(added, 1, 1)
+            old_w, old_b = getattr(self, f"{p}_extra_weight"), getattr(self, f"{p}_extra_bias")
+            copies = lin.weight.detach().unsqueeze(0)
+            if old_w is not None:
+                copies = torch.cat([copies, old_w.detach()])
+            fresh = copies[sources]
             if noise_ratio > 0:
-                std = noise_ratio * w0.float().std(dim=1).mean()
-                gen_device = generator.device if generator is not None else w0.device
+                std = noise_ratio * copies.float().std(dim=2).mean(dim=1)[sources]
+                gen_device = generator.device if generator is not None else fresh.device
                 noise = torch.randn(fresh.shape, generator=generator, device=gen_device, dtype=torch.float32)
-                fresh = (fresh.float() + std * noise.to(w0.device)).to(w0.dtype)
-            old_w = getattr(self, f"{p}_extra_weight")
+                fresh = (fresh.float() + std.view(-1, 1, 1) * noise.to(fresh.device)).to(fresh.dtype)
             weight = fresh if old_w is None else torch.cat([old_w.detach(), fresh])
             new_params.append(nn.Parameter(weight, requires_grad=lin.weight.requires_grad))
             setattr(self, f"{p}_extra_weight", new_params[-1])
             if lin.bias is not None:
-                b_fresh = lin.bias.detach().unsqueeze(0).repeat(added, 1)
-                old_b = getattr(self, f"{p}_extra_bias")
-                bias = b_fresh if old_b is None else torch.cat([old_b.detach(), b_fresh])
+                biases = lin.bias.detach().unsqueeze(0)
+                if old_b is not None:
+                    biases = torch.cat([biases, old_b.detach()])
+                bias = biases[sources] if old_b is None else torch.cat([old_b.detach(), biases[sources]])
                 new_params.append(nn.Parameter(bias, requires_grad=lin.bias.requires_grad))
                 setattr(self, f"{p}_extra_bias", new_params[-1])
         self.multiplier = multiplier
@@ -185,11 +214,20 @@ class ExpandedCLIPAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         causal_attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        output_attentions: bool | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
         from adaface.ops import expanded_attention
 
+        if output_attentions is None:  # transformers may ask through the config instead of the call
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_attentions:
+            # The joint softmax over (copy, key) slots is fused and never materialised; an empty tuple of
+            # attentions would read as a model without attention layers.
+            raise ValueError(
+                "ExpandedCLIPAttention does not return attention weights (its joint softmax over copies x keys is "
+                "fused): call the model with output_attentions=False, or restore_clip_attention first"
+            )
         b, n, _ = hidden_states.shape
         q, k, v = (self._project(p, hidden_states) for p in _PROJECTIONS)
         key_padding_mask, attn_mask = _normalise_masks(attention_mask, causal_attention_mask, n)
@@ -264,6 +302,7 @@ def expand_clip_attention_with_params(
 ) -> list[tuple[str, nn.Parameter]]:
     """As `expand_clip_attention`, but returns the `(name, Parameter)` pairs it created (names in `model`)."""
     mode = _check_mode(mode)
+    _check_noise_ratio(noise_ratio)
     layers = encoder_layers(model)
     targets = _layer_multipliers(multipliers, len(layers))
     for i, layer in enumerate(layers):  # validate everything before changing anything
@@ -271,11 +310,10 @@ def expand_clip_attention_with_params(
         if isinstance(attn, ExpandedCLIPAttention):
             if attn.mode != mode:
                 raise ValueError(f"layer {i} is already expanded with mode {attn.mode!r}, cannot expand it as {mode!r}")
-            if targets[i] < attn.multiplier:
-                raise ValueError(
-                    f"multipliers[{i}] = {targets[i]} is below layer {i}'s current multiplier {attn.multiplier}; "
-                    "use restore_clip_attention to go back to the original layers"
-                )
+            try:
+                expansion_sources(attn.multiplier, targets[i])
+            except ValueError as e:
+                raise ValueError(f"multipliers[{i}] (layer {i}): {e}") from e
     created: set[int] = set()
     for i, layer in enumerate(layers):
         if not isinstance(layer.self_attn, ExpandedCLIPAttention):

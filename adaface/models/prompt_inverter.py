@@ -1,4 +1,4 @@
-"""The AdaFace Prompt Inverter (METHOD.md §2): 16 image-space ID tokens → 16 text-space token embeddings.
+"""The AdaFace Prompt Inverter (paper §2.1): 16 image-space ID tokens → 16 text-space token embeddings.
 
 A CLIP text transformer initialised from pretrained CLIP text weights. Its input is the template
 `<bos> photo of a [16 slots] <eos> <pad>...` (77 tokens): token embeddings from the frozen table with the

@@ -5,7 +5,8 @@ Rebuild rule (after `PromptInverter.expand`), per new parameter, matched to the 
   if nothing happened);
 - an expanded-copy parameter (`{q,k,v}_extra_{weight,bias}`, see `copy_source`): its existing copies keep
   their state, and each new copy gets a copy of the state (Adam moments, Prodigy's `s` and its anchor `p0`)
-  of copy 0 — the weights it was copied from — so the new copies do not start from a cold second moment;
+  of the copy it duplicates (copy c of copy `c mod E`, the weights' own source map) — so the new copies do
+  not start from a cold second moment;
 - anything else: no state, so Prodigy initialises it on the next step with `p0` = the current weights.
 The global Prodigy scalars (d, d_max, d_numerator, k, ...) carry over, so the step size does not restart
 from d0 and the warm-up is not repeated.
@@ -53,11 +54,11 @@ _EXTRA = re.compile(r"^(?P<prefix>.*)\.(?P<proj>[qkv])_extra_(?P<kind>weight|bia
 
 
 def copy_source(name: str) -> str | None:
-    """The parameter an expanded copy was made from: `...self_attn.q_extra_weight` <- `...self_attn.q_proj.weight`.
+    """The copy-0 parameter of an expanded copy: `...self_attn.q_extra_weight` <- `...self_attn.q_proj.weight`.
 
     This is the layout of `adaface.models.expanded_clip_attention`: copy 0 stays in the original Linear, copies
-    1..E-1 live in `{p}_extra_weight [E-1, out, in]` / `{p}_extra_bias [E-1, out]`, and growing E keeps the
-    existing extra copies first and appends new noisy copies of copy 0.
+    1..E-1 live in `{p}_extra_weight [E-1, out, in]` / `{p}_extra_bias [E-1, out]`, and growing E → E' keeps the
+    existing copies first and appends duplicates, copy c of copy `c mod E` (`expansion_sources`).
     """
     m = _EXTRA.match(name)
     return None if m is None else f"{m['prefix']}.{m['proj']}_proj.{m['kind']}"
@@ -66,32 +67,49 @@ def copy_source(name: str) -> str | None:
 FLAT_STATE = ("s", "p0")  # Prodigy keeps these flattened (p.flatten()[::slice_p]), whatever the parameter's shape
 
 
+def _per_copy(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """One parameter's state tensor in the parameter's own shape; None where it has no per-element layout."""
+    numel = torch.Size(shape).numel()
+    if value.dim() == 0 and key == "p0":
+        return torch.zeros(shape, dtype=value.dtype, device=value.device)  # Prodigy's p0 of an all-zero parameter
+    if value.numel() != numel:
+        return None  # sliced statistics (slice_p > 1) cannot be laid out per copy
+    return value.reshape(shape)
+
+
 def _grow_copies(key: str, old_extra: torch.Tensor | None, old_shape: torch.Size | None, copy0: torch.Tensor,
                  copy0_shape: torch.Size, new_shape: torch.Size) -> torch.Tensor | None:
-    """State of a grown `[E'-1, ...]` extra parameter: the old extra rows, then copy 0's state repeated."""
-    flat = key in FLAT_STATE or (copy0.dim() == 1 and len(copy0_shape) != 1)
-    if flat and copy0.numel() not in (1, torch.Size(copy0_shape).numel()):
-        return None  # sliced statistics (slice_p > 1) cannot be laid out per copy
-    if copy0.dim() == 0:
-        return copy0.clone()  # p0 of an all-zero parameter is a scalar zero
-    c0 = copy0.reshape(copy0_shape)
-    if tuple(new_shape[1:]) != tuple(c0.shape):
+    """State of a grown `[E'-1, ...]` extra parameter: the old copies' rows, then each new copy's source's row.
+
+    `old_extra` (shape `old_shape`, `[E-1, ...]`) is None when the layer had one copy. Rows follow the source map
+    of the weights (`expansion_sources`), so every new copy starts from the moments of the copy it duplicates.
+    None when a state tensor cannot be laid out per copy (the caller then leaves the parameter fresh).
+    """
+    from adaface.models.expanded_clip_attention import expansion_sources
+
+    flat = key in FLAT_STATE
+    c0 = _per_copy(key, copy0, copy0_shape)
+    if c0 is None or tuple(new_shape[1:]) != tuple(c0.shape):
         return None
-    kept = 0 if old_extra is None else old_shape[0]
-    parts = []
-    if kept:
-        if old_extra.dim() == 0:
+    copies = [c0.unsqueeze(0)]
+    if old_extra is not None:
+        old = _per_copy(key, old_extra, old_shape)
+        if old is None or tuple(old.shape[1:]) != tuple(c0.shape):
             return None
-        parts.append(old_extra.reshape(old_shape))
-    parts.append(c0.unsqueeze(0).expand(new_shape[0] - kept, *c0.shape))
-    out = torch.cat(parts)
+        copies.append(old.to(c0.dtype))
+    copies = torch.cat(copies)  # [E, ...]: copy 0 first, as in the weights
+    current = copies.shape[0]
+    rows = list(range(1, current)) + expansion_sources(current, new_shape[0] + 1)
+    out = copies[rows]
     return out.flatten() if flat else out
 
 
 def snapshot_state(optimizer: torch.optim.Optimizer,
                    names: Mapping[torch.nn.Parameter, str]) -> tuple[dict[str, tuple[torch.Size, dict]], dict]:
-    """Name-keyed per-parameter state (with each parameter's shape) and the first group's scalars."""
-    per_param = {names[p]: (p.shape, dict(st)) for p, st in optimizer.state.items()}
+    """Name-keyed per-parameter state (with each parameter's shape; `{}` before its first step) and the first
+    group's scalars. Parameters without state are listed too, so a later expansion knows their old shapes."""
+    per_param = {names[p]: (p.shape, dict(optimizer.state.get(p, {})))
+                 for group in optimizer.param_groups for p in group["params"]}
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     return per_param, group
 
@@ -103,18 +121,22 @@ def transfer_state(optimizer: torch.optim.Optimizer, named_params: Mapping[str, 
     for name, p in named_params.items():
         old = old_state.get(name)
         if old is not None and tuple(old[0]) == tuple(p.shape):
-            optimizer.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in old[1].items()}
-            report[name] = "kept"
+            if old[1]:
+                optimizer.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in old[1].items()}
+            report[name] = "kept" if old[1] else "fresh"
             continue
         src = copy_source(name)
-        if src is None or src not in old_state:
-            report[name] = "fresh"
+        if src is None or src not in old_state or not old_state[src][1] or (old is not None and not old[1]):
+            report[name] = "fresh"  # a new parameter, or copies whose state was never built
             continue
         c0_shape, c0_state = old_state[src]
         new_st: dict[str, Any] = {}
         for k, v in c0_state.items():
             if isinstance(v, torch.Tensor) and k != "step":
                 old_v = None if old is None else old[1].get(k)
+                if old is not None and old_v is None:
+                    new_st = {}
+                    break
                 grown = _grow_copies(k, old_v, None if old is None else old[0], v, c0_shape, p.shape)
                 if grown is None:
                     new_st = {}
