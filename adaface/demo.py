@@ -497,8 +497,9 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
                                         num_images=count, height=height, width=width, video=True,
                                         num_frames=frames, fps=fps))
 
-        image_button.click(images, shared, [gallery, status, downloads])
-        video_button.click(video, [*shared, frames, fps], [gallery, status, downloads])
+        # one concurrency group for both buttons: the models serve one request at a time
+        image_button.click(images, shared, [gallery, status, downloads], concurrency_id="models")
+        video_button.click(video, [*shared, frames, fps], [gallery, status, downloads], concurrency_id="models")
     return app
 
 
@@ -515,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 tiny = build_tiny_models(args.tiny_dir or default_tiny_dir())
             except ImportError as e:
-                raise OptionError(f"--tiny needs the test extra for its tiny face models ({e}): "
-                                  'pip install -e ".[test]"') from e
+                raise OptionError(f"--tiny needs onnx for its tiny face models ({e}): "
+                                  'pip install -e ".[demo]"') from e
             for key, value in tiny.items():
                 if not getattr(args, key):
                     setattr(args, key, value)
@@ -525,10 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as e:
         parser.error(str(e))
     app = build_app(studio, max_images=args.max_images, default_size=TINY_SIZE if args.tiny else None)
-    app.queue(max_size=args.queue_size, default_concurrency_limit=1)  # one set of models: one request at a time
+    app.queue(max_size=args.queue_size, default_concurrency_limit=1)
     print(f"[demo] models loaded on {studio.device}; outputs go to {args.out}", flush=True)
     app.launch(server_name=args.host, server_port=args.port, show_error=False, ssr_mode=False,
-               allowed_paths=[str(Path(args.out).expanduser())], footer_links=[])
+               allowed_paths=[str(Path(args.out).expanduser())])
     return 0
 
 

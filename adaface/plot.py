@@ -74,7 +74,7 @@ def metrics_path(run_dir: str) -> Path:
 def read_run(path: Path, extra_keys: list[str] = ()) -> Run:
     """Parse the log: the last record per step wins (a resumed run's log never repeats one, a hand-joined may)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # a garbled byte spoils its line only
     except (OSError, UnicodeDecodeError) as e:
         raise OptionError(f"RUN_DIR {path}: cannot read it ({type(e).__name__}: {e})") from e
     steps: dict[int, dict[str, float]] = {}
@@ -180,7 +180,7 @@ def plot(run: Run, out: Path, smoothing: float = 0.9, extra_keys: list[str] = ()
         ax_d.text(0.5, 0.5, "no d or lr in the step records", ha="center", va="center", transform=ax_d.transAxes)
     _mark_expansions(ax_d, run.expansions, label=False)
     if handles:
-        ax_d.legend(handles=handles, loc="upper right", fontsize=8)
+        ax_d.legend(handles=handles, loc="lower right", fontsize=8)  # twin axes: "best" sees one of them
     ax_d.set_xlabel("optimizer step")
     ax_d.grid(alpha=0.3)
     fig.tight_layout()
