@@ -1,0 +1,540 @@
+"""`python -m adaface.demo`: a Gradio page to try AdaFace: face photos (or a random ID) + prompts → images or clips.
+
+The models are those of `python -m adaface.generate` (the same options, local folders or hub ids), loaded once
+at start-up through generate's own loaders; requests wait in Gradio's queue and run one at a time. Each request
+is checked by `generate.check_args` and writes a folder that `generate` would write (PNGs or GIF + frames,
+`settings.json`, `subject_arcface.npy`, the subject's textual-inversion file), so `python -m adaface.evaluate`
+scores it as it scores a command-line run. Each output is shown with its ArcFace similarity to the photos (to the
+random identity for a random ID): the best detected face's mean cosine to the references, as the evaluation
+computes it; for a clip, the mean over the frames with a face. Bad input (no face, an unreadable file, a prompt
+without the placeholder) is reported in the page.
+
+`--tiny` serves tiny random models of the real classes (built once into `--tiny-dir`) for a try-out without
+weights: the page works end to end, the pictures are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import generate
+from ._cli import HelpFormatter, OptionError, resolve_device, resolve_dtype
+
+EMBEDDINGS_NAME = "subject.safetensors"
+INSTALL_HINT = 'gradio is not installed: pip install -e ".[demo]" (or pip install gradio)'
+TINY_SIZE = 64  # the tiny models' native 16 px is too small to look at
+
+
+class DemoError(ValueError):
+    """A request the page cannot run; the message is shown to the user as it is (one line)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# options
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m adaface.demo",
+        description="A web page (Gradio) to generate images and AnimateDiff clips of a face subject with AdaFace.",
+        formatter_class=HelpFormatter,
+    )
+    models = p.add_argument_group("models (as python -m adaface.generate)")
+    models.add_argument("--base", help="SD-1.5 pipeline: a diffusers folder (model_index.json) or a hub id")
+    models.add_argument("--arc2face", help="Arc2Face: the released folder (encoder/ is used) or a hub id")
+    models.add_argument("--inverter", help="trained AdaFace Prompt Inverter folder (config.json + model.safetensors)")
+    models.add_argument("--face-root",
+                        help="insightface model root holding the antelopev2 pack: needed for photos and for the "
+                        "ArcFace similarity shown with each output")
+    models.add_argument("--motion-adapter", help="AnimateDiff MotionAdapter folder or hub id: enables the video tab")
+    models.add_argument("--scheduler", choices=generate.SCHEDULERS, default="auto",
+                        help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
+    models.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
+    models.add_argument("--dtype", choices=("auto", *generate.DTYPES), default="auto",
+                        help="model dtype; auto: float16 on CUDA, float32 on CPU")
+    models.add_argument("--tiny", action="store_true",
+                        help="serve tiny random models (built once into --tiny-dir) for a try-out; model options "
+                        "given as well replace the tiny ones")
+    models.add_argument("--tiny-dir", metavar="DIR",
+                        help="where --tiny builds its models (default: ~/.cache/adaface/tiny-demo)")
+
+    page = p.add_argument_group("page")
+    page.add_argument("--placeholder", default="z", help="the word that stands for the subject in the prompts")
+    page.add_argument("--ti-token", default="<z>", help="token of the downloadable textual-inversion file")
+    page.add_argument("--max-images", type=int, default=8, help="most images (or clips) one request may ask for")
+    page.add_argument("--queue-size", type=int, default=16, help="most requests waiting in the queue")
+    page.add_argument("--out", metavar="DIR",
+                      help="folder for the requests' outputs, one subfolder each (default: a new temporary folder)")
+
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0 serves the whole network)")
+    server.add_argument("--port", type=int, default=7860, help="port to listen on")
+    return p
+
+
+def default_tiny_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "adaface" / "tiny-demo"
+
+
+def build_tiny_models(root: str | os.PathLike) -> dict[str, str]:
+    """The tiny stand-ins of every model the demo uses, in the released layouts; reused when already built."""
+    root = Path(root).expanduser()
+    folders = {"base": root / "sd15", "arc2face": root / "arc2face", "inverter": root / "inverter",
+               "motion_adapter": root / "motion", "face_root": root / "insightface"}
+    done = root / "complete"
+    if not done.is_file():
+        import shutil
+
+        from .models.prompt_inverter import PromptInverter
+        from .testing.tiny_models import (
+            save_tiny_antelopev2,
+            save_tiny_arc2face,
+            save_tiny_sd15,
+            tiny_motion_adapter,
+            tiny_text_encoder,
+        )
+
+        tmp = root / f".build-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tiny_sd15(tmp / "sd15")
+        save_tiny_arc2face(tmp / "arc2face")
+        PromptInverter(tiny_text_encoder(seed=2), tokenizer=tmp / "sd15" / "tokenizer").save_pretrained(
+            tmp / "inverter")
+        tiny_motion_adapter().save_pretrained(str(tmp / "motion"))
+        save_tiny_antelopev2(tmp / "insightface")
+        for folder in folders.values():  # a folder at a time, so an interrupted build is never "complete"
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp / folder.name, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.write_text("tiny demo models\n")
+    return {k: str(v) for k, v in folders.items()}
+
+
+def generate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """generate's options for these models, with every generate default: what its loaders and checks read."""
+    argv = ["--random-id", "0", "--out", str(args.out)]
+    for name in ("base", "arc2face", "inverter"):
+        value = getattr(args, name)
+        if not value:
+            raise OptionError(f"--{name} is needed (or --tiny for tiny random models)")
+        argv += [f"--{name}", value]
+    for name in ("face_root", "motion_adapter"):
+        if getattr(args, name):
+            argv += [f"--{name.replace('_', '-')}", getattr(args, name)]
+    argv += ["--scheduler", args.scheduler, "--device", args.device, "--dtype", args.dtype,
+             "--placeholder", args.placeholder, "--ti-token", args.ti_token]
+    if args.motion_adapter:
+        argv.append("--video")
+    gen = generate.build_parser().parse_args(argv)
+    generate.check_args(gen)  # the same one-line errors as generate, before any model loads
+    return gen
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    for name in ("max_images", "queue_size"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.port < 65536:
+        raise OptionError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.tiny_dir and not args.tiny:
+        raise OptionError("--tiny-dir is only used with --tiny")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise OptionError(f"--out {args.out}: exists and is not a folder")
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="adaface-demo-")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# requests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One press of a Generate button."""
+
+    prompts: list[str]
+    photos: list[str] = field(default_factory=list)
+    random_id: int | None = None
+    negative_prompt: str = ""
+    seed: int | None = None  # None: a random one, recorded in settings.json
+    steps: int = 30
+    guidance: float = 7.5
+    num_images: int = 1
+    height: int = 512
+    width: int = 512
+    video: bool = False
+    num_frames: int = 16
+    fps: float = 8.0
+
+
+@dataclass
+class Output:
+    file: Path
+    prompt: str
+    seed: int
+    scored: bool  # False: no face model to score with
+    similarity: float | None  # None: no face found
+    face_fraction: float | None = None  # clips: the share of frames with a face
+
+    def caption(self) -> str:
+        if not self.scored:
+            score = "not scored"
+        elif self.similarity is None:
+            score = "no face detected"
+        else:
+            score = f"ArcFace {self.similarity:.3f}"
+        if self.face_fraction is not None:
+            score += f", face in {self.face_fraction:.0%} of frames"
+        return f"{self.prompt} · seed {self.seed} · {score}"
+
+
+@dataclass
+class Result:
+    folder: Path
+    outputs: list[Output]
+    embeddings_file: Path
+    settings_file: Path
+    note: str = ""
+
+
+def parse_prompts(text: str, placeholder: str) -> list[str]:
+    """One prompt per non-empty line, each with the placeholder exactly once."""
+    from .models.subject_prompt import split_on_placeholder
+
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise DemoError(f"write at least one prompt, e.g. 'a photo of {placeholder} in the forest'")
+    for k, prompt in enumerate(prompts, 1):
+        try:
+            split_on_placeholder(prompt, placeholder)
+        except ValueError as e:
+            raise DemoError(f"prompt {k}: {e}") from e
+    return prompts
+
+
+class Studio:
+    """The models, loaded once, and the function that runs a request with them."""
+
+    def __init__(self, gen_args: argparse.Namespace, out_root: str | os.PathLike) -> None:
+        self.args = gen_args
+        self.out_root = Path(out_root).expanduser()
+        self.placeholder = gen_args.placeholder
+        self.device = resolve_device(gen_args.device)
+        self.dtype = resolve_dtype(gen_args.dtype, self.device)
+        self.subject_encoder = generate.load_subject_encoder(gen_args, self.device, self.dtype)
+        if self.has_faces:
+            self.subject_encoder.face_encoder  # noqa: B018 - loaded now, not on the first request
+        self.pipe = generate.load_pipeline(self._request_args(video=False), self.device, self.dtype)
+        self.video_pipe = None
+        if gen_args.motion_adapter:
+            self.video_pipe = generate.load_pipeline(self._request_args(video=True), self.device, self.dtype)
+        self._count = 0
+
+    # -- what the page offers ------------------------------------------------------------------------------
+    @property
+    def has_faces(self) -> bool:
+        return self.args.face_root is not None
+
+    @property
+    def native_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def max_frames(self) -> int | None:
+        """The motion module's length: AnimateDiff clips are at most this long."""
+        if self.video_pipe is None:
+            return None
+        return int(self.video_pipe.unet.config.motion_max_seq_length)
+
+    # -- one request ---------------------------------------------------------------------------------------
+    def _request_args(self, video: bool, **options: Any) -> argparse.Namespace:
+        args = copy.copy(self.args)
+        args.video = video
+        if not video:
+            args.motion_adapter = None  # generate refuses a motion adapter without --video
+        for key, value in options.items():
+            setattr(args, key, value)
+        return args
+
+    def _check(self, req: Request) -> argparse.Namespace:
+        prompts = parse_prompts("\n".join(req.prompts), self.placeholder)
+        if req.photos and req.random_id is not None:
+            raise DemoError("use either photos or a random ID, not both")
+        if not req.photos and req.random_id is None:
+            raise DemoError("upload at least one face photo, or choose a random ID")
+        if req.photos and not self.has_faces:
+            raise DemoError("photos need a face model: start the demo with --face-root (or use a random ID)")
+        if req.video and self.video_pipe is None:
+            raise DemoError("videos need an AnimateDiff motion module: start the demo with --motion-adapter")
+        if req.video and not 1 <= req.num_frames <= self.max_frames:
+            raise DemoError(f"frames must be between 1 and {self.max_frames} (the motion module's length), "
+                            f"got {req.num_frames}")
+        self._count += 1
+        folder = self.out_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:04d}"
+        args = self._request_args(
+            req.video, images=list(req.photos) or None, random_id=req.random_id, prompt=prompts,
+            prompts_file=None, negative_prompt=req.negative_prompt or "", seed=req.seed, steps=int(req.steps),
+            guidance=float(req.guidance), num_images=int(req.num_images), height=int(req.height),
+            width=int(req.width), num_frames=int(req.num_frames), fps=float(req.fps), out=str(folder),
+            save_embeddings=str(folder / EMBEDDINGS_NAME), on_no_face="error",
+        )
+        try:
+            generate.check_args(args)  # ranges, seeds, sizes and files exactly as the command line checks them
+        except OptionError as e:
+            raise DemoError(str(e)) from e
+        return args
+
+    def subject(self, args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any]:
+        """(identity [512], subject embeddings [16, H], ArcFace references [R, 512] or None)."""
+        import torch
+
+        from .subject import random_arcface
+
+        try:
+            arcface = self.subject_encoder.arcface(images=args.images, random_id=args.random_id,
+                                                   on_no_face="error", generator=torch.Generator().manual_seed(seed))
+        except (ValueError, FileNotFoundError, TypeError) as e:  # no face, unreadable or missing photo
+            raise DemoError(_short_paths(str(e), args.images or [])) from e
+        refs = None
+        if args.images:
+            refs = self.subject_encoder.face_encoder.embed_each(args.images)
+        elif self.has_faces:
+            refs = random_arcface(args.random_id)[None]
+        return arcface, self.subject_encoder(arcface).float(), refs
+
+    def run(self, req: Request) -> Result:
+        import numpy as np
+        import torch
+
+        from .models._io import atomic_save_json
+        from .models.subject_prompt import encode_prompt, save_textual_inversion
+        from .subject import Identity
+
+        args = self._check(req)
+        seed = args.seed if args.seed is not None else random.randrange(2**31)
+        arcface, subject, refs = self.subject(args, seed)
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / generate.ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
+        save_textual_inversion(subject, folder / EMBEDDINGS_NAME, token=args.ti_token)
+
+        pipe = self.video_pipe if args.video else self.pipe
+        # photos without a face are refused here (on_no_face="error"), so no random vector stands in for one
+        identity = Identity(arcface, num_photos=len(args.images or []))
+        settings = generate.run_settings(args, args.prompt, seed, self.device, self.dtype, pipe, identity)
+        settings["tool"] = "adaface.demo"
+        negative = None
+        if args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
+            negative, _ = pipe.encode_prompt(args.negative_prompt, self.device, 1, False)
+        outputs, index = [], 0
+        with torch.no_grad():
+            for p, prompt in enumerate(args.prompt):
+                embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt, subject.to(self.device),
+                                       placeholder=args.placeholder)
+                for i in range(args.num_images):
+                    item_seed = seed + index
+                    index += 1
+                    common = dict(prompt_embeds=embeds, negative_prompt_embeds=negative,
+                                  num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                                  width=args.width, generator=torch.Generator().manual_seed(item_seed))
+                    name = f"p{p:02d}_{i:03d}"
+                    entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
+                    if args.video:
+                        frames = pipe(num_frames=args.num_frames, **common).frames[0]
+                        entry["file"] = f"{name}.gif"
+                        entry["frames"] = generate.save_frames(frames, folder / name, folder / entry["file"],
+                                                               args.fps)
+                    else:
+                        result = pipe(**common)
+                        result.images[0].save(folder / f"{name}.png")
+                        entry["file"] = f"{name}.png"
+                        nsfw = getattr(result, "nsfw_content_detected", None)
+                        entry["nsfw"] = bool(nsfw[0]) if nsfw else None
+                    out = Output(folder / entry["file"], prompt, item_seed, refs is not None,
+                                 *self.similarity(folder, entry, refs))
+                    entry["arcface_similarity"] = out.similarity
+                    if args.video:
+                        entry["face_fraction"] = out.face_fraction
+                    settings["outputs"].append(entry)
+                    outputs.append(out)
+        atomic_save_json(settings, folder / generate.SETTINGS_NAME)
+        note = "" if refs is not None else "no ArcFace similarity: start the demo with --face-root to see it"
+        return Result(folder, outputs, folder / EMBEDDINGS_NAME, folder / generate.SETTINGS_NAME, note)
+
+    def similarity(self, folder: Path, entry: dict, refs: Any) -> tuple[float | None, float | None]:
+        """(ArcFace similarity, share of frames with a face for clips) of one output, by the evaluation's rule."""
+        from .evaluate import Item, arcface_scores
+
+        video = "frames" in entry
+        if refs is None:
+            return None, None
+        items = [Item(folder / f, entry["prompt"], entry["file"]) for f in entry.get("frames") or [entry["file"]]]
+        scores = [s for s, _ in arcface_scores(self.subject_encoder.face_encoder, items, refs)]
+        found = [s for s in scores if s is not None]
+        mean = sum(found) / len(found) if found else None
+        return mean, (len(found) / len(scores) if video else None)
+
+
+def _short_paths(message: str, photos: list[str]) -> str:
+    """Uploaded photos live in Gradio's cache under long random folders: name them by their file names."""
+    for path in photos:
+        message = message.replace(str(path), Path(path).name)
+    return message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the page
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _seed(value: Any) -> int | None:
+    return None if value is None or int(value) < 0 else int(value)
+
+
+def _files(value: Any) -> list[str]:
+    if not value:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [str(getattr(v, "name", v)) for v in items]
+
+
+def respond(studio: Studio, req_fields: dict) -> tuple[list, str, list[str] | None]:
+    """A request from the page's fields → (gallery items, status text, downloadable files)."""
+    try:
+        use_random = bool(req_fields.pop("use_random"))
+        random_id = req_fields.pop("random_id")
+        photos = _files(req_fields.pop("photos"))
+        req = Request(
+            prompts=(req_fields.pop("prompts") or "").splitlines(),
+            photos=[] if use_random else photos,
+            random_id=int(random_id or 0) if use_random else None,
+            seed=_seed(req_fields.pop("seed")),
+            **req_fields,
+        )
+        result = studio.run(req)
+    except DemoError as e:
+        return [], f"**Error:** {e}", None
+    gallery = [(str(o.file), o.caption()) for o in result.outputs]
+    lines = [f"{len(result.outputs)} {'clip' if req.video else 'image'}(s) in `{result.folder}`"]
+    lines += [f"- {o.file.name}: {o.caption()}" for o in result.outputs]
+    if result.note:
+        lines.append(result.note)
+    return gallery, "\n".join(lines), [str(result.embeddings_file), str(result.settings_file)]
+
+
+def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None = None) -> Any:
+    import gradio as gr
+
+    ph = studio.placeholder
+    size = default_size or studio.native_size
+    with gr.Blocks(title="AdaFace", analytics_enabled=False) as app:
+        gr.Markdown(f"# AdaFace\nUpload face photos of one person (or pick a random identity), write prompts with "
+                    f"**{ph}** where the person goes, and generate. Each output shows its ArcFace similarity to "
+                    "the photos.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                photos = gr.File(label="Face photo(s)", file_count="multiple", file_types=["image"],
+                                 elem_id="photos", interactive=studio.has_faces)
+                with gr.Row():
+                    use_random = gr.Checkbox(label="Random ID instead of photos", value=not studio.has_faces,
+                                             elem_id="use-random")
+                    random_id = gr.Number(label="Random ID", value=0, precision=0, elem_id="random-id")
+                prompts = gr.Textbox(label=f"Prompts, one per line ({ph} stands for the subject)",
+                                     value=f"a photo of {ph}", lines=3, elem_id="prompts")
+                negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative")
+                with gr.Row():
+                    seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
+                    count = gr.Slider(1, max_images, value=1, step=1, label="Images per prompt", elem_id="count")
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=30 if size >= 256 else 4, step=1, label="Steps")
+                    guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance")
+                with gr.Accordion("Size", open=False):
+                    height = gr.Slider(64 if size >= 64 else 8, 1024, value=size, step=8, label="Height")
+                    width = gr.Slider(64 if size >= 64 else 8, 1024, value=size, step=8, label="Width")
+            with gr.Column(scale=1):
+                with gr.Tabs():
+                    with gr.Tab("Images"):
+                        image_button = gr.Button("Generate images", variant="primary", elem_id="generate")
+                    with gr.Tab("Video"):
+                        max_frames = studio.max_frames or 16
+                        frames = gr.Slider(1, max_frames, value=min(16, max_frames), step=1, label="Frames")
+                        fps = gr.Slider(1, 30, value=8, step=1, label="Frames per second")
+                        video_button = gr.Button("Generate video", variant="primary", elem_id="generate-video",
+                                                 interactive=studio.video_pipe is not None)
+                        if studio.video_pipe is None:
+                            gr.Markdown("Start the demo with `--motion-adapter` to generate clips.")
+                gallery = gr.Gallery(label="Outputs", columns=2, object_fit="contain", height=420,
+                                     elem_id="gallery")
+                status = gr.Markdown(elem_id="status")
+                downloads = gr.File(label="Textual-inversion file and settings", file_count="multiple",
+                                    interactive=False, elem_id="downloads")
+
+        progress_bar = gr.Progress(track_tqdm=True)  # Gradio shows the pipelines' tqdm bars in the page
+        shared = [photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width]
+
+        def images(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                   progress=progress_bar):
+            return respond(studio, dict(photos=photos, use_random=use_random, random_id=random_id, prompts=prompts,
+                                        negative_prompt=negative, seed=seed, steps=steps, guidance=guidance,
+                                        num_images=count, height=height, width=width))
+
+        def video(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                  frames, fps, progress=progress_bar):
+            return respond(studio, dict(photos=photos, use_random=use_random, random_id=random_id, prompts=prompts,
+                                        negative_prompt=negative, seed=seed, steps=steps, guidance=guidance,
+                                        num_images=count, height=height, width=width, video=True,
+                                        num_frames=frames, fps=fps))
+
+        # one concurrency group for both buttons: the models serve one request at a time
+        image_button.click(images, shared, [gallery, status, downloads], concurrency_id="models")
+        video_button.click(video, [*shared, frames, fps], [gallery, status, downloads], concurrency_id="models")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: error: {INSTALL_HINT}\n")
+    try:
+        check_args(args)
+        if args.tiny:
+            try:
+                tiny = build_tiny_models(args.tiny_dir or default_tiny_dir())
+            except ImportError as e:
+                raise OptionError(f"--tiny needs onnx for its tiny face models ({e}): "
+                                  'pip install -e ".[demo]"') from e
+            for key, value in tiny.items():
+                if not getattr(args, key):
+                    setattr(args, key, value)
+        gen_args = generate_args(args)
+        studio = Studio(gen_args, args.out)
+    except OptionError as e:
+        parser.error(str(e))
+    app = build_app(studio, max_images=args.max_images, default_size=TINY_SIZE if args.tiny else None)
+    app.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    print(f"[demo] models loaded on {studio.device}; outputs go to {args.out}", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, show_error=False, ssr_mode=False,
+               allowed_paths=[str(Path(args.out).expanduser())])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

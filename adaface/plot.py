@@ -1,0 +1,224 @@
+"""`python -m adaface.plot RUN_DIR`: a picture of a training run's `metrics.jsonl`.
+
+Two panels over the optimizer step: every loss term the step records carry (each numeric key named `loss` or
+starting with `loss_`, raw and smoothed), then Prodigy's `d` and the learning rate `lr`. The attention expansions
+(`event: expansion` records, paper §4.1) are marked on both. Written with matplotlib's Agg backend (no display
+needed) to RUN_DIR/metrics.png unless `--out` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._cli import HelpFormatter, OptionError
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "metrics.png"
+
+
+@dataclass
+class Run:
+    """What the plot needs from a metrics log: per-key step series and the expansion events."""
+
+    path: Path
+    series: dict[str, tuple[list[int], list[float]]]
+    expansions: list[dict[str, Any]] = field(default_factory=list)
+    skipped_lines: int = 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m adaface.plot",
+        description="Plot a training run's loss terms (raw and smoothed), Prodigy's d and the learning rate, "
+        "with the attention expansions marked.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help=f"training output folder holding {METRICS_NAME} (or the {METRICS_NAME} file itself)")
+    p.add_argument("--out", metavar="PNG", help=f"image to write (default: RUN_DIR/{PLOT_NAME})")
+    p.add_argument("--smoothing", type=float, default=0.9,
+                   help="weight of the exponential moving average drawn over each loss, in [0, 1)")
+    p.add_argument("--extra-key", action="append", default=[], metavar="KEY",
+                   help="another numeric step key to draw with the losses (e.g. mse); repeatable")
+    return p
+
+
+def is_loss_key(key: str) -> bool:
+    return key == "loss" or key.startswith("loss_")
+
+
+def _number(value: Any) -> float | None:
+    # bool is an int to Python but never a metric; NaN/inf are kept (json writes them) and drawn as gaps.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def metrics_path(run_dir: str) -> Path:
+    path = Path(run_dir).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise OptionError(f"RUN_DIR {run_dir}: folder not found")
+    if not (path / METRICS_NAME).is_file():
+        raise OptionError(f"RUN_DIR {run_dir}: no {METRICS_NAME} in it (is it a training --output-dir?)")
+    return path / METRICS_NAME
+
+
+def read_run(path: Path, extra_keys: list[str] = ()) -> Run:
+    """Parse the log: the last record per step wins (a resumed run's log never repeats one, a hand-joined may)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()  # a garbled byte spoils its line only
+    except (OSError, UnicodeDecodeError) as e:
+        raise OptionError(f"RUN_DIR {path}: cannot read it ({type(e).__name__}: {e})") from e
+    steps: dict[int, dict[str, float]] = {}
+    expansions, skipped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1  # garbage, or a torn last line from a killed process
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            skipped += 1
+            continue
+        if rec.get("event") == "expansion":
+            expansions.append(rec)
+        elif rec.get("event") == "step":
+            steps[rec["step"]] = {k: v for k, v in ((k, _number(v)) for k, v in rec.items()) if v is not None}
+    if not steps:
+        what = "is empty" if not any(line.strip() for line in lines) else (
+            f"holds no step records ({len(lines)} lines, {skipped} not JSON records with a step)")
+        raise OptionError(f"RUN_DIR {path}: {what}; expected JSON lines with \"event\": \"step\"")
+    keys = sorted({k for rec in steps.values() for k in rec if is_loss_key(k)}, key=lambda k: (k != "loss", k))
+    missing = [k for k in extra_keys if not any(k in rec for rec in steps.values())]
+    if missing:
+        raise OptionError(f"--extra-key {missing[0]}: no step record of {path} has a numeric {missing[0]!r}")
+    wanted = [*keys, *[k for k in extra_keys if k not in keys], "d", "lr"]
+    series = {}
+    for key in wanted:
+        xs = [s for s in sorted(steps) if key in steps[s]]
+        if xs:
+            series[key] = (xs, [steps[s][key] for s in xs])
+    if not any(is_loss_key(k) or k in extra_keys for k in series):
+        raise OptionError(f"RUN_DIR {path}: its step records hold no numeric 'loss' or 'loss_*' values")
+    return Run(path, series, sorted(expansions, key=lambda e: e["step"]), skipped)
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """Bias-corrected exponential moving average; non-finite values are skipped (and stay gaps)."""
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(math.nan)
+            continue
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def _log_scale_fits(values: list[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0
+
+
+def _mark_expansions(ax: Any, expansions: list[dict], label: bool) -> None:
+    for k, e in enumerate(expansions):
+        ax.axvline(e["step"], color="0.35", linestyle="--", linewidth=1,
+                   label="expansion" if label and k == 0 else None)
+        if label:
+            text = str(e.get("stage") or e.get("multipliers") or "")
+            ax.annotate(f" {text}", (e["step"], 1), xycoords=("data", "axes fraction"), va="top", ha="left",
+                        fontsize=8, color="0.25", rotation=90)
+
+
+def plot(run: Run, out: Path, smoothing: float = 0.9, extra_keys: list[str] = ()) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_d) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(3, 2))
+    loss_keys = [k for k in run.series if is_loss_key(k) or k in extra_keys]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, key in enumerate(loss_keys):
+        xs, ys = run.series[key]
+        color = colors[i % len(colors)]
+        ax_loss.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
+        ax_loss.plot(xs, smooth(ys, smoothing), color=color, linewidth=1.8, label=f"{key} (smoothed)")
+    if all(_log_scale_fits(run.series[k][1]) for k in loss_keys):
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(f"{run.path.parent.name or run.path.name}: {len(next(iter(run.series.values()))[0])} steps"
+                      f" (faint: raw, bold: EMA {smoothing:g})")
+    _mark_expansions(ax_loss, run.expansions, label=True)
+    ax_loss.legend(loc="upper right", fontsize=8)
+    ax_loss.grid(alpha=0.3)
+
+    handles = []
+    if "d" in run.series:
+        xs, ys = run.series["d"]
+        handles += ax_d.plot(xs, ys, color="tab:purple", label="Prodigy d")
+        ax_d.set_ylabel("d")
+        if _log_scale_fits(ys):
+            ax_d.set_yscale("log")
+    if "lr" in run.series:
+        ax_lr = ax_d.twinx()
+        xs, ys = run.series["lr"]
+        handles += ax_lr.plot(xs, ys, color="tab:green", label="lr")
+        ax_lr.set_ylabel("lr")
+    if not handles:
+        ax_d.text(0.5, 0.5, "no d or lr in the step records", ha="center", va="center", transform=ax_d.transAxes)
+    _mark_expansions(ax_d, run.expansions, label=False)
+    if handles:
+        ax_d.legend(handles=handles, loc="lower right", fontsize=8)  # twin axes: "best" sees one of them
+    ax_d.set_xlabel("optimizer step")
+    ax_d.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def check_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    if not 0 <= args.smoothing < 1:
+        raise OptionError(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    path = metrics_path(args.run_dir)
+    out = Path(args.out).expanduser() if args.out else path.parent / PLOT_NAME
+    if out.suffix.lower() != ".png":
+        raise OptionError(f"--out {args.out}: the plot is a PNG; give a .png path")
+    if not out.parent.is_dir():
+        raise OptionError(f"--out {args.out}: folder {out.parent} not found")
+    return path, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        path, out = check_args(args)
+        run = read_run(path, args.extra_key)
+    except OptionError as e:
+        parser.error(str(e))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error('matplotlib is not installed: pip install "adaface[plot]" (or pip install matplotlib)')
+    plot(run, out, args.smoothing, args.extra_key)
+    note = f" ({run.skipped_lines} unreadable line(s) skipped)" if run.skipped_lines else ""
+    print(f"wrote {out}: {', '.join(run.series)} over {len(run.series[next(iter(run.series))][0])} steps, "
+          f"{len(run.expansions)} expansion(s){note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
