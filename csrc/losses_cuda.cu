@@ -492,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor> delta_cosine_fwd_cuda(const at::Tensor& subj_
   const int64_t rows = loss.numel(), C = subj_single.size(-1);
   if (rows == 0) return {loss, stats};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_fwd_ext", [&] {
+  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_ext_fwd", [&] {
     delta_fwd_kernel<scalar_t><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
         bs.const_data_ptr<scalar_t>(), as.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
         ac.const_data_ptr<scalar_t>(), loss.data_ptr<float>(), stats.data_ptr<float>(), rows, C,
@@ -518,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_cosine_bwd_cuda
   if (rows == 0 || !(need(needs, 0) || need(needs, 1) || need(needs, 2) || need(needs, 3)))
     return {out[0], out[1], out[2], out[3]};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_bwd_ext", [&] {
+  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_ext_bwd", [&] {
     scalar_t* p[4];
     for (int i = 0; i < 4; ++i) p[i] = need(needs, i) ? out[i].data_ptr<scalar_t>() : nullptr;
     delta_bwd_kernel<scalar_t><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
@@ -539,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tens
   const c10::cuda::CUDAGuard guard(q_subj.device());
   const int64_t B = q_subj.size(0), N = q_subj.size(1), Dq = q_subj.size(2), M = q_comp.size(1),
                 C = feat_subj.size(2);
-  TORCH_CHECK(B <= 65535, "soft_warp_fwd_ext: at most 65535 batches per call");
+  TORCH_CHECK(B <= 65535, "soft_warp_ext_fwd: at most 65535 batches per call");
   const auto f32 = q_subj.options().dtype(at::kFloat);
   at::Tensor rows = at::zeros({B, N}, f32);
   at::Tensor lse = at::full({B, N}, std::numeric_limits<float>::infinity(), f32);
@@ -550,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tens
   auto [order, counts] = compact_rows(weights.contiguous());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks_for(N, kTile), static_cast<unsigned int>(B));
-  ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_fwd_ext", [&] {
+  ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_ext_fwd", [&] {
     soft_warp_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
         v.const_data_ptr<scalar_t>(), order.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(),
@@ -584,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(
     at::Tensor dW = at::empty({B, N, C}, f32), Dv = at::empty({B, N}, f32);
     auto stream = c10::cuda::getCurrentCUDAStream();
     auto [order, counts] = compact_rows(w);
-    ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_bwd_ext", [&] {
+    ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_ext_bwd", [&] {
       soft_warp_rows_bwd_kernel<scalar_t><<<blocks_for(B * N, kRowsPerBlock), kThreads, 0, stream>>>(
           g.const_data_ptr<float>(), w.const_data_ptr<float>(), f.const_data_ptr<scalar_t>(),
           wp.const_data_ptr<float>(), dW.data_ptr<float>(), Dv.data_ptr<float>(),
@@ -617,8 +617,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(
 }  // namespace adaface
 
 TORCH_LIBRARY_IMPL(adaface, CUDA, m) {
-  m.impl("delta_cosine_fwd_ext", &adaface::delta_cosine_fwd_cuda);
-  m.impl("delta_cosine_bwd_ext", &adaface::delta_cosine_bwd_cuda);
-  m.impl("soft_warp_fwd_ext", &adaface::soft_warp_fwd_cuda);
-  m.impl("soft_warp_bwd_ext", &adaface::soft_warp_bwd_cuda);
+  m.impl("delta_cosine_ext_fwd", &adaface::delta_cosine_fwd_cuda);
+  m.impl("delta_cosine_ext_bwd", &adaface::delta_cosine_bwd_cuda);
+  m.impl("soft_warp_ext_fwd", &adaface::soft_warp_fwd_cuda);
+  m.impl("soft_warp_ext_bwd", &adaface::soft_warp_bwd_cuda);
 }
