@@ -341,6 +341,25 @@ def test_warp_cpu_masked_rows_are_zero_and_get_no_gradient():
 
 
 @needs_ext
+def test_warp_cpu_batch_without_selected_rows_gets_zero_gradients(nan_fill):
+    """dK/dV chunks are written by their first update, not zero-filled first: a batch no task touches (all rows
+    masked) must still come back as zeros, next to a batch with a partial selection (gathered rows)."""
+    B, N, M, Dq, C = 2, 40, 300, 6, 7
+    x = _leaves(make_inputs(B, N, M, Dq, C, seed=8), flags=[True] * 4)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, ::3] = True
+    out = soft_warp_loss(*x, mask, backend="cpp")
+    grads = torch.autograd.grad(out, x)
+    r = _leaves(x, flags=[True] * 4)
+    ref = soft_warp_loss_reference(*r, mask)
+    want = torch.autograd.grad(ref, r)
+    assert_close(out, ref, name="loss")
+    for name, g, w in zip(WARP_NAMES, grads, want):
+        assert torch.equal(g[0], torch.zeros_like(g[0])), name
+        assert_close(g, w, name=f"grad {name}")
+
+
+@needs_ext
 @pytest.mark.parametrize("need", [(True, False, False, False), (False, True, False, True), (False, False, True, False)])
 def test_warp_cpu_only_some_inputs_require_grad(need):
     _check_warp((2, 17, 29, 5, 6), torch.float32, "cpp", "bool", need=need)

@@ -84,9 +84,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tu
     if backend == "auto":
         if device.type == "cuda" and "triton" in supports and triton_importable():
             return "triton"
-        # Measured on a 2-core CPU: the C++ delta cosine is 6-12x faster than the eager reference; the C++
-        # soft-warp is about as fast as eager without a mask (faster with one: masked rows cost nothing) and
-        # never builds the N x M matrix, so its workspace stays small at 64x64 maps.
+        # The C++ losses are faster than the eager reference on CPU (bench/test_bench_cpp.py), and the soft
+        # warp never builds the N x M matrix (masked rows cost nothing), so its workspace stays small.
         if device.type == "cpu" and "cpp" in supports:
             if _EXTENSION is not None:
                 return "cpp"
