@@ -103,9 +103,7 @@ def test_bench_cpu_soft_warp(benchmark, variant, backward):
     # returned_bytes: the four fp32 input gradients every variant must allocate (part of peak_bytes)
     median = _time_and_record(benchmark, device, group, variant, run, rounds=5, dtype="float32",
                               shape=f"B{B} N{N} M{M} Dq{Dq} C{C}", flops=flops, threads=torch.get_num_threads(),
-                              returned_bytes=sum(t.numel() * 4 for t in ins) if backward else 0,
-                              gemm_impl="avx512" if HAS_EXT and torch.ops.adaface.cpu_gemm_uses_avx512_ext()
-                              else "aten")
+                              returned_bytes=sum(t.numel() * 4 for t in ins) if backward else 0)
     benchmark.extra_info["tflops"] = flops / median / 1e12
 
 

@@ -8,7 +8,10 @@
 //
 // soft warp, per batch b and query row n (weights[b, n] == 0: loss 0, no work):
 //   p = softmax_m(scale·q_n·k_m),  w = Σ_m p_m v_m,  loss = 1 − cos(w, f_n)
-// The forward saves lse[b, n] = log Σ_m exp(scale·q_n·k_m) (+inf for skipped rows) and w in fp32.
+// Saved state (the same for the Triton, CUDA and C++ backends): rows [B, N] fp32, warped w [B, N, C] fp32,
+// lse2 [B, N] fp32 = log2 Σ_m 2^(scale·log2(e)·q_n·k_m), order [B, N] int32 (per batch the selected rows
+// ascending, then the others) and count [B] int32 (how many are selected). warped and lse2 are defined on the
+// selected rows only; the backward reads nothing else.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,20 +29,24 @@ std::tuple<at::Tensor, at::Tensor> delta_cosine_fwd_cpu(const at::Tensor& subj_s
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_cosine_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& subj_single, const at::Tensor& subj_comp, const at::Tensor& cls_single,
     const at::Tensor& cls_comp, const at::Tensor& stats, double eps, at::IntArrayRef needs);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& q_subj, const at::Tensor& q_comp,
-                                                                 const at::Tensor& feat_subj,
-                                                                 const at::Tensor& feat_comp,
-                                                                 const at::Tensor& weights, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(
+    const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj, const at::Tensor& feat_comp,
+    const at::Tensor& weights, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(
     const at::Tensor& grad_rows, const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj,
-    const at::Tensor& feat_comp, const at::Tensor& weights, const at::Tensor& lse, const at::Tensor& warped,
-    double scale, at::IntArrayRef needs);
+    const at::Tensor& feat_comp, const at::Tensor& weights, const at::Tensor& warped, const at::Tensor& lse,
+    const at::Tensor& order, const at::Tensor& count, double scale, bool need_qs, bool need_qc, bool need_fs,
+    bool need_fc);
 
 // Checks shared by both devices: shapes, dtypes and devices of the loss inputs.
 void check_delta_inputs(const at::Tensor& subj_single, const at::Tensor& subj_comp, const at::Tensor& cls_single,
                         const at::Tensor& cls_comp);
 void check_soft_warp_inputs(const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj,
                             const at::Tensor& feat_comp, const at::Tensor& weights);
+// Shapes, dtypes and devices of the soft-warp backward's saved state (see above).
+void check_saved_state(const at::Tensor& q_subj, const at::Tensor& feat_subj, const at::Tensor& grad_rows,
+                       const at::Tensor& warped, const at::Tensor& lse, const at::Tensor& order,
+                       const at::Tensor& count);
 bool need(at::IntArrayRef needs, int64_t i);
 
 }  // namespace adaface

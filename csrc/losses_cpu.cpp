@@ -1,17 +1,19 @@
-// CPU kernels of the two losses and the registration of the `torch.ops.adaface.*_ext` ops (schemas here,
+// CPU kernels of the two losses and the registration of the `torch.ops.adaface.*_ext_*` ops (schemas here,
 // CPU implementations here, CUDA implementations in losses_cuda.cu, fake/autograd in adaface/ops/_extension.py).
 //
-// Parallelism: at::parallel_for over rows (delta cosine) or over blocks of query rows (soft warp, forward and
-// backward); this file is compiled with -fopenmp so at::parallel_for really forks (see setup.py). Inner loops
-// run on contiguous fp32 rows with `omp simd` reductions, in avx512/avx2/baseline clones picked at load time;
-// the soft warp's matrix products go through gemm_cpu.h (an AVX-512 micro-kernel, at::mm without AVX-512).
+// Delta cosine: at::parallel_for over rows; inner loops on contiguous fp32 rows with `omp simd` reductions, in
+// avx512/avx2/baseline clones picked at load time (this file is compiled with -fopenmp so at::parallel_for
+// really forks, see setup.py).
 //
-// Soft-warp work per (row block, key block): forward 2 matrix products (Sᵀ = K Qᵀ, O += P V), backward 5
-// (Sᵀ recomputed, dPᵀ = V dWᵀ, dQ += dS K, dK += dSᵀ Q, dV += Pᵀ dW): one more than the eager reference,
-// which keeps P ([B, N, M]) from its forward instead.
+// Soft warp: a batch's selected rows are taken in blocks of up to R rows, and every block is a few large
+// ATen GEMMs over all M keys at once, each threaded by the BLAS itself; the elementwise softmax steps between
+// them are split over the block's rows by at::parallel_for. Holding whole rows of the logits makes the
+// softmax exact in one pass (no running rescale); R keeps one [R, M] block near 4 MB.
+//   forward  (2 GEMMs):  S = Q Kᵀ;  P = softmax(scale·S) in place, lse saved;  W = P V
+//   backward (5 GEMMs):  S = Q Kᵀ recomputed, P = exp2(scale·log2e·S − lse2);  dP = dW Vᵀ;
+//                        dS = scale·P·(dP − D);  dQ = dS K;  dK += dSᵀ Q;  dV += Pᵀ dW
+// The eager reference needs one GEMM fewer (it keeps P from its forward) but holds [B, N, M] matrices.
 #include "losses.h"
-
-#include "gemm_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +26,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
@@ -38,38 +41,38 @@ bool need(at::IntArrayRef needs, int64_t i) { return i < static_cast<int64_t>(ne
 
 void check_delta_inputs(const at::Tensor& subj_single, const at::Tensor& subj_comp, const at::Tensor& cls_single,
                         const at::Tensor& cls_comp) {
-  TORCH_CHECK(subj_single.dim() >= 1, "delta_cosine_fwd_ext: inputs must be [..., C]");
+  TORCH_CHECK(subj_single.dim() >= 1, "delta_cosine_ext_fwd: inputs must be [..., C]");
   for (const at::Tensor* t : {&subj_comp, &cls_single, &cls_comp}) {
-    TORCH_CHECK(t->sizes() == subj_single.sizes(), "delta_cosine_fwd_ext: all inputs must have one shape");
-    TORCH_CHECK(t->scalar_type() == subj_single.scalar_type(), "delta_cosine_fwd_ext: all inputs must have one dtype");
-    TORCH_CHECK(t->device() == subj_single.device(), "delta_cosine_fwd_ext: all inputs must be on one device");
+    TORCH_CHECK(t->sizes() == subj_single.sizes(), "delta_cosine_ext_fwd: all inputs must have one shape");
+    TORCH_CHECK(t->scalar_type() == subj_single.scalar_type(), "delta_cosine_ext_fwd: all inputs must have one dtype");
+    TORCH_CHECK(t->device() == subj_single.device(), "delta_cosine_ext_fwd: all inputs must be on one device");
   }
   const auto st = subj_single.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "delta_cosine_fwd_ext: dtype must be float32, float16 or bfloat16");
+              "delta_cosine_ext_fwd: dtype must be float32, float16 or bfloat16");
 }
 
 void check_soft_warp_inputs(const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj,
                             const at::Tensor& feat_comp, const at::Tensor& weights) {
   TORCH_CHECK(q_subj.dim() == 3 && q_comp.dim() == 3 && feat_subj.dim() == 3 && feat_comp.dim() == 3,
-              "soft_warp_fwd_ext: inputs must be 3-D");
+              "soft_warp_ext_fwd: inputs must be 3-D");
   const int64_t B = q_subj.size(0), N = q_subj.size(1), Dq = q_subj.size(2);
   const int64_t M = q_comp.size(1), C = feat_subj.size(2);
-  TORCH_CHECK(q_comp.size(0) == B && q_comp.size(2) == Dq, "soft_warp_fwd_ext: q_comp must be [B, M, Dq]");
-  TORCH_CHECK(feat_subj.size(0) == B && feat_subj.size(1) == N, "soft_warp_fwd_ext: feat_subj must be [B, N, C]");
+  TORCH_CHECK(q_comp.size(0) == B && q_comp.size(2) == Dq, "soft_warp_ext_fwd: q_comp must be [B, M, Dq]");
+  TORCH_CHECK(feat_subj.size(0) == B && feat_subj.size(1) == N, "soft_warp_ext_fwd: feat_subj must be [B, N, C]");
   TORCH_CHECK(feat_comp.size(0) == B && feat_comp.size(1) == M && feat_comp.size(2) == C,
-              "soft_warp_fwd_ext: feat_comp must be [B, M, C]");
+              "soft_warp_ext_fwd: feat_comp must be [B, M, C]");
   TORCH_CHECK(weights.dim() == 2 && weights.size(0) == B && weights.size(1) == N,
-              "soft_warp_fwd_ext: weights must be [B, N]");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat, "soft_warp_fwd_ext: weights must be float32");
+              "soft_warp_ext_fwd: weights must be [B, N]");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, "soft_warp_ext_fwd: weights must be float32");
   for (const at::Tensor* t : {&q_comp, &feat_subj, &feat_comp}) {
-    TORCH_CHECK(t->scalar_type() == q_subj.scalar_type(), "soft_warp_fwd_ext: inputs must have one dtype");
-    TORCH_CHECK(t->device() == q_subj.device(), "soft_warp_fwd_ext: inputs must be on one device");
+    TORCH_CHECK(t->scalar_type() == q_subj.scalar_type(), "soft_warp_ext_fwd: inputs must have one dtype");
+    TORCH_CHECK(t->device() == q_subj.device(), "soft_warp_ext_fwd: inputs must be on one device");
   }
-  TORCH_CHECK(weights.device() == q_subj.device(), "soft_warp_fwd_ext: weights must be on the inputs' device");
+  TORCH_CHECK(weights.device() == q_subj.device(), "soft_warp_ext_fwd: weights must be on the inputs' device");
   const auto st = q_subj.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "soft_warp_fwd_ext: dtype must be float32, float16 or bfloat16");
+              "soft_warp_ext_fwd: dtype must be float32, float16 or bfloat16");
 }
 
 namespace {
@@ -82,28 +85,6 @@ ADAFACE_CLONES float dot(const float* x, const float* y, int64_t n) {
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
   return s;
-}
-
-// exp for x <= ~88 (softmax arguments are <= 0): Cody-Waite reduction x = k·ln2 + r, |r| <= ln2/2, and a
-// degree-7 Taylor polynomial (truncation error < 6e-9 relative); exp(-inf) and x < -87.3 give 0.
-// Written with plain float/int ops so that it vectorises inside `omp simd` loops.
-#pragma omp declare simd notinbranch
-inline float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -87.3f), 88.0f);
-  const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(float));
-  return x < -87.3f ? 0.f : p * two_k;
 }
 
 template <typename T>
@@ -264,226 +245,82 @@ void delta_bwd_impl(const at::Tensor& grad, const at::Tensor& bs, const at::Tens
 // ------------------------------------------------------------------------------------------------
 // soft warp
 
-// Layout: a task owns a block of active query rows (kRowBlock forward, kRowBlockBwd backward) and walks the
-// keys in blocks of kKeyBlock. Logits are held transposed, St[key j][row i] (rows contiguous), so every step is
-// a GEMM of gemm_cpu.h whose B operand has contiguous rows (Qᵀ, dWᵀ, V, K, Q, dW) and the softmax statistics of
-// a row are lanes of a vector. Scratch per worker at Dq = C = 320: about 0.5 MB forward, 1.1 MB backward.
-constexpr int64_t kRowBlock = 64;      // query rows per forward task (a GEMM's n or m)
-constexpr int64_t kRowBlockBwd = 128;  // per backward task: the dK/dV GEMMs' depth, so C is reloaded less often
-constexpr int64_t kKeyBlock = 256;     // keys per step (a GEMM's m or k)
+// A task is a block of up to R selected rows of one batch against all M keys; R keeps one [R, M] block of
+// logits near 0.75 MB, so that two of them per worker (the backward's S and dS) stay in cache-sized scratch.
+constexpr int64_t kBlockFloats = int64_t{3} << 16;
+constexpr int64_t kMinBlockRows = 16;
+constexpr int64_t kMaxBlockRows = 256;
+constexpr int64_t kKeyChunk = 256;  // dK/dV rows updated under one lock
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Active (weight != 0) rows of each batch, concatenated; offsets[b] .. offsets[b + 1].
-struct ActiveRows {
-  std::vector<int64_t> idx, offsets;
-};
+int64_t block_rows(int64_t M) {
+  return std::clamp<int64_t>(kBlockFloats / std::max<int64_t>(M, 1), kMinBlockRows, kMaxBlockRows);
+}
 
-ActiveRows active_rows(const at::Tensor& weights) {
-  const int64_t B = weights.size(0), N = weights.size(1);
-  const at::Tensor w = weights.contiguous();
-  const float* pw = w.const_data_ptr<float>();
-  ActiveRows a;
-  a.offsets.assign(B + 1, 0);
-  a.idx.reserve(B * N);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t n = 0; n < N; ++n)
-      if (pw[b * N + n] != 0.f) a.idx.push_back(b * N + n);  // flat row index b·N + n
-    a.offsets[b + 1] = static_cast<int64_t>(a.idx.size());
+// 2^x: x = k + f with k = round(x), |f| <= 1/2, and a degree-7 Taylor polynomial of e^(f·ln2) (truncation
+// error < 2e-9 relative); x < -126 (and -inf) gives 0. Plain float/int ops, so that it vectorises in `omp simd`.
+#pragma omp declare simd notinbranch
+inline float exp2_approx(float x) {
+  const float xc = std::min(std::max(x, -126.f), 127.f);
+  const float kf = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (xc - kf) * 0.693147180559945309f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  return x < -126.f ? 0.f : p * two_k;
+}
+
+// One row of logits s[0, M) → softmax(scale·s) in place; returns lse2 = log2 Σ_j 2^(scale·log2e·s_j)
+// (-inf for M = 0, with nothing to normalise).
+ADAFACE_CLONES float softmax_row(float* s, int64_t M, float scale2) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < M; ++j) {
+    s[j] *= scale2;
+    m = s[j] > m ? s[j] : m;
   }
-  return a;
-}
-
-struct RowBlock {
-  int64_t b, begin, count, rank;  // rows a.idx[begin .. begin + count) of batch b, its rank-th block
-};
-
-std::vector<RowBlock> row_blocks(const ActiveRows& a, int64_t rows) {
-  std::vector<RowBlock> blocks;
-  for (size_t b = 0; b + 1 < a.offsets.size(); ++b)
-    for (int64_t s = a.offsets[b], r = 0; s < a.offsets[b + 1]; s += rows, ++r)
-      blocks.push_back({static_cast<int64_t>(b), s, std::min(rows, a.offsets[b + 1] - s), r});
-  return blocks;
-}
-
-// Round-robin over batches (b0 r0, b1 r0, b0 r1, ...): tasks running at the same time are then mostly of
-// different batches, whose dK/dV blocks (and locks) are disjoint.
-std::vector<RowBlock> interleave_batches(const std::vector<RowBlock>& blocks, int64_t B) {
-  std::vector<std::vector<RowBlock>> per(B);
-  for (const RowBlock& blk : blocks) per[blk.b].push_back(blk);
-  std::vector<RowBlock> out;
-  out.reserve(blocks.size());
-  for (size_t r = 0; out.size() < blocks.size(); ++r)
-    for (int64_t b = 0; b < B; ++b)
-      if (r < per[b].size()) out.push_back(per[b][r]);
-  return out;
-}
-
-// Tasks handed out one at a time from a shared counter (not pre-split per thread): a thread that is
-// descheduled on a shared machine does not hold back a fixed half of the work. `per_worker(w, fetch)` runs
-// once per worker w < workers (scratch slice w is its own) and loops `for (t = fetch(); t < n; t = fetch())`.
-int64_t worker_count(int64_t n_tasks) { return std::max<int64_t>(1, std::min<int64_t>(n_tasks, at::get_num_threads())); }
-
-template <typename F>
-void dynamic_for(int64_t n, const F& per_worker) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const auto fetch = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
-  const int64_t workers = worker_count(n);
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w) per_worker(w, fetch);
-  });
-}
-
-// Carves one worker's scratch slice into consecutive arrays.
-struct Arena {
-  float* p;
-  float* end;
-  float* take(int64_t n) {
-    TORCH_INTERNAL_ASSERT(n <= end - p, "soft warp: a worker's scratch slice is smaller than its arrays");
-    float* r = p;
-    p += n;
-    return r;
+  const float base = m == kNegInf ? 0.f : m;  // all -inf: p = 0 instead of NaN
+  float l = 0.f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = 0; j < M; ++j) {
+    const float p = exp2_approx(s[j] - base);
+    s[j] = p;
+    l += p;
   }
-};
-
-// Worker w's slice (row w) of a scratch tensor from scratch_for.
-Arena worker_arena(const at::Tensor& scratch, int64_t w) {
-  float* base = scratch.data_ptr<float>() + w * scratch.size(1);
-  return {base, base + scratch.size(1)};
-}
-
-// Scratch for all workers as one tensor allocated by the calling thread, so it shows in torch's memory
-// accounting (profiler, benchmarks) like any other allocation of the op.
-at::Tensor scratch_for(int64_t workers, int64_t floats_per_worker) {
-  return at::empty({workers, floats_per_worker}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// dst[p·cnt + r] = src[idx[r]·width + p]: rows idx of src, transposed (fp32)
-template <typename T>
-void gather_rows_t(const T* src, const int64_t* idx, int64_t cnt, int64_t width, float* dst) {
-  for (int64_t r = 0; r < cnt; ++r) {
-    const T* row = src + idx[r] * width;
-    for (int64_t p = 0; p < width; ++p) dst[p * cnt + r] = static_cast<float>(row[p]);
-  }
-}
-
-template <typename T>
-void gather_rows(const T* src, const int64_t* idx, int64_t count, int64_t width, float* dst) {
-  for (int64_t r = 0; r < count; ++r) to_float(src + idx[r] * width, dst + r * width, width);
-}
-
-// Online-softmax update for one key block of transposed logits St [kb, cnt] (in place → unnormalised
-// probabilities): m, l = running max and sum per row; O [cnt, C] rows rescaled by exp(m_old − m_new).
-// A row whose logits are all -inf so far keeps m = -inf: its exponent is taken against 0, giving p = 0.
-ADAFACE_CLONES void online_softmax_cols(float* St, int64_t kb, int64_t cnt, float scale, float* m, float* l,
-                                        float* O, int64_t C, float* m_new, float* sum) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < cnt; ++i) {
-    m_new[i] = m[i];
-    sum[i] = 0.f;
-  }
-  for (int64_t j = 0; j < kb; ++j) {
-    float* s = St + j * cnt;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma omp simd
-    for (int64_t i = 0; i < cnt; ++i) {
-      s[i] *= scale;
-      m_new[i] = std::max(m_new[i], s[i]);
-    }
-  }
-  for (int64_t i = 0; i < cnt; ++i) m_new[i] = m_new[i] == kNegInf ? 0.f : m_new[i];  // safe exponent base
-  for (int64_t j = 0; j < kb; ++j) {
-    float* s = St + j * cnt;
+  for (int64_t j = 0; j < M; ++j) s[j] *= inv;
+  return l > 0.f ? base + std::log2(l) : kNegInf;
+}
+
+// P = 2^(scale2·s − lse2) in place of s; dS = scale·P·(dP − D) in place of dp (when given).
+ADAFACE_CLONES void probs_and_dlogits_row(float* s, float* dp, int64_t M, float scale2, float scale, float lse2,
+                                          float D) {
 #pragma omp simd
-    for (int64_t i = 0; i < cnt; ++i) {
-      const float p = exp_approx(s[i] - m_new[i]);
-      s[i] = p;
-      sum[i] += p;
-    }
-  }
-  for (int64_t i = 0; i < cnt; ++i) {
-    const float corr = exp_approx(m[i] - m_new[i]);  // m = -inf (first block): 0, and O, l are still 0
-    l[i] = l[i] * corr + sum[i];
-    m[i] = m_new[i];
-    if (corr != 1.f) {
-      float* o = O + i * C;
+  for (int64_t j = 0; j < M; ++j) s[j] = exp2_approx(scale2 * s[j] - lse2);
+  if (dp) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] *= corr;
-    }
+    for (int64_t j = 0; j < M; ++j) dp[j] = scale * s[j] * (dp[j] - D);
   }
 }
 
-// Transposed P = exp(scale·St − lse) in place; dSt = scale·P·(dPt − D) in place of dPt (when given).
-// lse = +inf (a row with no probabilities) gives P = 0.
-ADAFACE_CLONES void probs_and_dlogits_cols(float* St, float* dPt, int64_t kb, int64_t cnt, float scale,
-                                           const float* lse, const float* D, float* lse_safe, float* live) {
-  for (int64_t i = 0; i < cnt; ++i) {
-    live[i] = std::isinf(lse[i]) ? 0.f : 1.f;
-    lse_safe[i] = std::isinf(lse[i]) ? 0.f : lse[i];
-  }
-  for (int64_t j = 0; j < kb; ++j) {
-    float* s = St + j * cnt;
-#pragma omp simd
-    for (int64_t i = 0; i < cnt; ++i) s[i] = live[i] * exp_approx(scale * s[i] - lse_safe[i]);
-    if (dPt) {
-      float* dp = dPt + j * cnt;
-#pragma omp simd
-      for (int64_t i = 0; i < cnt; ++i) dp[i] = scale * s[i] * (dp[i] - D[i]);
-    }
-  }
+// 1 − cos(w, f) as torch.nn.functional.cosine_similarity (norms clamped to kCosineEps).
+ADAFACE_CLONES float cosine_loss_row(const float* w, const float* f, int64_t C) {
+  const float ce = static_cast<float>(kCosineEps);
+  const float nw = std::sqrt(dot(w, w, C)), nf = std::sqrt(dot(f, f, C));
+  return 1.f - dot(w, f, C) / (std::max(nw, ce) * std::max(nf, ce));
 }
 
-template <typename T>
-void soft_warp_fwd_impl(const at::Tensor& q, const at::Tensor& k32, const at::Tensor& f, const at::Tensor& v32,
-                        const ActiveRows& act, float scale, at::Tensor& rows_out, at::Tensor& lse,
-                        at::Tensor& warped) {
-  const int64_t Dq = q.size(2), M = k32.size(1), C = f.size(2);
-  const T* pq = q.const_data_ptr<T>();
-  const T* pf = f.const_data_ptr<T>();
-  const float* pk = k32.const_data_ptr<float>();
-  const float* pv = v32.const_data_ptr<float>();
-  float* prow = rows_out.data_ptr<float>();
-  float* plse = lse.data_ptr<float>();
-  float* pw = warped.data_ptr<float>();
-  const std::vector<RowBlock> blocks = row_blocks(act, kRowBlock);
-  const int64_t n_tasks = static_cast<int64_t>(blocks.size());
-  const int64_t R = kRowBlock, KB = kKeyBlock;
-  const int64_t per_worker = Dq * R + KB * R + R * C + 4 * R + C;
-  at::Tensor scratch = scratch_for(worker_count(n_tasks), per_worker);
-  dynamic_for(n_tasks, [&](int64_t w, const auto& fetch) {
-    Arena arena = worker_arena(scratch, w);
-    float *Qt = arena.take(Dq * R), *St = arena.take(KB * R), *O = arena.take(R * C), *m = arena.take(R),
-          *l = arena.take(R), *m_new = arena.take(R), *sum = arena.take(R), *frow = arena.take(C);
-    for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
-      const RowBlock& blk = blocks[t];
-      const int64_t cnt = blk.count;
-      const int64_t* idx = act.idx.data() + blk.begin;
-      gather_rows_t(pq, idx, cnt, Dq, Qt);
-      std::fill(m, m + cnt, -std::numeric_limits<float>::infinity());
-      std::fill(l, l + cnt, 0.f);
-      std::fill(O, O + cnt * C, 0.f);
-      const float* kb_all = pk + blk.b * M * Dq;
-      const float* vb_all = pv + blk.b * M * C;
-      for (int64_t j0 = 0; j0 < M; j0 += KB) {
-        const int64_t kb = std::min(KB, M - j0);
-        cpu::gemm_f32(kb, cnt, Dq, kb_all + j0 * Dq, Dq, 1, Qt, cnt, St, cnt, false);  // Sᵀ = K_j Qᵀ
-        online_softmax_cols(St, kb, cnt, scale, m, l, O, C, m_new, sum);
-        cpu::gemm_f32(cnt, C, kb, St, 1, cnt, vb_all + j0 * C, C, O, C, true);  // O += P V_j
-      }
-      for (int64_t r = 0; r < cnt; ++r) {
-        const int64_t row = idx[r];
-        float* wr = pw + row * C;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        for (int64_t c = 0; c < C; ++c) wr[c] = O[r * C + c] * inv;
-        plse[row] = l[r] > 0.f ? m[r] + std::log(l[r]) : std::numeric_limits<float>::infinity();
-        const float* fr = row_f32(pf + row * C, frow, C);
-        const float ce = static_cast<float>(kCosineEps);
-        const float nw = std::sqrt(dot(wr, wr, C)), nf = std::sqrt(dot(fr, fr, C));
-        prow[row] = 1.f - dot(wr, fr, C) / (std::max(nw, ce) * std::max(nf, ce));
-      }
-    }
-  });
-}
-
-// Per row of a task: dW = g·d(1 − cos)/dw (into dw), returns D = dW·w; the gradient of feat_subj into gf.
+// dW = g·d(1 − cos)/dw into dw; returns D = dW·w; the gradient of f into gf (when given).
 ADAFACE_CLONES float cosine_row_grads(float g, const float* w, const float* fr, int64_t C, float* dw, float* gf) {
   const float ce = static_cast<float>(kCosineEps);
   const float sw = std::sqrt(dot(w, w, C)), sf = std::sqrt(dot(fr, fr, C)), wf = dot(w, fr, C);
@@ -504,84 +341,140 @@ ADAFACE_CLONES float cosine_row_grads(float g, const float* w, const float* fr, 
   return d;
 }
 
-// Backward. Tasks are row blocks (as in the forward). A task first turns its rows' loss gradients into dW
-// (and the feat_subj gradient), then walks every key block, starting at a different one per task so that
-// concurrent tasks of one batch rarely want the same block. dQ rows have one owner (the task); dK/dV rows of
-// a key block are shared by all tasks of the batch and updated under that block's locks.
-template <typename T>
-void soft_warp_bwd_impl(const at::Tensor& q32, const at::Tensor& k32, const at::Tensor& v32, const at::Tensor& f,
-                        const at::Tensor& warped, const at::Tensor& lse, const at::Tensor& grad_rows,
-                        const ActiveRows& act, float scale, bool need_q, bool need_k, bool need_v, T* g_f,
-                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t B = q32.size(0), Dq = q32.size(2), M = k32.size(1), C = v32.size(2);
-  const int64_t key_blocks = (M + kKeyBlock - 1) / kKeyBlock;
-  const float* pq = q32.const_data_ptr<float>();
-  const float* pk = k32.const_data_ptr<float>();
-  const float* pv = v32.const_data_ptr<float>();
-  const T* pf = f.const_data_ptr<T>();
-  const float* pw = warped.const_data_ptr<float>();
-  const float* plse = lse.const_data_ptr<float>();
-  const float* pg = grad_rows.const_data_ptr<float>();
-  float* pdq = need_q ? dq.data_ptr<float>() : nullptr;
-  float* pdk = need_k ? dk.data_ptr<float>() : nullptr;
-  float* pdv = need_v ? dv.data_ptr<float>() : nullptr;
-  const bool need_dp = need_q || need_k;
-  const bool need_attn = (need_q || need_k || need_v) && M > 0;
-  // locks[2·(b·key_blocks + kblk) + {0: dK, 1: dV}]
-  std::unique_ptr<std::mutex[]> locks(new std::mutex[std::max<int64_t>(2 * B * key_blocks, 1)]);
-  const std::vector<RowBlock> blocks = interleave_batches(row_blocks(act, kRowBlockBwd), B);
-  const int64_t n_tasks = static_cast<int64_t>(blocks.size());
-  const int64_t R = kRowBlockBwd, KB = kKeyBlock;
-  const int64_t per_worker = 3 * R * Dq + 2 * R * C + 2 * KB * R + 4 * R + 2 * C;
-  at::Tensor scratch = scratch_for(worker_count(n_tasks), per_worker);
-  dynamic_for(n_tasks, [&](int64_t w, const auto& fetch) {
-    Arena arena = worker_arena(scratch, w);
-    float *Qa = arena.take(R * Dq), *Qt = arena.take(Dq * R), *dQa = arena.take(R * Dq), *Wa = arena.take(R * C),
-          *Wt = arena.take(C * R), *St = arena.take(KB * R), *dSt = arena.take(KB * R), *la = arena.take(R),
-          *Da = arena.take(R), *lse_safe = arena.take(R), *live = arena.take(R), *frow = arena.take(C),
-          *gf = arena.take(C);
-    for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
-      const RowBlock& blk = blocks[t];
-      const int64_t b = blk.b, cnt = blk.count;
-      const int64_t* idx = act.idx.data() + blk.begin;
-      for (int64_t r = 0; r < cnt; ++r) {
-        const int64_t row = idx[r];
-        const float* fr = row_f32(pf + row * C, frow, C);
-        Da[r] = cosine_row_grads(pg[row], pw + row * C, fr, C, Wa + r * C, g_f ? gf : nullptr);
-        if (g_f) from_float(gf, g_f + row * C, C);
-        la[r] = plse[row];
-      }
-      if (!need_attn) continue;
-      gather_rows_t(pq, idx, cnt, Dq, Qt);
-      if (need_k) gather_rows(pq, idx, cnt, Dq, Qa);
-      if (need_dp)
-        for (int64_t r = 0; r < cnt; ++r)
-          for (int64_t c = 0; c < C; ++c) Wt[c * cnt + r] = Wa[r * C + c];
-      if (need_q) std::fill(dQa, dQa + cnt * Dq, 0.f);
-      const int64_t first = blk.rank % key_blocks;  // staggered start within the batch
-      for (int64_t step = 0; step < key_blocks; ++step) {
-        const int64_t kblk = (first + step) % key_blocks;
-        const int64_t j0 = kblk * KB, kb = std::min(KB, M - j0);
-        const float* Kj = pk + (b * M + j0) * Dq;
-        const float* Vj = pv + (b * M + j0) * C;
-        cpu::gemm_f32(kb, cnt, Dq, Kj, Dq, 1, Qt, cnt, St, cnt, false);           // Sᵀ = K_j Qᵀ
-        if (need_dp) cpu::gemm_f32(kb, cnt, C, Vj, C, 1, Wt, cnt, dSt, cnt, false);  // dPᵀ = V_j dWᵀ
-        probs_and_dlogits_cols(St, need_dp ? dSt : nullptr, kb, cnt, scale, la, Da, lse_safe, live);
-        if (need_q) cpu::gemm_f32(cnt, Dq, kb, dSt, 1, cnt, Kj, Dq, dQa, Dq, true);  // dQ += dS K_j
-        std::mutex* lk = &locks[2 * (b * key_blocks + kblk)];
-        if (need_v) {
-          const std::lock_guard<std::mutex> guard(lk[1]);
-          cpu::gemm_f32(kb, C, cnt, St, cnt, 1, Wa, C, pdv + (b * M + j0) * C, C, true);  // dV_j += Pᵀ dW
-        }
-        if (need_k) {
-          const std::lock_guard<std::mutex> guard(lk[0]);
-          cpu::gemm_f32(kb, Dq, cnt, dSt, cnt, 1, Qa, Dq, pdk + (b * M + j0) * Dq, Dq, true);  // dK_j += dSᵀ Q
-        }
-      }
-      if (need_q)
-        for (int64_t r = 0; r < cnt; ++r) std::memcpy(pdq + idx[r] * Dq, dQa + r * Dq, sizeof(float) * Dq);
+// The saved row selection (the contract shared with the Triton kernels): per batch b, order[b, :count[b]]
+// are the selected rows (weight != 0) in ascending order, then the others; count[b] how many are selected.
+std::tuple<at::Tensor, at::Tensor> compact_rows(const at::Tensor& weights) {
+  const int64_t B = weights.size(0), N = weights.size(1);
+  const at::Tensor w = weights.contiguous();
+  const float* pw = w.const_data_ptr<float>();
+  at::Tensor order = at::empty({B, N}, w.options().dtype(at::kInt));
+  at::Tensor count = at::empty({B}, w.options().dtype(at::kInt));
+  int32_t* po = order.data_ptr<int32_t>();
+  int32_t* pc = count.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int32_t* ob = po + b * N;
+    int64_t sel = 0;
+    for (int64_t n = 0; n < N; ++n)
+      if (pw[b * N + n] != 0.f) ob[sel++] = static_cast<int32_t>(n);
+    int64_t rest = sel;
+    for (int64_t n = 0; n < N; ++n)
+      if (pw[b * N + n] == 0.f) ob[rest++] = static_cast<int32_t>(n);
+    pc[b] = static_cast<int32_t>(sel);
+  }
+  return {order, count};
+}
+
+// Positions [start, start + count) of one batch's selected rows: their row numbers, and whether they are
+// consecutive (then blocks of the batch's matrices are views, not gathered copies).
+struct RowSpan {
+  const int32_t* rows;
+  int64_t count;
+  bool consecutive;
+  at::Tensor index;  // int64 [count] row numbers, for gathers and scatters when not consecutive
+
+  RowSpan(const int32_t* order_b, int64_t start, int64_t cnt, int64_t N) : rows(order_b + start), count(cnt) {
+    for (int64_t i = 0; i < cnt; ++i)
+      TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "soft_warp_ext_bwd: `order` holds row ", rows[i],
+                  ", outside [0, ", N, ")");
+    consecutive = cnt > 0 && rows[cnt - 1] - rows[0] == cnt - 1;  // ascending and unique: consecutive
+    if (!consecutive) {
+      index = at::empty({cnt}, at::TensorOptions().dtype(at::kLong));
+      int64_t* pi = index.data_ptr<int64_t>();
+      for (int64_t i = 0; i < cnt; ++i) pi[i] = rows[i];
     }
+  }
+
+  // rows of an [N, W] matrix as a [count, W] one: a view when consecutive, else gathered into buf [>= count, W]
+  at::Tensor take(const at::Tensor& m, const at::Tensor& buf) const {
+    if (consecutive) return m.narrow(0, rows[0], count);
+    at::Tensor out = buf.narrow(0, 0, count);
+    return at::index_select_out(out, m, 0, index);
+  }
+  // where to write rows of an [N, W] result: a view when consecutive, else buf for `put`
+  at::Tensor target(const at::Tensor& m, const at::Tensor& buf) const {
+    return consecutive ? m.narrow(0, rows[0], count) : buf.narrow(0, 0, count);
+  }
+  void put(at::Tensor m, const at::Tensor& block) const {
+    if (!consecutive) m.index_copy_(0, index, block);
+  }
+};
+
+// Row blocks of every batch's selected rows, round-robin over batches (b0 r0, b1 r0, b0 r1, ...): tasks that
+// run at the same time are then mostly of different batches, whose dK/dV rows (and locks) are disjoint.
+struct Task {
+  int64_t b, start, count, rank;
+};
+
+std::vector<Task> row_tasks(const std::vector<int32_t>& counts, int64_t R) {
+  std::vector<Task> tasks;
+  for (int64_t rank = 0, any = 1; any; ++rank) {
+    any = 0;
+    for (size_t b = 0; b < counts.size(); ++b) {
+      const int64_t s = rank * R;
+      if (s < counts[b]) {
+        tasks.push_back({static_cast<int64_t>(b), s, std::min<int64_t>(R, counts[b] - s), rank});
+        any = 1;
+      }
+    }
+  }
+  return tasks;
+}
+
+// Tasks are handed out one at a time from a shared counter (not pre-split per thread): a thread that is
+// descheduled on a busy machine does not hold back a fixed share of the work. `per_worker(w, fetch)` runs once
+// per worker w and loops `for (t = fetch(); t < n; t = fetch())`. Inside the workers ATen's GEMMs run
+// single-threaded, one block per core, with no synchronisation between the cores per product.
+int64_t worker_count(int64_t n_tasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(n_tasks, at::get_num_threads()));
+}
+
+template <typename F>
+void dynamic_for(int64_t n, const F& per_worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const auto fetch = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
+  at::parallel_for(0, worker_count(n), 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) per_worker(w, fetch);
   });
+}
+
+// A worker's scratch: its row of a [workers, floats] tensor allocated by the calling thread (so that it shows
+// in torch's memory accounting like any other allocation of the op), carved into matrices.
+struct Carve {
+  at::Tensor row;
+  int64_t used = 0;
+  at::Tensor take(int64_t rows, int64_t cols) {
+    at::Tensor t = row.narrow(0, used, rows * cols).view({rows, cols});
+    used += rows * cols;
+    return t;
+  }
+};
+
+bool all_selected(const std::vector<int32_t>& counts, int64_t N) {
+  return std::all_of(counts.begin(), counts.end(), [N](int32_t c) { return c == N; });
+}
+
+// out (+)= a·b: the first update of a chunk (`written` still 0) writes instead of adding to uninitialised memory.
+void accumulate_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, char& written) {
+  if (written) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+    written = 1;
+  }
+}
+
+// Whether some batch has a partial selection (its blocks may need gathered copies instead of views).
+bool partial_selection(const std::vector<int32_t>& counts, int64_t N) {
+  return std::any_of(counts.begin(), counts.end(), [N](int32_t c) { return c > 0 && c < N; });
+}
+
+std::vector<int32_t> counts_of(const at::Tensor& count, int64_t N) {
+  const at::Tensor c = count.contiguous();
+  std::vector<int32_t> out(c.const_data_ptr<int32_t>(), c.const_data_ptr<int32_t>() + c.numel());
+  for (const int32_t n : out)
+    TORCH_CHECK(n >= 0 && n <= N, "soft_warp_ext_bwd: `count` holds ", n, ", outside [0, ", N, "]");
+  return out;
 }
 
 // detach(): the OpenMP workers do not inherit the caller's autograd-exclusion guard.
@@ -591,6 +484,24 @@ at::Tensor as_f32(const at::Tensor& t) { return t.detach().to(at::kFloat).contig
 
 // ------------------------------------------------------------------------------------------------
 // Op entry points (CPU)
+
+void check_saved_state(const at::Tensor& q_subj, const at::Tensor& feat_subj, const at::Tensor& grad_rows,
+                       const at::Tensor& warped, const at::Tensor& lse, const at::Tensor& order,
+                       const at::Tensor& count) {
+  const int64_t B = q_subj.size(0), N = q_subj.size(1), C = feat_subj.size(2);
+  const auto dev = q_subj.device();
+  TORCH_CHECK(grad_rows.sizes() == at::IntArrayRef({B, N}) && grad_rows.device() == dev,
+              "soft_warp_ext_bwd: grad_rows must be [B, N] on the inputs' device");
+  TORCH_CHECK(warped.sizes() == at::IntArrayRef({B, N, C}) && warped.scalar_type() == at::kFloat &&
+                  warped.device() == dev,
+              "soft_warp_ext_bwd: warped must be float32 [B, N, C] on the inputs' device");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, N}) && lse.scalar_type() == at::kFloat && lse.device() == dev,
+              "soft_warp_ext_bwd: lse must be float32 [B, N] on the inputs' device");
+  TORCH_CHECK(order.sizes() == at::IntArrayRef({B, N}) && order.scalar_type() == at::kInt && order.device() == dev,
+              "soft_warp_ext_bwd: order must be int32 [B, N] on the inputs' device");
+  TORCH_CHECK(count.sizes() == at::IntArrayRef({B}) && count.scalar_type() == at::kInt && count.device() == dev,
+              "soft_warp_ext_bwd: count must be int32 [B] on the inputs' device");
+}
 
 std::tuple<at::Tensor, at::Tensor> delta_cosine_fwd_cpu(const at::Tensor& subj_single, const at::Tensor& subj_comp,
                                                         const at::Tensor& cls_single, const at::Tensor& cls_comp,
@@ -632,78 +543,196 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_cosine_bwd_cpu(
   return {out[0], out[1], out[2], out[3]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& q_subj, const at::Tensor& q_comp,
-                                                                 const at::Tensor& feat_subj,
-                                                                 const at::Tensor& feat_comp,
-                                                                 const at::Tensor& weights, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(
+    const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj, const at::Tensor& feat_comp,
+    const at::Tensor& weights, double scale) {
   check_soft_warp_inputs(q_subj, q_comp, feat_subj, feat_comp, weights);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below are not differentiated
-  const int64_t B = q_subj.size(0), N = q_subj.size(1), C = feat_subj.size(2);
+  const int64_t B = q_subj.size(0), N = q_subj.size(1), M = q_comp.size(1), C = feat_subj.size(2);
   const auto f32 = q_subj.options().dtype(at::kFloat);
+  auto [order, count] = compact_rows(weights);
+  // rows that are not selected: loss 0; their warped and lse entries are not part of the contract (0 here)
+  const std::vector<int32_t> counts = counts_of(count, N);
   at::Tensor rows = at::zeros({B, N}, f32);
-  at::Tensor lse = at::full({B, N}, std::numeric_limits<float>::infinity(), f32);
-  at::Tensor warped = at::zeros({B, N, C}, f32);
-  const ActiveRows act = active_rows(weights);
-  if (act.idx.empty()) return {rows, lse, warped};
-  const at::Tensor q = q_subj.contiguous(), f = feat_subj.contiguous();
-  const at::Tensor k32 = as_f32(q_comp), v32 = as_f32(feat_comp);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "soft_warp_fwd_cpu", [&] {
-    soft_warp_fwd_impl<scalar_t>(q, k32, f, v32, act, static_cast<float>(scale), rows, lse, warped);
+  at::Tensor warped = all_selected(counts, N) ? at::empty({B, N, C}, f32) : at::zeros({B, N, C}, f32);
+  at::Tensor lse = at::zeros({B, N}, f32);
+  if (B * N == 0) return {rows, warped, lse, order, count};
+  const at::Tensor q32 = as_f32(q_subj), k32 = as_f32(q_comp), f32s = as_f32(feat_subj), v32 = as_f32(feat_comp);
+  const int64_t R = std::min(block_rows(M), N), Dq = q_subj.size(2);
+  const std::vector<Task> tasks = row_tasks(counts, R);
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const bool gather = partial_selection(counts, N);
+  const int64_t per_worker = R * M + (gather ? R * (Dq + 2 * C) : 0);
+  at::Tensor scratch = at::empty({worker_count(n_tasks), per_worker}, f32);
+  const float scale2 = static_cast<float>(scale) * kLog2e;
+  float* prow = rows.data_ptr<float>();
+  float* plse = lse.data_ptr<float>();
+  dynamic_for(n_tasks, [&](int64_t wk, const auto& fetch) {
+    Carve sc{scratch[wk]};
+    const at::Tensor S_buf = sc.take(R, M);
+    const at::Tensor Q_buf = gather ? sc.take(R, Dq) : at::Tensor(), F_buf = gather ? sc.take(R, C) : at::Tensor(),
+                     W_buf = gather ? sc.take(R, C) : at::Tensor();
+    for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
+      const Task& task = tasks[t];
+      const int64_t b = task.b;
+      const RowSpan span(order.const_data_ptr<int32_t>() + b * N, task.start, task.count, N);
+      const int64_t r = span.count;
+      at::Tensor S = S_buf.narrow(0, 0, r);
+      at::mm_out(S, span.take(q32[b], Q_buf), k32[b].t());  // S = Q Kᵀ
+      float* ps = S.data_ptr<float>();
+      for (int64_t i = 0; i < r; ++i) plse[b * N + span.rows[i]] = softmax_row(ps + i * M, M, scale2);
+      at::Tensor W = span.target(warped[b], W_buf);
+      at::mm_out(W, S, v32[b]);  // W = P V
+      span.put(warped[b], W);
+      const at::Tensor F = span.take(f32s[b], F_buf);
+      const float* pw = W.const_data_ptr<float>();
+      const float* pf = F.const_data_ptr<float>();
+      for (int64_t i = 0; i < r; ++i) prow[b * N + span.rows[i]] = cosine_loss_row(pw + i * C, pf + i * C, C);
+    }
   });
-  return {rows, lse, warped};
+  return {rows, warped, lse, order, count};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(
     const at::Tensor& grad_rows, const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj,
-    const at::Tensor& feat_comp, const at::Tensor& weights, const at::Tensor& lse, const at::Tensor& warped,
-    double scale, at::IntArrayRef needs) {
+    const at::Tensor& feat_comp, const at::Tensor& weights, const at::Tensor& warped, const at::Tensor& lse,
+    const at::Tensor& order, const at::Tensor& count, double scale, bool need_qs, bool need_qc, bool need_fs,
+    bool need_fc) {
   check_soft_warp_inputs(q_subj, q_comp, feat_subj, feat_comp, weights);
+  check_saved_state(q_subj, feat_subj, grad_rows, warped, lse, order, count);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below are not differentiated
   const int64_t B = q_subj.size(0), N = q_subj.size(1), Dq = q_subj.size(2), M = q_comp.size(1),
                 C = feat_subj.size(2);
-  const bool nq = need(needs, 0), nk = need(needs, 1), nf = need(needs, 2), nv = need(needs, 3);
-  const auto empty = at::empty({0}, q_subj.options());
-  at::Tensor g_f = nf ? at::zeros_like(feat_subj, at::MemoryFormat::Contiguous) : empty;
-  const ActiveRows act = active_rows(weights);
   const auto f32 = q_subj.options().dtype(at::kFloat);
-  at::Tensor dq32, dk32, dv32;
-  if (nk) dk32 = at::zeros({B, M, Dq}, f32);
-  if (nv) dv32 = at::zeros({B, M, C}, f32);
-  if (nq) dq32 = at::zeros({B, N, Dq}, f32);
-  if (!act.idx.empty() && (nq || nk || nf || nv)) {
-    const at::Tensor g = grad_rows.to(at::kFloat).contiguous(), w = warped.contiguous(), f = feat_subj.contiguous();
-    // fp32 views of the attention inputs (free for fp32 inputs; converted copies otherwise)
-    const at::Tensor q32 = as_f32(q_subj), k32 = as_f32(q_comp), v32 = as_f32(feat_comp);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "soft_warp_bwd_cpu", [&] {
-      soft_warp_bwd_impl<scalar_t>(q32, k32, v32, f, w, lse.contiguous(), g, act, static_cast<float>(scale), nq, nk,
-                                   nv, nf ? g_f.data_ptr<scalar_t>() : nullptr,
-                                   dq32, dk32, dv32);
+  const std::vector<int32_t> counts = counts_of(count, N);
+  // Unselected rows get zero gradients. Outputs every row of which is written are not zero-filled first: dQ
+  // and d feat_subj when all rows are selected; dK and dV chunks are written by their first update (below).
+  const bool all = all_selected(counts, N);
+  const auto rows_out = [&](bool needed, int64_t width, bool written) {
+    return !needed ? at::Tensor() : written ? at::empty({B, N, width}, f32) : at::zeros({B, N, width}, f32);
+  };
+  at::Tensor dq = rows_out(need_qs, Dq, all && M > 0), df = rows_out(need_fs, C, all);
+  at::Tensor dk = need_qc ? at::empty({B, M, Dq}, f32) : at::Tensor();
+  at::Tensor dv = need_fc ? at::empty({B, M, C}, f32) : at::Tensor();
+  const bool need_attn = (need_qs || need_qc || need_fc) && M > 0;
+  const bool need_dp = need_qs || need_qc;
+  const int64_t key_chunks = (M + kKeyChunk - 1) / kKeyChunk;
+  // written[2·(b·key_chunks + chunk) + {0: dK, 1: dV}]: whether that chunk has had its first update
+  std::vector<char> written(std::max<int64_t>(2 * B * key_chunks, 1), 0);
+  if (B * N > 0 && (need_attn || need_fs)) {
+    const at::Tensor g = grad_rows.detach().to(at::kFloat).contiguous(), w = warped.detach().contiguous(),
+                     f32s = as_f32(feat_subj), ls = lse.detach().contiguous();
+    const at::Tensor q32 = need_attn ? as_f32(q_subj) : at::Tensor(), k32 = need_attn ? as_f32(q_comp) : at::Tensor(),
+                     v32 = need_attn ? as_f32(feat_comp) : at::Tensor();
+    const at::Tensor ord = order.contiguous();
+    const int64_t R = std::min(block_rows(M), N);
+    const std::vector<Task> tasks = row_tasks(counts, R);
+    const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+    const bool gather = partial_selection(counts, N);
+    const int64_t per_worker = (need_attn ? R * M * (need_dp ? 2 : 1) : 0) + R * C +
+                               (gather ? R * (2 * Dq + 3 * C) : 0);
+    at::Tensor scratch = at::empty({worker_count(n_tasks), per_worker}, f32);
+    // locks[2·(b·key_chunks + chunk) + {0: dK, 1: dV}]
+    std::unique_ptr<std::mutex[]> locks(new std::mutex[std::max<int64_t>(2 * B * key_chunks, 1)]);
+    const float sc = static_cast<float>(scale), scale2 = sc * kLog2e;
+    const float* pg = g.const_data_ptr<float>();
+    const float* plse = ls.const_data_ptr<float>();
+    dynamic_for(n_tasks, [&](int64_t wk, const auto& fetch) {
+      Carve carve{scratch[wk]};
+      const at::Tensor S_buf = need_attn ? carve.take(R, M) : at::Tensor();
+      const at::Tensor dS_buf = need_attn && need_dp ? carve.take(R, M) : at::Tensor();
+      const at::Tensor dW_buf = carve.take(R, C);
+      at::Tensor Q_buf, W_buf, F_buf, dF_buf, dQ_buf;
+      if (gather) {
+        Q_buf = carve.take(R, Dq), W_buf = carve.take(R, C), F_buf = carve.take(R, C), dF_buf = carve.take(R, C);
+        dQ_buf = carve.take(R, Dq);
+      }
+      std::vector<float> D(R);
+      for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
+        const Task& task = tasks[t];
+        const int64_t b = task.b;
+        const RowSpan span(ord.const_data_ptr<int32_t>() + b * N, task.start, task.count, N);
+        const int64_t r = span.count;
+        // the cosine's gradients: dW (the warped rows'), D = dW·w, and feat_subj's
+        const at::Tensor Wb = span.take(w[b], W_buf), Fb = span.take(f32s[b], F_buf);
+        at::Tensor dW = dW_buf.narrow(0, 0, r);
+        at::Tensor dF = need_fs ? span.target(df[b], dF_buf) : at::Tensor();
+        const float *pw = Wb.const_data_ptr<float>(), *pf = Fb.const_data_ptr<float>();
+        float* pdw = dW.data_ptr<float>();
+        float* pdf = need_fs ? dF.data_ptr<float>() : nullptr;
+        for (int64_t i = 0; i < r; ++i)
+          D[i] = cosine_row_grads(pg[b * N + span.rows[i]], pw + i * C, pf + i * C, C, pdw + i * C,
+                                  pdf ? pdf + i * C : nullptr);
+        if (need_fs) span.put(df[b], dF);
+        if (!need_attn) continue;
+        // the attention's: P recomputed from the saved lse, dS, then the three products
+        const at::Tensor Qb = span.take(q32[b], Q_buf), Kb = k32[b], Vb = v32[b];
+        at::Tensor S = S_buf.narrow(0, 0, r);
+        at::mm_out(S, Qb, Kb.t());  // S = Q Kᵀ
+        at::Tensor dS = need_dp ? dS_buf.narrow(0, 0, r) : at::Tensor();
+        if (need_dp) at::mm_out(dS, dW, Vb.t());  // dP = dW Vᵀ
+        float* ps = S.data_ptr<float>();
+        float* pds = need_dp ? dS.data_ptr<float>() : nullptr;
+        for (int64_t i = 0; i < r; ++i)
+          probs_and_dlogits_row(ps + i * M, pds ? pds + i * M : nullptr, M, scale2, sc, plse[b * N + span.rows[i]],
+                                D[i]);
+        if (need_qs) {
+          at::Tensor dQ = span.target(dq[b], dQ_buf);
+          at::mm_out(dQ, dS, Kb);  // dQ = dS K (the task owns these rows)
+          span.put(dq[b], dQ);
+        }
+        // dK, dV rows are shared by the batch's tasks: key chunks under locks, from a different chunk per task
+        for (int64_t step = 0; step < key_chunks && (need_qc || need_fc); ++step) {
+          const int64_t chunk = (task.rank + step) % key_chunks;
+          const int64_t j0 = chunk * kKeyChunk, kb = std::min(kKeyChunk, M - j0);
+          const int64_t at = 2 * (b * key_chunks + chunk);
+          if (need_fc) {
+            const std::lock_guard<std::mutex> guard(locks[at + 1]);
+            at::Tensor dv_j = dv[b].narrow(0, j0, kb);
+            accumulate_product(dv_j, S.narrow(1, j0, kb).t(), dW, written[at + 1]);  // dV += Pᵀ dW
+          }
+          if (need_qc) {
+            const std::lock_guard<std::mutex> guard(locks[at]);
+            at::Tensor dk_j = dk[b].narrow(0, j0, kb);
+            accumulate_product(dk_j, dS.narrow(1, j0, kb).t(), Qb, written[at]);  // dK += dSᵀ Q
+          }
+        }
+      }
     });
   }
-  at::Tensor g_q = nq ? dq32.to(q_subj.scalar_type()) : empty;
-  at::Tensor g_k = nk ? dk32.to(q_subj.scalar_type()) : empty;
-  at::Tensor g_v = nv ? dv32.to(q_subj.scalar_type()) : empty;
-  return {g_q, g_k, g_f, g_v};
+  for (int64_t b = 0; b < B; ++b)  // chunks no task updated (a batch with no selected row)
+    for (int64_t chunk = 0; chunk < key_chunks; ++chunk) {
+      const int64_t j0 = chunk * kKeyChunk, kb = std::min(kKeyChunk, M - j0), at = 2 * (b * key_chunks + chunk);
+      if (need_qc && !written[at]) dk[b].narrow(0, j0, kb).zero_();
+      if (need_fc && !written[at + 1]) dv[b].narrow(0, j0, kb).zero_();
+    }
+  const auto dt = q_subj.scalar_type();
+  const auto empty = at::empty({0}, q_subj.options());
+  return {need_qs ? dq.to(dt) : empty, need_qc ? dk.to(dt) : empty, need_fs ? df.to(dt) : empty,
+          need_fc ? dv.to(dt) : empty};
 }
 
 }  // namespace adaface
 
 // ------------------------------------------------------------------------------------------------
 // Registration. FRAGMENT: Python also defines `adaface::*` ops (the Triton ones) in this namespace.
+// Names follow adaface::{op}_{backend}_{fwd|bwd}; the soft-warp pair has the Triton pair's schema (one saved
+// state: rows, warped, lse in base 2, order, count).
 TORCH_LIBRARY_FRAGMENT(adaface, m) {
-  m.def("delta_cosine_fwd_ext(Tensor subj_single, Tensor subj_comp, Tensor cls_single, Tensor cls_comp, float eps)"
+  m.def("delta_cosine_ext_fwd(Tensor subj_single, Tensor subj_comp, Tensor cls_single, Tensor cls_comp, float eps)"
         " -> (Tensor, Tensor)");
-  m.def("delta_cosine_bwd_ext(Tensor grad, Tensor subj_single, Tensor subj_comp, Tensor cls_single, "
+  m.def("delta_cosine_ext_bwd(Tensor grad, Tensor subj_single, Tensor subj_comp, Tensor cls_single, "
         "Tensor cls_comp, Tensor stats, float eps, int[] needs) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("soft_warp_fwd_ext(Tensor q_subj, Tensor q_comp, Tensor feat_subj, Tensor feat_comp, Tensor weights, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("soft_warp_bwd_ext(Tensor grad_rows, Tensor q_subj, Tensor q_comp, Tensor feat_subj, Tensor feat_comp, "
-        "Tensor weights, Tensor lse, Tensor warped, float scale, int[] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_warp_ext_fwd(Tensor q_subj, Tensor q_comp, Tensor feat_subj, Tensor feat_comp, Tensor weights, "
+        "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_warp_ext_bwd(Tensor grad_rows, Tensor q_subj, Tensor q_comp, Tensor feat_subj, Tensor feat_comp, "
+        "Tensor weights, Tensor warped, Tensor lse, Tensor order, Tensor count, float scale, bool need_qs, "
+        "bool need_qc, bool need_fs, bool need_fc) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adaface, CPU, m) {
-  m.impl("delta_cosine_fwd_ext", &adaface::delta_cosine_fwd_cpu);
-  m.impl("delta_cosine_bwd_ext", &adaface::delta_cosine_bwd_cpu);
-  m.impl("soft_warp_fwd_ext", &adaface::soft_warp_fwd_cpu);
-  m.impl("soft_warp_bwd_ext", &adaface::soft_warp_bwd_cpu);
+  m.impl("delta_cosine_ext_fwd", &adaface::delta_cosine_fwd_cpu);
+  m.impl("delta_cosine_ext_bwd", &adaface::delta_cosine_bwd_cpu);
+  m.impl("soft_warp_ext_fwd", &adaface::soft_warp_fwd_cpu);
+  m.impl("soft_warp_ext_bwd", &adaface::soft_warp_bwd_cpu);
 }

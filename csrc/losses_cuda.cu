@@ -4,12 +4,15 @@
 // delta cosine: one warp per row, two streaming passes (reduce, then materialise Δ per element).
 // soft warp: flash-style tiles of 32 query rows × 32 keys with 256 threads (each owns a 2×2 sub-tile), fp32
 // FMA through shared memory. Rows with weight 0 are compacted away on the device (a stable sort puts each
-// batch's active rows first; per-batch counts bound the work, no host sync), so they cost nothing.
-//   forward  (grid: row tiles × B):  online softmax over key tiles; the fp32 accumulator `warped` is owned by
-//            the row tile (rescale-and-add in place); lse saved.
+// batch's selected rows first; per-batch counts bound the work, no host sync), so they cost nothing. The
+// forward saves the Triton backend's state (losses.h): warped, lse in base 2, order and count (int32).
+//   forward  (grid: row tiles × B):  online softmax (base 2) over key tiles; the fp32 accumulator `warped` is
+//            owned by the row tile (rescale-and-add in place); lse2 saved.
 //   backward: row kernel dW = g·d(1 − cos)/dw, D = dW·w, d feat_subj; dQ kernel (grid: row tiles × B)
-//            recomputes P and dS = scale·P·(dW·v − D) per key tile; dK/dV kernel (grid: key tiles × B) walks
-//            the active row tiles of its batch. Every fp32 accumulator has exactly one owning block.
+//            recomputes P = 2^(scale·log2e·S − lse2) and dS = scale·P·(dW·v − D) per key tile; dK/dV kernel
+//            (grid: key tiles × B) walks the selected row tiles of its batch (the saved order and count).
+//            Every fp32 accumulator has exactly one owning block. The tables of row and key tiles are loaded
+//            by load_row_tile / load_key_tile, the tiles themselves by tile_dot / tile_accumulate.
 #include "losses.h"
 
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE/cuBLAS headers
@@ -218,19 +221,49 @@ __device__ void tile_accumulate(const float (*L)[kPad], const TR* __restrict__ R
   }
 }
 
-// Row n of a row tile of batch b: the (start + r)-th active row, or -1 past the batch's active count.
-__device__ __forceinline__ int64_t tile_row(const int64_t* order, const int64_t* counts, int64_t b, int64_t N,
+// Row n of a row tile of batch b: the (start + r)-th selected row, or -1 past the batch's count.
+__device__ __forceinline__ int64_t tile_row(const int32_t* order, const int32_t* counts, int64_t b, int64_t N,
                                             int64_t start, int r) {
   const int64_t i = start + r;
-  return i < counts[b] ? order[b * N + i] : -1;
+  return i < counts[b] ? static_cast<int64_t>(order[b * N + i]) : -1;
+}
+
+// Tables of the key tile at k0 of batch b (threads < kTile, one key each): element offsets of its rows in
+// k [B, M, Dq] and v [B, M, C], -1 past M. The caller synchronises before reading them.
+__device__ __forceinline__ void load_key_tile(int64_t b, int64_t k0, int64_t M, int64_t Dq, int64_t C, int64_t* krow,
+                                              int64_t* vrow) {
+  if (threadIdx.x < kTile) {
+    const int64_t j = k0 + threadIdx.x;
+    krow[threadIdx.x] = j < M ? (b * M + j) * Dq : -1;
+    vrow[threadIdx.x] = j < M ? (b * M + j) * C : -1;
+  }
+}
+
+// Tables of the row tile at position `start` of batch b's selected rows (threads < kTile, one row each):
+// element offsets of its rows in q [B, N, Dq] and in the [B, N, C] tensors, -1 past the selection; when given,
+// the flat row index b·N + n (nrow), the saved lse2 (+inf past the selection) and D (0). The caller
+// synchronises before reading them.
+__device__ __forceinline__ void load_row_tile(const int32_t* order, const int32_t* counts, int64_t b, int64_t N,
+                                              int64_t start, int64_t Dq, int64_t C, int64_t* qrow, int64_t* crow,
+                                              int64_t* nrow, const float* lse, float* lse_s, const float* Dv,
+                                              float* D_s) {
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    const int64_t n = tile_row(order, counts, b, N, start, r);
+    qrow[r] = n < 0 ? -1 : (b * N + n) * Dq;
+    crow[r] = n < 0 ? -1 : (b * N + n) * C;
+    if (nrow) nrow[r] = n < 0 ? -1 : b * N + n;
+    if (lse_s) lse_s[r] = n < 0 ? INFINITY : lse[b * N + n];
+    if (D_s) D_s[r] = n < 0 ? 0.f : Dv[b * N + n];
+  }
 }
 
 template <typename T>
 __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ f,
-                                     const T* __restrict__ v, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ counts, float* __restrict__ rows_out,
+                                     const T* __restrict__ v, const int32_t* __restrict__ order,
+                                     const int32_t* __restrict__ counts, float* __restrict__ rows_out,
                                      float* __restrict__ lse, float* __restrict__ warped, int64_t N, int64_t M,
-                                     int64_t Dq, int64_t C, float scale) {
+                                     int64_t Dq, int64_t C, float scale2) {
   __shared__ float As[kTile][kPad], Bs[kTile][kPad], Ps[kTile][kPad];
   __shared__ int64_t qrow[kTile], krow[kTile], vrow[kTile], orow[kTile], nrow[kTile];
   __shared__ float m_s[kTile], l_s[kTile], corr_s[kTile];
@@ -238,22 +271,14 @@ __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restric
   if (start >= counts[b]) return;  // uniform per block
   const TileIdx t;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  load_row_tile(order, counts, b, N, start, Dq, C, qrow, orow, nrow, nullptr, nullptr, nullptr, nullptr);
   if (threadIdx.x < kTile) {
-    const int r = threadIdx.x;
-    const int64_t n = tile_row(order, counts, b, N, start, r);
-    nrow[r] = n < 0 ? -1 : b * N + n;
-    qrow[r] = n < 0 ? -1 : (b * N + n) * Dq;
-    orow[r] = n < 0 ? -1 : (b * N + n) * C;
-    m_s[r] = -INFINITY;
-    l_s[r] = 0.f;
+    m_s[threadIdx.x] = -INFINITY;
+    l_s[threadIdx.x] = 0.f;
   }
   __syncthreads();
   for (int64_t k0 = 0; k0 < M; k0 += kTile) {
-    if (threadIdx.x < kTile) {
-      const int64_t j = k0 + threadIdx.x;
-      krow[threadIdx.x] = j < M ? (b * M + j) * Dq : -1;
-      vrow[threadIdx.x] = j < M ? (b * M + j) * C : -1;
-    }
+    load_key_tile(b, k0, M, Dq, C, krow, vrow);
     __syncthreads();
     float acc[2][2];
     tile_dot(q, qrow, k, krow, Dq, As, Bs, acc);
@@ -262,7 +287,7 @@ __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restric
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int c = t.tx + 16 * j;
-        Ps[t.ty + 16 * i][c] = krow[c] >= 0 ? acc[i][j] * scale : -INFINITY;
+        Ps[t.ty + 16 * i][c] = krow[c] >= 0 ? acc[i][j] * scale2 : -INFINITY;
       }
     __syncthreads();
     for (int r = warp; r < kTile; r += kThreads / kWarp) {  // online softmax, one warp per row
@@ -270,11 +295,11 @@ __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restric
       const float m_old = m_s[r];
       const float m_new = fmaxf(m_old, warp_max(s));
       const bool none = m_new == -INFINITY;
-      const float p = none ? 0.f : __expf(s - m_new);
+      const float p = none ? 0.f : exp2f(s - m_new);
       Ps[r][lane] = p;
       const float sum = warp_sum(p);
       if (lane == 0) {
-        const float corr = none ? 1.f : __expf(m_old - m_new);
+        const float corr = none ? 1.f : exp2f(m_old - m_new);
         corr_s[r] = corr;
         l_s[r] = l_s[r] * corr + sum;
         m_s[r] = m_new;
@@ -304,7 +329,7 @@ __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restric
     if (lane == 0) {
       const float ce = static_cast<float>(kCosineEps);
       rows_out[nrow[r]] = 1.f - wf / (fmaxf(sqrtf(ww), ce) * fmaxf(sqrtf(ff), ce));
-      lse[nrow[r]] = l > 0.f ? m_s[r] + logf(l) : INFINITY;
+      lse[nrow[r]] = l > 0.f ? m_s[r] + log2f(l) : -INFINITY;  // no keys: -inf, as the Triton kernel
     }
   }
 }
@@ -346,10 +371,11 @@ __global__ void soft_warp_rows_bwd_kernel(const float* __restrict__ grad, const 
   if (lane == 0) Dv[row] = d;
 }
 
-// P = exp(scale·S − lse) and dS = scale·P·(dP − D) of one tile, into Ps / dSs (invalid rows or keys: 0).
+// P = 2^(scale2·S − lse2) and dS = scale·P·(dP − D) of one tile, into Ps / dSs (rows past the selection, with
+// lse2 = +inf in the table, and keys past M: 0).
 __device__ __forceinline__ void probs_tile(const float acc_s[2][2], const float acc_dp[2][2], bool with_ds,
                                            const float* lse_s, const float* D_s, const int64_t* krow, float scale,
-                                           float (*Ps)[kPad], float (*dSs)[kPad]) {
+                                           float scale2, float (*Ps)[kPad], float (*dSs)[kPad]) {
   const TileIdx t;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -357,8 +383,8 @@ __device__ __forceinline__ void probs_tile(const float acc_s[2][2], const float 
     for (int j = 0; j < 2; ++j) {
       const int r = t.ty + 16 * i, c = t.tx + 16 * j;
       const float l = lse_s[r];
-      const bool ok = krow[c] >= 0 && !isinf(l);
-      const float p = ok ? __expf(acc_s[i][j] * scale - l) : 0.f;
+      const bool ok = krow[c] >= 0 && l != INFINITY;
+      const float p = ok ? exp2f(acc_s[i][j] * scale2 - l) : 0.f;
       Ps[r][c] = p;
       if (with_ds) dSs[r][c] = scale * p * (acc_dp[i][j] - D_s[r]);
     }
@@ -368,34 +394,23 @@ __device__ __forceinline__ void probs_tile(const float acc_s[2][2], const float 
 template <typename T>
 __global__ void soft_warp_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                     const float* __restrict__ dW, const float* __restrict__ Dv,
-                                    const float* __restrict__ lse, const int64_t* __restrict__ order,
-                                    const int64_t* __restrict__ counts, float* __restrict__ dq, int64_t N, int64_t M,
-                                    int64_t Dq, int64_t C, float scale) {
+                                    const float* __restrict__ lse, const int32_t* __restrict__ order,
+                                    const int32_t* __restrict__ counts, float* __restrict__ dq, int64_t N, int64_t M,
+                                    int64_t Dq, int64_t C, float scale, float scale2) {
   __shared__ float As[kTile][kPad], Bs[kTile][kPad], Ps[kTile][kPad], dSs[kTile][kPad];
   __shared__ int64_t qrow[kTile], wrow[kTile], krow[kTile], vrow[kTile];
   __shared__ float lse_s[kTile], D_s[kTile];
   const int64_t b = blockIdx.y, start = static_cast<int64_t>(blockIdx.x) * kTile;
   if (start >= counts[b]) return;
-  if (threadIdx.x < kTile) {
-    const int r = threadIdx.x;
-    const int64_t n = tile_row(order, counts, b, N, start, r);
-    qrow[r] = n < 0 ? -1 : (b * N + n) * Dq;
-    wrow[r] = n < 0 ? -1 : (b * N + n) * C;
-    lse_s[r] = n < 0 ? INFINITY : lse[b * N + n];
-    D_s[r] = n < 0 ? 0.f : Dv[b * N + n];
-  }
+  load_row_tile(order, counts, b, N, start, Dq, C, qrow, wrow, nullptr, lse, lse_s, Dv, D_s);
   __syncthreads();
   for (int64_t k0 = 0; k0 < M; k0 += kTile) {
-    if (threadIdx.x < kTile) {
-      const int64_t j = k0 + threadIdx.x;
-      krow[threadIdx.x] = j < M ? (b * M + j) * Dq : -1;
-      vrow[threadIdx.x] = j < M ? (b * M + j) * C : -1;
-    }
+    load_key_tile(b, k0, M, Dq, C, krow, vrow);
     __syncthreads();
     float acc_s[2][2], acc_dp[2][2];
     tile_dot(q, qrow, k, krow, Dq, As, Bs, acc_s);
     tile_dot(dW, wrow, v, vrow, C, As, Bs, acc_dp);
-    probs_tile(acc_s, acc_dp, true, lse_s, D_s, krow, scale, Ps, dSs);
+    probs_tile(acc_s, acc_dp, true, lse_s, D_s, krow, scale, scale2, Ps, dSs);
     __syncthreads();
     tile_accumulate<false>(dSs, k, krow, Dq, dq, qrow, nullptr, Bs);
   }
@@ -405,36 +420,25 @@ __global__ void soft_warp_dq_kernel(const T* __restrict__ q, const T* __restrict
 template <typename T>
 __global__ void soft_warp_dkv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                      const float* __restrict__ dW, const float* __restrict__ Dv,
-                                     const float* __restrict__ lse, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ counts, float* __restrict__ dk,
+                                     const float* __restrict__ lse, const int32_t* __restrict__ order,
+                                     const int32_t* __restrict__ counts, float* __restrict__ dk,
                                      float* __restrict__ dv, int64_t N, int64_t M, int64_t Dq, int64_t C,
-                                     float scale) {
+                                     float scale, float scale2) {
   __shared__ float As[kTile][kPad], Bs[kTile][kPad], Ps[kTile][kPad], dSs[kTile][kPad];
   __shared__ int64_t qrow[kTile], wrow[kTile], krow[kTile], vrow[kTile];
   __shared__ float lse_s[kTile], D_s[kTile];
   const int64_t b = blockIdx.y, k0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  if (threadIdx.x < kTile) {
-    const int64_t j = k0 + threadIdx.x;
-    krow[threadIdx.x] = j < M ? (b * M + j) * Dq : -1;
-    vrow[threadIdx.x] = j < M ? (b * M + j) * C : -1;
-  }
+  load_key_tile(b, k0, M, Dq, C, krow, vrow);
   const int64_t count = counts[b];
   const bool need_k = dk != nullptr;
   for (int64_t start = 0; start < count; start += kTile) {
     __syncthreads();  // the previous tile's readers of the row tables are done
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x;
-      const int64_t n = tile_row(order, counts, b, N, start, r);
-      qrow[r] = n < 0 ? -1 : (b * N + n) * Dq;
-      wrow[r] = n < 0 ? -1 : (b * N + n) * C;
-      lse_s[r] = n < 0 ? INFINITY : lse[b * N + n];
-      D_s[r] = n < 0 ? 0.f : Dv[b * N + n];
-    }
+    load_row_tile(order, counts, b, N, start, Dq, C, qrow, wrow, nullptr, lse, lse_s, Dv, D_s);
     __syncthreads();
     float acc_s[2][2], acc_dp[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
     tile_dot(q, qrow, k, krow, Dq, As, Bs, acc_s);
     if (need_k) tile_dot(dW, wrow, v, vrow, C, As, Bs, acc_dp);
-    probs_tile(acc_s, acc_dp, need_k, lse_s, D_s, krow, scale, Ps, dSs);
+    probs_tile(acc_s, acc_dp, need_k, lse_s, D_s, krow, scale, scale2, Ps, dSs);
     __syncthreads();
     if (dv) tile_accumulate<true>(Ps, dW, wrow, C, dv, vrow, nullptr, Bs);
     if (need_k) tile_accumulate<true>(dSs, q, qrow, Dq, dk, krow, nullptr, Bs);
@@ -468,13 +472,16 @@ unsigned int blocks_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned int>(g);
 }
 
-// Each batch's active rows (weight != 0) first, in order, and their counts: on the device, no host sync.
+// The saved row selection (losses.h): each batch's selected rows (weight != 0) first, ascending, then the
+// others (a stable sort, as the Triton backend's), and their counts, int32; on the device, no host sync.
 std::tuple<at::Tensor, at::Tensor> compact_rows(const at::Tensor& weights) {
   const at::Tensor inactive = (weights == 0).to(at::kInt);
   const at::Tensor order = std::get<1>(at::sort(inactive, /*stable=*/true, /*dim=*/1, /*descending=*/false));
-  const at::Tensor counts = (weights != 0).sum({1}, /*keepdim=*/false, at::kLong);
-  return {order.contiguous(), counts.contiguous()};
+  const at::Tensor counts = (weights != 0).sum({1}, /*keepdim=*/false, at::kInt);
+  return {order.to(at::kInt).contiguous(), counts.contiguous()};
 }
+
+constexpr float kLog2e = 1.44269504088896341f;
 
 }  // namespace
 
@@ -492,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor> delta_cosine_fwd_cuda(const at::Tensor& subj_
   const int64_t rows = loss.numel(), C = subj_single.size(-1);
   if (rows == 0) return {loss, stats};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_fwd_ext", [&] {
+  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_ext_fwd", [&] {
     delta_fwd_kernel<scalar_t><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
         bs.const_data_ptr<scalar_t>(), as.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
         ac.const_data_ptr<scalar_t>(), loss.data_ptr<float>(), stats.data_ptr<float>(), rows, C,
@@ -518,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_cosine_bwd_cuda
   if (rows == 0 || !(need(needs, 0) || need(needs, 1) || need(needs, 2) || need(needs, 3)))
     return {out[0], out[1], out[2], out[3]};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_bwd_ext", [&] {
+  ADAFACE_DISPATCH_CUDA(bs.scalar_type(), "delta_cosine_ext_bwd", [&] {
     scalar_t* p[4];
     for (int i = 0; i < 4; ++i) p[i] = need(needs, i) ? out[i].data_ptr<scalar_t>() : nullptr;
     delta_bwd_kernel<scalar_t><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
@@ -530,95 +537,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_cosine_bwd_cuda
   return {out[0], out[1], out[2], out[3]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tensor& q_subj, const at::Tensor& q_comp,
-                                                                  const at::Tensor& feat_subj,
-                                                                  const at::Tensor& feat_comp,
-                                                                  const at::Tensor& weights, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cuda(
+    const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj, const at::Tensor& feat_comp,
+    const at::Tensor& weights, double scale) {
   check_soft_warp_inputs(q_subj, q_comp, feat_subj, feat_comp, weights);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(q_subj.device());
   const int64_t B = q_subj.size(0), N = q_subj.size(1), Dq = q_subj.size(2), M = q_comp.size(1),
                 C = feat_subj.size(2);
-  TORCH_CHECK(B <= 65535, "soft_warp_fwd_ext: at most 65535 batches per call");
+  TORCH_CHECK(B <= 65535, "soft_warp_ext_fwd: at most 65535 batches per call");
   const auto f32 = q_subj.options().dtype(at::kFloat);
+  auto [order, counts] = compact_rows(weights.contiguous());
+  // rows that are not selected: loss 0; their warped and lse entries are not part of the saved state (0 here)
   at::Tensor rows = at::zeros({B, N}, f32);
-  at::Tensor lse = at::full({B, N}, std::numeric_limits<float>::infinity(), f32);
+  at::Tensor lse = at::zeros({B, N}, f32);
   at::Tensor warped = at::zeros({B, N, C}, f32);
-  if (B == 0 || N == 0) return {rows, lse, warped};
+  if (B == 0 || N == 0) return {rows, warped, lse, order, counts};
   const at::Tensor q = q_subj.contiguous(), k = q_comp.contiguous(), f = feat_subj.contiguous(),
                    v = feat_comp.contiguous();
-  auto [order, counts] = compact_rows(weights.contiguous());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks_for(N, kTile), static_cast<unsigned int>(B));
-  ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_fwd_ext", [&] {
+  ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_ext_fwd", [&] {
     soft_warp_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
-        v.const_data_ptr<scalar_t>(), order.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(),
+        v.const_data_ptr<scalar_t>(), order.const_data_ptr<int32_t>(), counts.const_data_ptr<int32_t>(),
         rows.data_ptr<float>(), lse.data_ptr<float>(), warped.data_ptr<float>(), N, M, Dq, C,
-        static_cast<float>(scale));
+        static_cast<float>(scale) * kLog2e);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {rows, lse, warped};
+  return {rows, warped, lse, order, counts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(
     const at::Tensor& grad_rows, const at::Tensor& q_subj, const at::Tensor& q_comp, const at::Tensor& feat_subj,
-    const at::Tensor& feat_comp, const at::Tensor& weights, const at::Tensor& lse, const at::Tensor& warped,
-    double scale, at::IntArrayRef needs) {
+    const at::Tensor& feat_comp, const at::Tensor& weights, const at::Tensor& warped, const at::Tensor& lse,
+    const at::Tensor& order, const at::Tensor& count, double scale, bool need_qs, bool need_qc, bool need_fs,
+    bool need_fc) {
   check_soft_warp_inputs(q_subj, q_comp, feat_subj, feat_comp, weights);
+  check_saved_state(q_subj, feat_subj, grad_rows, warped, lse, order, count);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(q_subj.device());
   const int64_t B = q_subj.size(0), N = q_subj.size(1), Dq = q_subj.size(2), M = q_comp.size(1),
                 C = feat_subj.size(2);
-  const bool nq = need(needs, 0), nk = need(needs, 1), nf = need(needs, 2), nv = need(needs, 3);
   const auto empty = at::empty({0}, q_subj.options());
   const auto f32 = q_subj.options().dtype(at::kFloat);
-  at::Tensor g_f = nf ? at::zeros({B, N, C}, q_subj.options()) : empty;
-  at::Tensor dq = nq ? at::zeros({B, N, Dq}, f32) : at::Tensor();
-  at::Tensor dk = nk ? at::zeros({B, M, Dq}, f32) : at::Tensor();
-  at::Tensor dv = nv ? at::zeros({B, M, C}, f32) : at::Tensor();
-  if (B > 0 && N > 0 && (nq || nk || nf || nv)) {
+  at::Tensor g_f = need_fs ? at::zeros({B, N, C}, q_subj.options()) : empty;
+  at::Tensor dq = need_qs ? at::zeros({B, N, Dq}, f32) : at::Tensor();
+  at::Tensor dk = need_qc ? at::zeros({B, M, Dq}, f32) : at::Tensor();
+  at::Tensor dv = need_fc ? at::zeros({B, M, C}, f32) : at::Tensor();
+  if (B > 0 && N > 0 && (need_qs || need_qc || need_fs || need_fc)) {
     const at::Tensor q = q_subj.contiguous(), k = q_comp.contiguous(), f = feat_subj.contiguous(),
                      v = feat_comp.contiguous(), w = weights.contiguous(), g = grad_rows.to(at::kFloat).contiguous(),
-                     wp = warped.contiguous(), ls = lse.contiguous();
+                     wp = warped.contiguous(), ls = lse.contiguous(), ord = order.contiguous(),
+                     counts = count.contiguous();
     at::Tensor dW = at::empty({B, N, C}, f32), Dv = at::empty({B, N}, f32);
     auto stream = c10::cuda::getCurrentCUDAStream();
-    auto [order, counts] = compact_rows(w);
-    ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_bwd_ext", [&] {
+    const float sc = static_cast<float>(scale), scale2 = sc * kLog2e;
+    ADAFACE_DISPATCH_CUDA(q.scalar_type(), "soft_warp_ext_bwd", [&] {
       soft_warp_rows_bwd_kernel<scalar_t><<<blocks_for(B * N, kRowsPerBlock), kThreads, 0, stream>>>(
           g.const_data_ptr<float>(), w.const_data_ptr<float>(), f.const_data_ptr<scalar_t>(),
           wp.const_data_ptr<float>(), dW.data_ptr<float>(), Dv.data_ptr<float>(),
-          nf ? g_f.data_ptr<scalar_t>() : nullptr, B * N, C);
+          need_fs ? g_f.data_ptr<scalar_t>() : nullptr, B * N, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (M > 0 && nq) {
+      if (M > 0 && need_qs) {
         const dim3 grid(blocks_for(N, kTile), static_cast<unsigned int>(B));
         soft_warp_dq_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
             dW.const_data_ptr<float>(), Dv.const_data_ptr<float>(), ls.const_data_ptr<float>(),
-            order.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(), dq.data_ptr<float>(), N, M, Dq, C,
-            static_cast<float>(scale));
+            ord.const_data_ptr<int32_t>(), counts.const_data_ptr<int32_t>(), dq.data_ptr<float>(), N, M, Dq, C, sc,
+            scale2);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if (M > 0 && (nk || nv)) {
+      if (M > 0 && (need_qc || need_fc)) {
         const dim3 grid(blocks_for(M, kTile), static_cast<unsigned int>(B));
         soft_warp_dkv_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
             dW.const_data_ptr<float>(), Dv.const_data_ptr<float>(), ls.const_data_ptr<float>(),
-            order.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(), nk ? dk.data_ptr<float>() : nullptr,
-            nv ? dv.data_ptr<float>() : nullptr, N, M, Dq, C, static_cast<float>(scale));
+            ord.const_data_ptr<int32_t>(), counts.const_data_ptr<int32_t>(),
+            need_qc ? dk.data_ptr<float>() : nullptr, need_fc ? dv.data_ptr<float>() : nullptr, N, M, Dq, C, sc,
+            scale2);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
   const auto dt = q_subj.scalar_type();
-  return {nq ? dq.to(dt) : empty, nk ? dk.to(dt) : empty, g_f, nv ? dv.to(dt) : empty};
+  return {need_qs ? dq.to(dt) : empty, need_qc ? dk.to(dt) : empty, g_f, need_fc ? dv.to(dt) : empty};
 }
 
 }  // namespace adaface
 
 TORCH_LIBRARY_IMPL(adaface, CUDA, m) {
-  m.impl("delta_cosine_fwd_ext", &adaface::delta_cosine_fwd_cuda);
-  m.impl("delta_cosine_bwd_ext", &adaface::delta_cosine_bwd_cuda);
-  m.impl("soft_warp_fwd_ext", &adaface::soft_warp_fwd_cuda);
-  m.impl("soft_warp_bwd_ext", &adaface::soft_warp_bwd_cuda);
+  m.impl("delta_cosine_ext_fwd", &adaface::delta_cosine_fwd_cuda);
+  m.impl("delta_cosine_ext_bwd", &adaface::delta_cosine_bwd_cuda);
+  m.impl("soft_warp_ext_fwd", &adaface::soft_warp_fwd_cuda);
+  m.impl("soft_warp_ext_bwd", &adaface::soft_warp_bwd_cuda);
 }

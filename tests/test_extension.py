@@ -15,7 +15,10 @@ Everything but the missing-extension tests is skipped when the extension is not 
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
+import warnings
 
 import pytest
 import torch
@@ -270,12 +273,14 @@ def _c1_residue_bound(x, mask, scale: float, upstream: float) -> float:
     return max(1e-6, 16 * 2.0**-24 * terms.max().item() * carry)
 
 
-WARP_SHAPES = [  # (B, N, M, Dq, C): CPU tasks are 64 (forward) / 128 (backward) query rows, keys in blocks of 256
+WARP_SHAPES = [  # (B, N, M, Dq, C): CPU tasks are blocks of min(256, 196608 // M) rows (at least 16); dK/dV
+    # are updated in chunks of 256 keys under locks
     (1, 1, 1, 1, 1),
     (2, 5, 33, 7, 9),
-    (2, 67, 301, 19, 45),  # two forward row blocks, two key blocks
-    (1, 130, 517, 33, 17),  # three key blocks, B = 1: tasks of one batch share dK/dV blocks (locks)
-    (1, 259, 257, 37, 35),  # backward row blocks 128+128+3, key blocks 256+1; GEMM column tails (35, 37 > 32)
+    (2, 67, 301, 19, 45),  # two key chunks
+    (1, 130, 517, 33, 17),  # three key chunks, B = 1
+    (1, 259, 257, 37, 35),  # row blocks 256 + 3: tasks of one batch share dK/dV chunks (locks)
+    (1, 70, 3000, 5, 6),  # row blocks of 65 rows + 5, twelve key chunks
     (3, 9, 0, 4, 5),  # no keys: warped = 0, loss 1
     (2, 0, 6, 3, 4),  # no rows
 ]
@@ -305,61 +310,12 @@ def test_warp_cpu_mask_kinds(mask_kind):
 @needs_ext
 @pytest.mark.parametrize("threads", [1, 3])
 def test_warp_cpu_thread_counts_split_the_keys(threads, cpu_threads):
-    """B = 1, N = 300, M = 600: three backward tasks add into the same three dK/dV key blocks (under locks),
-    starting at different blocks, on 1 or 3 threads."""
+    """B = 1, N = 800, M = 600: row blocks of 256 + 256 + 256 + 32, four tasks adding into the same three
+    dK/dV key chunks (under locks), starting at different chunks, on 1 or 3 threads; with and without a mask
+    (gathered rows)."""
     cpu_threads(threads)
-    _check_warp((1, 300, 600, 9, 12), torch.float32, "cpp", "none", seed=5)
-
-
-# The CPU GEMM (csrc/gemm_cpu.cpp): AVX-512 micro-tiles of 12 rows × 32 columns, masked column tails, strided A,
-# and its ATen fallback (forced here, so machines with AVX-512 test it too).
-GEMM_SHAPES = [(1, 1, 1), (13, 33, 7), (12, 32, 320), (25, 47, 0), (100, 17, 65), (64, 320, 256), (7, 16, 3)]
-
-
-@pytest.fixture(params=["auto", "aten"])
-def gemm_impl(request):
-    prev = torch.ops.adaface.cpu_gemm_impl_ext(1 if request.param == "aten" else 0)
-    yield request.param
-    torch.ops.adaface.cpu_gemm_impl_ext(prev)
-
-
-@needs_ext
-@pytest.mark.parametrize("m, n, k", GEMM_SHAPES)
-@pytest.mark.parametrize("a_layout", ["rows", "transposed", "padded_rows"])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_cpu_gemm_matches_fp64(m, n, k, a_layout, accumulate, gemm_impl, nan_fill):
-    """Error bound: the classical one for fp32 sums of k products, γ = 2k·2⁻²⁴, times (|A||B| (+|C|))."""
-    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
-    if a_layout == "rows":
-        a = torch.randn(m, k, generator=g)
-    elif a_layout == "transposed":
-        a = torch.randn(k, m, generator=g).t()
-    else:
-        a = torch.randn(m, k + 5, generator=g)[:, 2 : 2 + k]
-    b = torch.randn(k, n, generator=g)
-    c = torch.randn(m, n, generator=g) if accumulate else None
-    out = torch.ops.adaface.cpu_gemm_ext(a, b, c)
-    ref = a.double() @ b.double() + (c.double() if accumulate else 0)
-    bound = (a.double().abs() @ b.double().abs() + (c.double().abs() if accumulate else 0)) * (2 * (k + 1) * 2.0**-24)
-    assert out.shape == (m, n) and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    assert ((out.double() - ref).abs() <= bound + 1e-30).all(), (out.double() - ref).abs().max()
-
-
-@needs_ext
-@pytest.mark.parametrize("gemm_impl", ["aten"], indirect=True)
-@pytest.mark.parametrize("shape", [(2, 67, 301, 19, 45), (1, 259, 257, 37, 35)])
-def test_warp_cpu_with_aten_gemm_fallback(shape, gemm_impl):
-    assert not torch.ops.adaface.cpu_gemm_uses_avx512_ext()
-    _check_warp(shape, torch.float32, "cpp", "bool", seed=4)
-
-
-@needs_ext
-def test_cpu_gemm_rejects_bad_inputs():
-    with pytest.raises(RuntimeError, match="a \\[m, k\\] and b \\[k, n\\]"):
-        torch.ops.adaface.cpu_gemm_ext(torch.ones(2, 3), torch.ones(4, 5))
-    with pytest.raises(RuntimeError, match="0 \\(auto\\) or 1 \\(ATen\\)"):
-        torch.ops.adaface.cpu_gemm_impl_ext(7)
+    _check_warp((1, 800, 600, 9, 12), torch.float32, "cpp", "none", seed=5)
+    _check_warp((1, 800, 600, 9, 12), torch.float32, "cpp", "bool", seed=6)
 
 
 @needs_ext
@@ -382,6 +338,25 @@ def test_warp_cpu_masked_rows_are_zero_and_get_no_gradient():
     with torch.no_grad():
         ref = soft_warp_loss_reference(*x, mask, scale=1.0)
     assert_close((rows * mask).sum() / mask.sum(), ref, name="masked mean")
+
+
+@needs_ext
+def test_warp_cpu_batch_without_selected_rows_gets_zero_gradients(nan_fill):
+    """dK/dV chunks are written by their first update, not zero-filled first: a batch no task touches (all rows
+    masked) must still come back as zeros, next to a batch with a partial selection (gathered rows)."""
+    B, N, M, Dq, C = 2, 40, 300, 6, 7
+    x = _leaves(make_inputs(B, N, M, Dq, C, seed=8), flags=[True] * 4)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, ::3] = True
+    out = soft_warp_loss(*x, mask, backend="cpp")
+    grads = torch.autograd.grad(out, x)
+    r = _leaves(x, flags=[True] * 4)
+    ref = soft_warp_loss_reference(*r, mask)
+    want = torch.autograd.grad(ref, r)
+    assert_close(out, ref, name="loss")
+    for name, g, w in zip(WARP_NAMES, grads, want):
+        assert torch.equal(g[0], torch.zeros_like(g[0])), name
+        assert_close(g, w, name=f"grad {name}")
 
 
 @needs_ext
@@ -474,18 +449,18 @@ def test_fake_implementations_match_real_shapes():
     sw = make_inputs(2, 5, 7, 3, 4)
     w = torch.ones(2, 5)
     real = [
-        ops.delta_cosine_fwd_ext(*ds, 1e-6),
-        ops.soft_warp_fwd_ext(*sw, w, 1.0),
+        ops.delta_cosine_ext_fwd(*ds, 1e-6),
+        ops.soft_warp_ext_fwd(*sw, w, 1.0),
     ]
-    real_d = ops.delta_cosine_bwd_ext(real[0][0], *ds, real[0][1], 1e-6, [1, 0, 1, 0])
-    real_s = ops.soft_warp_bwd_ext(real[1][0], *sw, w, real[1][1], real[1][2], 1.0, [0, 1, 1, 0])
+    real_d = ops.delta_cosine_ext_bwd(real[0][0], *ds, real[0][1], 1e-6, [1, 0, 1, 0])
+    real_s = ops.soft_warp_ext_bwd(real[1][0], *sw, w, *real[1][1:], 1.0, False, True, True, False)
     with FakeTensorMode() as mode:
         fds = [mode.from_tensor(t) for t in ds]
         fsw = [mode.from_tensor(t) for t in sw]
         fw = mode.from_tensor(w)
-        fake = [ops.delta_cosine_fwd_ext(*fds, 1e-6), ops.soft_warp_fwd_ext(*fsw, fw, 1.0)]
-        fake_d = ops.delta_cosine_bwd_ext(fake[0][0], *fds, fake[0][1], 1e-6, [1, 0, 1, 0])
-        fake_s = ops.soft_warp_bwd_ext(fake[1][0], *fsw, fw, fake[1][1], fake[1][2], 1.0, [0, 1, 1, 0])
+        fake = [ops.delta_cosine_ext_fwd(*fds, 1e-6), ops.soft_warp_ext_fwd(*fsw, fw, 1.0)]
+        fake_d = ops.delta_cosine_ext_bwd(fake[0][0], *fds, fake[0][1], 1e-6, [1, 0, 1, 0])
+        fake_s = ops.soft_warp_ext_bwd(fake[1][0], *fsw, fw, *fake[1][1:], 1.0, False, True, True, False)
     for r, f in zip([*real[0], *real[1], *real_d, *real_s], [*fake[0], *fake[1], *fake_d, *fake_s]):
         assert r.shape == f.shape and r.dtype == f.dtype
 
@@ -495,19 +470,19 @@ def test_ops_reject_bad_inputs_from_cpp():
     ops = torch.ops.adaface
     a = torch.zeros(3, 4)
     with pytest.raises(RuntimeError, match="one shape"):
-        ops.delta_cosine_fwd_ext(a, a, a, torch.zeros(3, 5), 1e-6)
+        ops.delta_cosine_ext_fwd(a, a, a, torch.zeros(3, 5), 1e-6)
     with pytest.raises(RuntimeError, match="dtype"):
-        ops.delta_cosine_fwd_ext(*(torch.zeros(3, 4, dtype=torch.float64),) * 4, 1e-6)
+        ops.delta_cosine_ext_fwd(*(torch.zeros(3, 4, dtype=torch.float64),) * 4, 1e-6)
     q = torch.zeros(2, 3, 4)
     with pytest.raises(RuntimeError, match="weights must be"):
-        ops.soft_warp_fwd_ext(q, q, q, q, torch.ones(2, 4), 1.0)
+        ops.soft_warp_ext_fwd(q, q, q, q, torch.ones(2, 4), 1.0)
 
 
 def test_missing_extension_raises_build_instructions(monkeypatch):
     """Import failure of adaface._C → RuntimeError that says how to build it; the ops' cpp/cuda backends too."""
     monkeypatch.setitem(sys.modules, "adaface._C", None)  # `import adaface._C` now raises ImportError
-    module, error = _backend._probe_extension()
-    assert module is None and error
+    module, error, broken = _backend._probe_extension()
+    assert module is None and error and not broken  # not built: expected, no warning
     monkeypatch.setattr(_backend, "_EXTENSION", None)
     monkeypatch.setattr(_backend, "_EXTENSION_ERROR", error)
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
@@ -519,6 +494,120 @@ def test_missing_extension_raises_build_instructions(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install"):
         soft_warp_loss(*make_inputs(1, 2, 3, 4, 5), backend="cpp")
     assert delta_cosine_loss(*xs, backend="auto").isfinite()  # the default never needs the extension
+
+
+_BROKEN_IMPORT = textwrap.dedent("""
+    import importlib.abc, sys, warnings
+
+    class Broken(importlib.abc.MetaPathFinder):  # adaface._C exists but cannot load, as after a torch upgrade
+        def find_spec(self, name, path=None, target=None):
+            if name == "adaface._C":
+                raise {exc}("adaface/_C.so: undefined symbol: _ZN3c1017RegisterOperators")
+            return None
+
+    sys.meta_path.insert(0, Broken())
+    import torch
+    from adaface.ops import delta_cosine_loss, soft_warp_loss
+    from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
+    from adaface.testing.soft_warp_inputs import make_inputs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert torch.isfinite(delta_cosine_loss(*delta_cosine_inputs((2, 5)), backend="auto"))
+            assert torch.isfinite(soft_warp_loss(*make_inputs(1, 2, 3, 4, 5), backend="auto"))
+    msgs = [str(w.message) for w in caught if "adaface._C" in str(w.message)]
+    print(len(msgs))
+    print(msgs[0] if msgs else "")
+""")
+
+
+@pytest.mark.parametrize("exc", ["ImportError", "OSError"])
+def test_broken_extension_warns_once_and_auto_falls_back(exc):
+    """An adaface._C that exists but fails to load is not silent: `auto` falls back with one warning naming the
+    error (a fresh interpreter, where the extension is probed at import)."""
+    proc = subprocess.run([sys.executable, "-c", _BROKEN_IMPORT.format(exc=exc)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, message = proc.stdout.strip().splitlines()[-2:]
+    assert count == "1", proc.stdout
+    assert f"{exc}: adaface/_C.so: undefined symbol" in message and "pip install" in message
+
+
+def test_missing_extension_does_not_warn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "adaface._C", None)
+    module, error, broken = _backend._probe_extension()
+    monkeypatch.setattr(_backend, "_EXTENSION", None)
+    monkeypatch.setattr(_backend, "_EXTENSION_ERROR", error)
+    monkeypatch.setattr(_backend, "_EXTENSION_BROKEN", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert delta_cosine_loss(*delta_cosine_inputs((2, 5)), backend="auto").isfinite()
+
+
+@needs_ext
+def test_op_names_follow_one_pattern():
+    """adaface::{op}_{backend}_{fwd|bwd}; the old names are gone."""
+    ops = torch.ops.adaface
+    for name in ("delta_cosine_ext_fwd", "delta_cosine_ext_bwd", "soft_warp_ext_fwd", "soft_warp_ext_bwd"):
+        assert hasattr(ops, name), name
+    for old in ("delta_cosine_fwd_ext", "delta_cosine_bwd_ext", "soft_warp_fwd_ext", "soft_warp_bwd_ext",
+                "cpu_gemm_ext", "cpu_gemm_impl_ext", "cpu_gemm_uses_avx512_ext"):
+        assert not hasattr(ops, old), old
+
+
+def _triton_soft_warp():
+    pytest.importorskip("triton")
+    from adaface.kernels import soft_warp as kernels
+
+    return kernels.soft_warp_fwd, kernels.soft_warp_bwd
+
+
+@needs_ext
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "zeros"])
+def test_soft_warp_saved_state_is_the_triton_contract(mask_kind):
+    """The extension's forward saves what the Triton forward saves (rows, warped, base-2 lse, order, count), and
+    either backward takes either forward's state: one saved state for every backend."""
+    triton_fwd, triton_bwd = _triton_soft_warp()
+    B, N, M, Dq, C = 2, 21, 13, 6, 8
+    x = make_inputs(B, N, M, Dq, C, seed=3)
+    mask = make_mask(mask_kind, B, N, torch.device("cpu"), torch.Generator().manual_seed(2))
+    w = torch.ones(B, N) if mask is None else mask.float()
+    ext = torch.ops.adaface.soft_warp_ext_fwd(*x, w, 0.7)
+    tri = triton_fwd(*x, w, 0.7)
+    assert len(ext) == len(tri) == 5
+    for name, e, t in zip(("rows", "warped", "lse2", "order", "count"), ext, tri):
+        assert e.shape == t.shape and e.dtype == t.dtype, name
+    rows_e, warped_e, lse_e, order_e, count_e = ext
+    rows_t, warped_t, lse_t, order_t, count_t = tri
+    assert torch.equal(order_e, order_t) and torch.equal(count_e, count_t)
+    assert_close(rows_e, rows_t, name="rows")
+    sel = torch.arange(N)[None, :] < count_t[:, None].long()  # positions of the selected rows in `order`
+    for b in range(B):
+        picked = order_t[b][sel[b]].long()
+        assert_close(warped_e[b, picked], warped_t[b, picked], name="warped (selected rows)")
+        assert_close(lse_e[b, picked], lse_t[b, picked], name="lse2 (selected rows)")
+    g = torch.rand(B, N, generator=torch.Generator().manual_seed(4))
+    needs = (True, True, True, True)
+    own = torch.ops.adaface.soft_warp_ext_bwd(g, *x, w, *ext[1:], 0.7, *needs)
+    ext_from_triton = torch.ops.adaface.soft_warp_ext_bwd(g, *x, w, *tri[1:], 0.7, *needs)
+    triton_from_ext = triton_bwd(g, *x, w, *ext[1:], 0.7, *needs)
+    triton_own = triton_bwd(g, *x, w, *tri[1:], 0.7, *needs)
+    for name, a, b_, c, d in zip(WARP_NAMES, own, ext_from_triton, triton_from_ext, triton_own):
+        assert_close(b_, a, name=f"ext bwd on triton state: {name}")
+        assert_close(c, d, name=f"triton bwd on ext state: {name}")
+        assert_close(a, d, name=f"ext vs triton: {name}")
+
+
+@needs_ext
+def test_soft_warp_bwd_rejects_a_foreign_saved_state():
+    x = make_inputs(1, 4, 5, 3, 2)
+    w = torch.ones(1, 4)
+    rows, warped, lse, order, count = torch.ops.adaface.soft_warp_ext_fwd(*x, w, 1.0)
+    with pytest.raises(RuntimeError, match="order must be int32"):
+        torch.ops.adaface.soft_warp_ext_bwd(rows, *x, w, warped, lse, order.long(), count, 1.0, True, True, True, True)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.adaface.soft_warp_ext_bwd(rows, *x, w, warped, lse, order + 9, count, 1.0, True, True, True, True)
 
 
 def test_wrong_device_backends_are_explained():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -31,15 +32,34 @@ def triton_importable() -> bool:
     return _TRITON_IMPORTABLE
 
 
-def _probe_extension() -> tuple[ModuleType | None, str | None]:
+def _probe_extension() -> tuple[ModuleType | None, str | None, bool]:
+    """(module, import error, whether it is broken): not built is expected; a module that exists but fails to
+    load (an ABI mismatch after a torch upgrade, a missing library) is broken, and `auto` says so."""
     try:
-        return importlib.import_module("adaface._C"), None
-    except ImportError as exc:  # not built, or built against another torch
-        return None, str(exc)
+        return importlib.import_module("adaface._C"), None, False
+    except ModuleNotFoundError as exc:
+        if exc.name == "adaface._C":
+            return None, str(exc), False
+        return None, f"{type(exc).__name__}: {exc}", True
+    except (ImportError, OSError) as exc:
+        return None, f"{type(exc).__name__}: {exc}", True
 
 
 # Probed once, at import: torch.compile then traces the dispatch below without reaching an import statement.
-_EXTENSION, _EXTENSION_ERROR = _probe_extension()
+_EXTENSION, _EXTENSION_ERROR, _EXTENSION_BROKEN = _probe_extension()
+_WARNED_BROKEN = False
+
+
+def _warn_broken_extension() -> None:
+    global _WARNED_BROKEN
+    if not _WARNED_BROKEN:
+        _WARNED_BROKEN = True
+        warnings.warn(
+            f"adaface._C failed to load ({_EXTENSION_ERROR}); backend='auto' falls back to the PyTorch reference. "
+            "Rebuild it against the installed torch: pip install --no-build-isolation -e .",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def load_extension() -> ModuleType:
@@ -64,11 +84,13 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tu
     if backend == "auto":
         if device.type == "cuda" and "triton" in supports and triton_importable():
             return "triton"
-        # Measured on a 2-core CPU: the C++ delta cosine is 6-12x faster than the eager reference; the C++
-        # soft-warp is about as fast as eager without a mask (faster with one: masked rows cost nothing) and
-        # never builds the N x M matrix, so its workspace stays small at 64x64 maps.
-        if device.type == "cpu" and "cpp" in supports and _EXTENSION is not None:
-            return "cpp"
+        # The C++ losses are faster than the eager reference on CPU (bench/test_bench_cpp.py), and the soft
+        # warp never builds the N x M matrix (masked rows cost nothing), so its workspace stays small.
+        if device.type == "cpu" and "cpp" in supports:
+            if _EXTENSION is not None:
+                return "cpp"
+            if _EXTENSION_BROKEN:
+                _warn_broken_extension()
         return "torch"
     if backend not in supports:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (available: {supports})")

@@ -1,19 +1,20 @@
-"""The C++/CUDA backend of the losses: `torch.ops.adaface.*_ext` from the compiled extension `adaface._C`.
+"""The C++/CUDA backend of the losses: `torch.ops.adaface.*_ext_*` from the compiled extension `adaface._C`.
 
 The ops' schemas and their CPU/CUDA kernels are registered in C++ (csrc/losses_cpu.cpp, csrc/losses_cuda.cu);
 this module loads the extension (torch first, through `load_extension`), and adds what torch.compile and
-autograd need: fake (meta) implementations of the four ops and `register_autograd` linking each forward to
-its backward op. Importing it without the extension raises the build instructions of `_backend`.
+autograd need: fake (meta) implementations of the four ops and the autograd links from each forward to its
+backward. Importing it without the extension raises the build instructions of `_backend`.
 
-Ops (rows = the input shape without the last dim; `needs` = which inputs need a gradient, 0/1 each):
-    delta_cosine_fwd_ext(subj_single, subj_comp, cls_single, cls_comp, eps) -> (loss[rows], stats[R, 8])
-    delta_cosine_bwd_ext(grad, subj_single, subj_comp, cls_single, cls_comp, stats, eps, needs) -> 4 grads
-    soft_warp_fwd_ext(q_subj, q_comp, feat_subj, feat_comp, weights, scale) -> (rows[B,N], lse[B,N], warped[B,N,C])
-    soft_warp_bwd_ext(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, lse, warped, scale, needs)
-        -> (d q_subj, d q_comp, d feat_subj, d feat_comp)
+Ops, named adaface::{op}_{backend}_{fwd|bwd} (rows = the input shape without the last dim):
+    delta_cosine_ext_fwd(subj_single, subj_comp, cls_single, cls_comp, eps) -> (loss[rows], stats[R, 8])
+    delta_cosine_ext_bwd(grad, subj_single, subj_comp, cls_single, cls_comp, stats, eps, needs) -> 4 grads
+        (`needs` = which inputs need a gradient, 0/1 each)
+    soft_warp_ext_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, scale)
+        -> (rows [B, N], warped [B, N, C], lse2 [B, N], order [B, N] int32, count [B] int32)
+    soft_warp_ext_bwd(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse2, order, count, scale,
+                      need_qs, need_qc, need_fs, need_fc) -> (d q_subj, d q_comp, d feat_subj, d feat_comp)
+The soft-warp pair has the schema of the Triton pair: one saved state for every backend (adaface.ops.soft_warp).
 A gradient that is not needed comes back as an empty tensor (shape [0]) and is returned to autograd as None.
-Test hooks of the CPU GEMM behind the soft-warp kernels (csrc/gemm_cpu.cpp), not part of the API:
-    cpu_gemm_ext(a, b, c=None) -> c + a·b;  cpu_gemm_impl_ext(0 auto | 1 ATen) -> previous;  cpu_gemm_uses_avx512_ext()
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from ._backend import load_extension
+from .soft_warp import register_soft_warp_autograd, soft_warp_fwd_fake
 
-load_extension()  # registers the schemas and kernels of torch.ops.adaface.*_ext (raises with build hints)
+load_extension()  # registers the schemas and kernels of torch.ops.adaface.*_ext_* (raises with build hints)
 
 DELTA_STATS = 8
 _LIB = "adaface"
@@ -36,14 +38,14 @@ def _ops():
 # fake (meta) implementations: shapes and dtypes only, used by torch.compile / FakeTensor tracing
 
 
-@torch.library.register_fake(f"{_LIB}::delta_cosine_fwd_ext")
+@torch.library.register_fake(f"{_LIB}::delta_cosine_ext_fwd")
 def _delta_fwd_fake(subj_single, subj_comp, cls_single, cls_comp, eps):
     rows_shape = subj_single.shape[:-1]
     loss = subj_single.new_empty(rows_shape, dtype=torch.float32)
     return loss, subj_single.new_empty((loss.numel(), DELTA_STATS), dtype=torch.float32)
 
 
-@torch.library.register_fake(f"{_LIB}::delta_cosine_bwd_ext")
+@torch.library.register_fake(f"{_LIB}::delta_cosine_ext_bwd")
 def _delta_bwd_fake(grad, subj_single, subj_comp, cls_single, cls_comp, stats, eps, needs):
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) if n else t.new_empty((0,))
@@ -51,28 +53,20 @@ def _delta_bwd_fake(grad, subj_single, subj_comp, cls_single, cls_comp, stats, e
     )
 
 
-@torch.library.register_fake(f"{_LIB}::soft_warp_fwd_ext")
-def _soft_warp_fwd_fake(q_subj, q_comp, feat_subj, feat_comp, weights, scale):
-    B, N = q_subj.shape[:2]
-    C = feat_subj.shape[2]
-    rows = q_subj.new_empty((B, N), dtype=torch.float32)
-    return rows, q_subj.new_empty((B, N), dtype=torch.float32), q_subj.new_empty((B, N, C), dtype=torch.float32)
+torch.library.register_fake(f"{_LIB}::soft_warp_ext_fwd", soft_warp_fwd_fake)
 
 
-@torch.library.register_fake(f"{_LIB}::soft_warp_bwd_ext")
-def _soft_warp_bwd_fake(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, lse, warped, scale, needs):
+@torch.library.register_fake(f"{_LIB}::soft_warp_ext_bwd")
+def _soft_warp_bwd_fake(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count, scale,
+                        need_qs, need_qc, need_fs, need_fc):
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) if n else t.new_empty((0,))
-        for t, n in zip((q_subj, q_comp, feat_subj, feat_comp), needs)
+        for t, n in zip((q_subj, q_comp, feat_subj, feat_comp), (need_qs, need_qc, need_fs, need_fc))
     )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # autograd: forward op → backward op
-
-
-def _needs(ctx, count: int) -> list[int]:
-    return [int(bool(n)) for n in ctx.needs_input_grad[:count]]
 
 
 def _delta_setup(ctx, inputs, output):
@@ -84,37 +78,17 @@ def _delta_setup(ctx, inputs, output):
 
 def _delta_backward(ctx, grad_loss, _grad_stats):
     subj_single, subj_comp, cls_single, cls_comp, stats = ctx.saved_tensors
-    needs = _needs(ctx, 4)
+    needs = [int(bool(n)) for n in ctx.needs_input_grad[:4]]
     if not any(needs) or grad_loss is None:
         return None, None, None, None, None
-    grads = _ops().delta_cosine_bwd_ext(
+    grads = _ops().delta_cosine_ext_bwd(
         grad_loss.contiguous(), subj_single, subj_comp, cls_single, cls_comp, stats, ctx.eps, needs
     )
     return (*(g if n else None for g, n in zip(grads, needs)), None)
 
 
-torch.library.register_autograd(f"{_LIB}::delta_cosine_fwd_ext", _delta_backward, setup_context=_delta_setup)
-
-
-def _soft_warp_setup(ctx, inputs, output):
-    q_subj, q_comp, feat_subj, feat_comp, weights, scale = inputs
-    _, lse, warped = output
-    ctx.save_for_backward(q_subj, q_comp, feat_subj, feat_comp, weights, lse, warped)
-    ctx.scale = scale
-
-
-def _soft_warp_backward(ctx, grad_rows, _grad_lse, _grad_warped):
-    q_subj, q_comp, feat_subj, feat_comp, weights, lse, warped = ctx.saved_tensors
-    needs = _needs(ctx, 4)
-    if not any(needs) or grad_rows is None:
-        return None, None, None, None, None, None
-    grads = _ops().soft_warp_bwd_ext(
-        grad_rows.contiguous(), q_subj, q_comp, feat_subj, feat_comp, weights, lse, warped, ctx.scale, needs
-    )
-    return (*(g if n else None for g, n in zip(grads, needs)), None, None)
-
-
-torch.library.register_autograd(f"{_LIB}::soft_warp_fwd_ext", _soft_warp_backward, setup_context=_soft_warp_setup)
+torch.library.register_autograd(f"{_LIB}::delta_cosine_ext_fwd", _delta_backward, setup_context=_delta_setup)
+register_soft_warp_autograd(f"{_LIB}::soft_warp_ext_fwd", _ops().soft_warp_ext_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +99,7 @@ def delta_cosine_rows_ext(
     subj_single: torch.Tensor, subj_comp: torch.Tensor, cls_single: torch.Tensor, cls_comp: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """Per-row `1 − cos(ortho(subj_comp, subj_single), ortho(cls_comp, cls_single))`, shape `[...]`, fp32."""
-    loss, _ = _ops().delta_cosine_fwd_ext(subj_single, subj_comp, cls_single, cls_comp, float(eps))
+    loss, _ = _ops().delta_cosine_ext_fwd(subj_single, subj_comp, cls_single, cls_comp, float(eps))
     return loss
 
 
@@ -138,5 +112,5 @@ def soft_warp_rows_ext(
     scale: float,
 ) -> torch.Tensor:
     """Per-row `1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj)`, [B, N] fp32; 0 where weight is 0."""
-    rows, _, _ = _ops().soft_warp_fwd_ext(q_subj, q_comp, feat_subj, feat_comp, weights.float(), float(scale))
+    rows, *_ = _ops().soft_warp_ext_fwd(q_subj, q_comp, feat_subj, feat_comp, weights.float(), float(scale))
     return rows
