@@ -242,7 +242,9 @@ class Studio:
         self.pipe = generate.load_pipeline(self._request_args(video=False), self.device, self.dtype)
         self.video_pipe = None
         if gen_args.motion_adapter:
-            self.video_pipe = generate.load_pipeline(self._request_args(video=True), self.device, self.dtype)
+            # clips stay within the motion module's window (max_frames), so without FreeNoise
+            self.video_pipe = generate.load_pipeline(self._request_args(video=True, free_noise=False), self.device,
+                                                     self.dtype)
         self._count = 0
 
     # -- what the page offers ------------------------------------------------------------------------------
@@ -266,7 +268,8 @@ class Studio:
         args = copy.copy(self.args)
         args.video = video
         if not video:
-            args.motion_adapter = None  # generate refuses a motion adapter without --video
+            # generate refuses video-only options without --video
+            args.motion_adapter = args.context_length = args.context_stride = None
         for key, value in options.items():
             setattr(args, key, value)
         return args
