@@ -144,7 +144,7 @@ def test_stage1_loss_starts_the_trajectory_in_fp32_with_bf16_models(tmp_path, mo
     sd, a2f = stage1.build_tiny_models(tmp_path / "tiny", seed=0)
     cfg = parse_config(["--no-tiny", "--sd-model", str(sd), "--arc2face", str(a2f), "--output-dir",
                         str(tmp_path / "out"), "--device", "cpu", "--denoise-steps", "2",
-                        "--denoise-step-weights", "1"], default_config=None)
+                        "--denoise-step-weights", "1", "--resolution", "16"], default_config=None)
     models = stage1.load_models(cfg, str(sd), str(a2f), torch.device("cpu"), torch.bfloat16)
     seen = {}
     real = stage1.distill_trajectory
