@@ -233,3 +233,51 @@ def test_ddp_two_processes_keep_parameters_identical(tiny_dirs, tmp_path):
     key = "text_encoder.encoder.layers.0.self_attn.q_proj.weight"
     init_key = [k for k in init if k.endswith("encoder.layers.0.self_attn.q_proj.weight")][0]
     assert not torch.equal(r0[key], init[init_key])
+
+
+def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference_run, tiny_dirs, tmp_path):
+    """SIGINT (sent by the fault hook once step 5 was logged): the script finishes that step, saves checkpoint 5,
+    exits 130 with a message; --resume continues from it and every loss and the final inverter match."""
+    ref_out, _ = reference_run
+    out = tmp_path / "interrupted"
+    args = _args(tiny_dirs, out)
+    env = {**_env(), **HOOK, "ADAFACE_FAULTS": "sigint@5"}
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "stopped by SIGINT after step 5" in res.stderr and "Traceback" not in res.stderr
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert saved == ["step-00000003", "step-00000005"]
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    got, want = _steps(out), _steps(ref_out)
+    assert sorted(got) == sorted(want)
+    for s in want:
+        assert got[s]["loss"] == want[s]["loss"] and got[s]["loss_steps"] == want[s]["loss_steps"], s
+    from safetensors.torch import load_file
+
+    wa = load_file(str(ref_out / "inverter" / "model.safetensors"))
+    wb = load_file(str(out / "inverter" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_sigterm_on_one_rank_stops_both_with_one_checkpoint(tiny_dirs, tmp_path):
+    """2-process gloo DDP; the fault hook sends SIGTERM to rank 1 only, once step 2 was logged: the ranks agree,
+    both stop after step 2, rank 0 writes the one checkpoint (step 2), and both exit with a message."""
+    out = tmp_path / "ddp_term"
+    args = _args(tiny_dirs, out, steps=5) + ["--expansions", "", "--plateau-patience", "1000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args]
+    env = {**_env(), **HOOK, "ADAFACE_FAULTS": "sigterm@2:r1"}
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "stage1: stopped by SIGTERM after step 2" in text  # rank 1
+    assert "stage1: stopped by a signal on another rank after step 2" in text  # rank 0
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["step-00000002"]
+    state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["step"] == 2
+    records = read_jsonl(out / "metrics.jsonl")
+    assert max(r["step"] for r in records if r["event"] == "step") == 2
+    assert [r["step"] for r in records if r["event"] == "interrupted"] == [2]

@@ -237,3 +237,18 @@ def test_resume_path_is_validated(toy_run, tmp_path):
     with pytest.raises(ConfigError, match="does not fit this model"):
         run_training(toy_config(tmp_path / "b", steps=8, resume=str(ref / "checkpoints" / "step-00000006")),
                      WiderToy)
+
+
+def test_a_non_finite_checkpoint_is_never_written(tmp_path):
+    from adaface.training.ddp import DistInfo
+    from adaface.training.metrics_log import MetricsLog
+    from adaface.training.trainer import Trainer, TrainingError
+
+    stage = ToyStage(None)
+    trainer = Trainer(toy_config(tmp_path), stage, torch.device("cpu"), DistInfo(),
+                      MetricsLog(tmp_path / "m.jsonl", enabled=False))
+    with torch.no_grad():
+        stage.trainable.weight[0, 1] = float("inf")
+    with pytest.raises(TrainingError, match="non-finite values in model/weight"):
+        trainer.save()
+    assert not (tmp_path / "checkpoints").exists()

@@ -38,7 +38,13 @@ shows `loss`. A stage's config is a `TrainingConfig` subclass (adaface.training.
 Faults: a step whose loss or gradient is not finite is skipped (nothing reaches the weights, the plateau
 detector or a checkpoint) and counted; `max_nonfinite_steps` consecutive ones stop the run with an error.
 SIGINT/SIGTERM finish the current step, save a checkpoint and stop (all ranks agree first); a second SIGINT
-aborts at once. Test code reaches the loop through `adaface.training.hooks` (callbacks, ADAFACE_TRAINING_HOOK).
+aborts at once. Every checkpoint is checked finite before it is written and read back before older ones are
+pruned. `--resume` uses the newest intact checkpoint (damaged newer ones are reported by path) and refuses a
+config that differs from the checkpoint's outside RESUMABLE_CHANGES (steps, checkpoint_every, keep_checkpoints,
+max_nonfinite_steps, progress, target_drop, num_threads, device, output_dir), or `steps` not above its step.
+Test code reaches the loop through `adaface.training.hooks` (callbacks, ADAFACE_TRAINING_HOOK) and
+`adaface.training.faults` (signals and non-finite values at chosen steps); `cli_main` turns a stage into a
+command line (one-line errors; exit 0, 1 failed, 2 configuration, 128 + N stopped by signal N).
 """
 
 from __future__ import annotations
@@ -292,6 +298,11 @@ class Trainer:
         }
         tensors = {self.stage.checkpoint_name: self.module.state_dict(), "optimizer": opt_tensors,
                    "rng": rng_tensors}
+        bad = [f"{group}/{name}" for group in (self.stage.checkpoint_name, "optimizer")
+               for name, t in tensors[group].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise TrainingError(f"refusing to write checkpoint {self.state.step}: non-finite values in "
+                                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
         return ckpt.save_checkpoint(self.checkpoint_root(), self.state.step, tensors, state,
                                     keep=self.cfg.keep_checkpoints)
 
