@@ -169,7 +169,7 @@ def stage1_loss(models: Stage1Models, batch: FaceBatch, generator: torch.Generat
     """
     m, s, g = models, settings, generator
     inverter = m.inverter if inverter is None else inverter
-    device = m.alphas_cumprod.device if m.unet is None else next(m.unet.parameters()).device
+    device = next(m.unet.parameters()).device
     k = sample_num_steps(s.denoise_steps, s.denoise_step_weights, g)
     # A random ID has no image, so its trajectory starts from pure noise, which is x_t only at the top of the
     # schedule: its first step is at t_max - 1 (the later, smaller steps stay as drawn); real faces keep t_1.
