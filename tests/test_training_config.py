@@ -3,9 +3,7 @@ names the option and fails before any model is loaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,16 +14,6 @@ from adaface.training.config import EMBEDDINGS_FILE, ConfigError, Stage1Config, 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "training" / "configs" / "tiny.json")
 PAPER = str(ROOT / "training" / "configs" / "paper.json")
-
-
-def load_stage1():
-    if "adaface_stage1_script" in sys.modules:
-        return sys.modules["adaface_stage1_script"]
-    spec = importlib.util.spec_from_file_location("adaface_stage1_script", ROOT / "training" / "stage1.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_help_documents_every_option():
@@ -114,23 +102,24 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path):
 
 
 def test_main_fails_fast_before_loading_models(tmp_path, monkeypatch, capsys):
-    stage1 = load_stage1()
+    from adaface.training import stage1
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded despite a bad configuration")
 
     monkeypatch.setattr(stage1, "load_models", boom)
     monkeypatch.setattr(stage1, "build_tiny_models", boom)
-    rc = stage1.main(["--no-tiny", "--sd-model", str(tmp_path / "missing"), "--arc2face", "a/b"])
+    rc = stage1.main(["--no-tiny", "--sd-model", str(tmp_path / "missing"), "--arc2face", "a/b"], default_config=TINY)
     assert rc == 2
     err = capsys.readouterr().err
     assert "--sd-model" in err and "missing" in err
 
 
 def test_help_exits_cleanly(capsys):
-    stage1 = load_stage1()
+    from adaface.training import stage1
+
     with pytest.raises(SystemExit) as exc:
-        stage1.main(["--help"])
+        stage1.main(["--help"], default_config=TINY)
     assert exc.value.code == 0
     assert "--plateau-patience" in capsys.readouterr().out
 
@@ -209,3 +198,59 @@ def test_model_dimensions_agree_including_clip_config_and_list_dims(tmp_path):
     _write_config(clip, text_config={"hidden_size": 40})
     with pytest.raises(ConfigError, match="--inverter-init"):
         parse_config(argv + ["--inverter-init", str(clip)], default_config=TINY)
+
+
+@pytest.mark.parametrize("value, word", [(3.7, "an integer"), ("ten", "an integer"), (None, "an integer"),
+                                         (True, "an integer")])
+def test_config_file_values_are_type_checked(tmp_path, value, word):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": value}))
+    with pytest.raises(ConfigError, match=rf"--steps must be {word}, got .* \(in {path}\)"):
+        parse_config(["--config", str(path)], default_config=TINY)
+
+
+def test_config_lists_and_floats_are_type_checked(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"denoise_steps": [1, "3"]}))
+    with pytest.raises(ConfigError, match="--denoise-steps must be a list of integers"):
+        parse_config(["--config", str(path)], default_config=TINY)
+    with pytest.raises(ConfigError, match="--d-coef must be a finite number, got NaN"):
+        parse_config(["--d-coef", "nan"], default_config=TINY)
+
+
+def test_output_dir_must_be_a_writable_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="--output-dir: .*file exists and is not a folder"):
+        parse_config(["--output-dir", str(tmp_path / "file")], default_config=TINY)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    import os
+
+    # a read-only folder (for root, who may write anywhere, a folder of the read-only /proc file system)
+    target = ro / "run" if not os.access(ro, os.W_OK) else Path("/proc/adaface-run")
+    try:
+        with pytest.raises(ConfigError, match="--output-dir: .* is not writable"):
+            parse_config(["--output-dir", str(target)], default_config=TINY)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ConfigError, match="--device: cuda requested but no CUDA device"):
+        parse_config(["--device", "cuda", "--output-dir", str(tmp_path)], default_config=TINY)
+
+
+def test_hub_id_lookalike_fails_fast_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--no-tiny", "--sd-model", "mymodels/sd15", "--arc2face", "x/y", "--output-dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match=r"--sd-model: model folder not found: mymodels/sd15 \(as a hub id: not "
+                                          r"in the local cache, and HF_HUB_OFFLINE is set\)"):
+        parse_config(argv, default_config=TINY)
