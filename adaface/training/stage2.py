@@ -329,13 +329,13 @@ class Stage2:
     checkpoint_name = "inverter"
     plateau_metric = "loss"  # no expansion in stage 2; the summary's first/last 10% are of the total loss
 
-    def __init__(self, cfg: Stage2Config, models: Stage2Models, real: RealFaces) -> None:
-        self.cfg, self.models = cfg, models
+    def __init__(self, cfg: Stage2Config, models: Stage2Models, faces: Any, ids: Any) -> None:
+        """`faces`: the composition steps' source (real faces with masks only); `ids`: the stage-1 steps' source
+        (the same faces, and random IDs). Both `FaceIdSource`-like; `faces` holds the data position."""
+        self.cfg, self.models, self.faces, self.ids = cfg, models, faces, ids
         self.trainable = models.composition.inverter
         self.comp_cfg = composition_config(cfg)
         self.pool = load_pool(cfg)
-        self.faces = FaceIdSource(real, 0.0)  # composition steps: real faces with masks only
-        self.ids = FaceIdSource(real, cfg.random_id_fraction)  # stage-1 steps: the same faces, and random IDs
         self.settings = DistillSettings(tuple(cfg.denoise_steps), tuple(cfg.denoise_step_weights), cfg.t_min,
                                         cfg.t_max, cfg.loss_reduction)
 
@@ -366,7 +366,7 @@ class Stage2:
         if not real.prepared:
             raise ConfigError(f"--data-dir: {data_dir} has no {MANIFEST}, so no face masks")
         models = load_models(cfg, sd_model, arc2face, inverter, ctx.device, ctx.weight_dtype)
-        return cls(cfg, models, real)
+        return cls(cfg, models, FaceIdSource(real, 0.0), FaceIdSource(real, cfg.random_id_fraction))
 
     def is_stage1_step(self, step: int) -> bool:
         """Whether optimizer step `step` is a stage-1 step: drawn from the run's seed, the same on every rank and
@@ -390,7 +390,7 @@ class Stage2:
         return res.loss, {**res.terms, "composition_steps": 1}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.faces.state_dict()}  # both sources read the same RealFaces
+        return {"data": self.faces.state_dict()}  # both sources read the same faces
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.faces.load_state_dict(state["data"])
