@@ -4,6 +4,7 @@ extra state, no expansion), checkpoints and exact resume, in process and in a fr
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,142 @@ def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path):
     a, b = load_file(str(ref / "final.safetensors")), load_file(str(out / "final.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert result.summary["steps"] == 6
+
+
+# ---- faults, injected with adaface.training.faults through the trainer's hook -------------------------------
+
+
+@pytest.fixture()
+def faults(monkeypatch):
+    def install(spec: str) -> None:
+        monkeypatch.setenv("ADAFACE_TRAINING_HOOK", "adaface.training.faults:install")
+        monkeypatch.setenv("ADAFACE_FAULTS", spec)
+    return install
+
+
+def _all_tensors_finite(folder: Path) -> bool:
+    from safetensors.torch import load_file
+
+    files = list(folder.rglob("*.safetensors"))
+    assert files
+    return all(bool(torch.isfinite(t.float()).all()) for f in files for t in load_file(str(f)).values())
+
+
+def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path, faults, capsys):
+    faults("nan_loss@3,inf_grad@5")
+    out = tmp_path / "nan"
+    result = run_training(toy_config(out), ToyStage)
+    steps = steps_of(out)
+    assert [s for s in steps if steps[s]["skipped"]] == [3, 5]
+    assert steps[3]["loss"] is None and steps[5]["grad_norm"] is None  # non-finite values are logged as null
+    assert steps[6]["skipped_steps"] == 2 and result.summary["skipped_steps"] == 2
+    assert "step 3: non-finite loss or gradient" in capsys.readouterr().out
+    assert _all_tensors_finite(out)  # every checkpoint and the final weights
+    state = json.loads((out / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert len(state["plateau"]["losses"]) == 4  # the skipped steps never reached the plateau detector
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, faults):
+    from adaface.training.trainer import TrainingError
+
+    faults("nan_loss@2-6")
+    out = tmp_path / "stop"
+    with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
+        run_training(toy_config(out, max_nonfinite_steps=3), ToyStage)
+    assert max(steps_of(out)) == 4
+    assert _all_tensors_finite(out / "checkpoints")
+
+
+def test_sigint_saves_at_the_interrupted_step_and_resume_matches(toy_run, tmp_path, faults, monkeypatch):
+    from adaface.training.trainer import Interrupted
+
+    ref, _ = toy_run
+    faults("sigint@3")
+    out = tmp_path / "int"
+    with pytest.raises(Interrupted) as exc:
+        run_training(toy_config(out), ToyStage)
+    assert exc.value.signal_name == "SIGINT" and exc.value.step == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "interrupted"][0]["step"] == 3
+    monkeypatch.delenv("ADAFACE_FAULTS")
+    run_training(toy_config(out, resume="latest"), ToyStage)
+    got, want = steps_of(out), steps_of(ref)
+    assert sorted(got) == sorted(want) and all(got[s]["loss"] == want[s]["loss"] for s in want)
+
+
+def test_second_sigint_aborts_at_once():
+    import os
+    import signal
+
+    from adaface.training.signals import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+
+
+def _damage(folder: Path, how: str) -> str:
+    if how == "truncated":
+        f = folder / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+        return str(f)
+    if how == "bad_json":
+        (folder / "state.json").write_text('{"step": 6, "multi')
+        return str(folder / "state.json")
+    (folder / "optimizer.safetensors").unlink()
+    return "optimizer.safetensors"
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad_json", "missing_file"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(toy_run, tmp_path, how, capsys):
+    ref, _ = toy_run
+    out = tmp_path / how
+    shutil.copytree(ref, out)
+    named = _damage(out / "checkpoints" / "step-00000006", how)
+    run_training(toy_config(out, steps=7, resume="latest"), ToyStage)
+    text = capsys.readouterr().out
+    assert "damaged" in text and named in text and "using" in text and "step-00000004" in text
+    got, want = steps_of(out), steps_of(ref)
+    assert [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "start"][-1]["step"] == 4
+    assert got[5]["loss"] == want[5]["loss"] and got[6]["loss"] == want[6]["loss"]
+    assert 7 in got
+
+
+def test_resume_refuses_changed_config_and_fewer_steps(toy_run, tmp_path):
+    from adaface.training.config import ConfigError
+
+    ref, _ = toy_run
+    out = tmp_path / "cfg"
+    shutil.copytree(ref, out)
+    with pytest.raises(ConfigError, match=r"grad_accum: 2 -> 1.*only .*checkpoint_every"):
+        run_training(toy_config(out, steps=8, grad_accum=1, resume="latest"), ToyStage)
+    with pytest.raises(ConfigError, match=r"--steps: .* is at step 6 already"):
+        run_training(toy_config(out, steps=4, resume="latest"), ToyStage)
+    # allowed changes: steps, checkpoint cadence, rotation
+    run_training(toy_config(out, steps=7, checkpoint_every=5, keep_checkpoints=1, resume="latest"), ToyStage)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000007"]
+
+
+def test_resume_path_is_validated(toy_run, tmp_path):
+    from adaface.training.config import ConfigError
+
+    ref, _ = toy_run
+    (tmp_path / "not_a_ckpt").mkdir()
+    with pytest.raises(ConfigError, match="not_a_ckpt is not a checkpoint folder"):
+        run_training(toy_config(tmp_path / "a", resume=str(tmp_path / "not_a_ckpt")), ToyStage)
+
+    class WiderToy(ToyStage):
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.trainable = torch.nn.Linear(5, 1)
+
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        run_training(toy_config(tmp_path / "b", steps=8, resume=str(ref / "checkpoints" / "step-00000006")),
+                     WiderToy)

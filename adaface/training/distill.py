@@ -34,10 +34,21 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cump
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
 
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x̂0 from an ε prediction: (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def predict_x0(x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+               prediction_type: str = "epsilon") -> torch.Tensor:
+    """x̂0 from a UNet output: (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t) for an ε prediction, and
+    sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v for a v prediction. Computed in fp32; returned in x_t's dtype."""
     a = _bcast(alphas_cumprod[t.to(alphas_cumprod.device)], x_t)
-    return ((x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(x_t.dtype)
+    if prediction_type == "epsilon":
+        x0 = (x_t.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * x_t.float() - (1 - a).sqrt() * pred.float()
+    else:
+        raise ValueError(f"prediction_type: one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    return x0.to(x_t.dtype)
 
 
 def sample_num_steps(choices: Sequence[int], weights: Sequence[float], generator: torch.Generator) -> int:
@@ -119,6 +130,7 @@ def distill_trajectory(
     *,
     reduction: str = "sum",
     backward_scale: float | None = 1.0,
+    prediction_type: str = "epsilon",
 ) -> DistillResult:
     """Run k = len(timesteps) distillation steps from x_start (= x_{t_1}).
 
@@ -126,11 +138,18 @@ def distill_trajectory(
     of `backward_scale × loss` are accumulated into those parameters (and nothing is returned to
     back-propagate); with None, nothing is back-propagated (evaluation).
     Fresh noise comes from `generator` (on the CPU), so a trajectory is reproducible from its seed.
+
+    Precision: the trajectory latents stay fp32 between steps (at t ≈ 999 the x̂0 step divides by sqrt(ᾱ_t) ≈
+    0.07, which would amplify a bf16 rounding ~15x) and the context gradient is accumulated over the k steps in
+    fp32; `teacher` and `student` get fp32 tensors and cast them to their UNet's dtype themselves.
+    `prediction_type` is the UNets' output parameterisation (the scheduler's: "epsilon" or "v_prediction").
     """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     k = timesteps.shape[0]
     w = combine_weight(k, reduction)
-    ctx = student_context.detach().requires_grad_(backward_scale is not None)
-    x = x_start
+    ctx = student_context.detach().float().requires_grad_(backward_scale is not None)
+    x = x_start.float()
     losses: list[torch.Tensor] = []
     for i in range(k):
         # the schedule is indexed with the timesteps where they were drawn (the CPU), the UNets get a device copy:
@@ -146,9 +165,9 @@ def distill_trajectory(
         losses.append(mse.detach())  # no .item()/float(): that would sync the host on every step
         if i + 1 < k:
             with torch.no_grad():
-                x0 = predict_x0(x, eps_t, t_host, alphas_cumprod)
-                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+                x0 = predict_x0(x, eps_t, t_host, alphas_cumprod, prediction_type)
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
                 x = q_sample(x0, timesteps[i + 1], noise, alphas_cumprod)
     if backward_scale is not None and ctx.grad is not None:
-        student_context.backward(ctx.grad)
+        student_context.backward(ctx.grad.to(student_context.dtype))
     return DistillResult(step_mse=losses, weight=w)

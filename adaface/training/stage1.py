@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .config import Stage1Config, parse_config
+from .config import ConfigError, Stage1Config, parse_config
 from .data import FaceBatch, FaceIdSource, RealFaces
-from .distill import distill_trajectory, q_sample, sample_num_steps, trajectory_timesteps
+from .distill import PREDICTION_TYPES, distill_trajectory, q_sample, sample_num_steps, trajectory_timesteps
 from .trainer import MicroStep, RunContext, RunResult, cli_main, run_training
 
 STUDENT_PROMPT = "photo of a z"
@@ -42,6 +42,7 @@ class Stage1Models:
     vae: torch.nn.Module | None
     vae_scale: float
     latent_size: int
+    prediction_type: str = "epsilon"  # the scheduler's UNet output parameterisation (distill.PREDICTION_TYPES)
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,14 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
 
+    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"--sd-model: the scheduler's prediction_type {prediction_type!r} is not supported "
+                          f"({' or '.join(PREDICTION_TYPES)})")
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
-    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
     teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer)
     inverter = PromptInverter(cfg.inverter_init or sd_model, tokenizer=tokenizer, mode=cfg.expand_mode)
     vae = None
@@ -122,7 +127,7 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     return Stage1Models(tokenizer, text_encoder, unet, teacher, inverter,
                         scheduler.alphas_cumprod.to(torch.float32), vae,
                         float(getattr(getattr(vae, "config", None), "scaling_factor", 0.18215)),
-                        cfg.resolution // factor)
+                        cfg.resolution // factor, prediction_type)
 
 
 def encode_student_prompt(m: Stage1Models, subject: torch.Tensor) -> torch.Tensor:
@@ -169,7 +174,7 @@ def stage1_loss(models: Stage1Models, batch: FaceBatch, generator: torch.Generat
     # A random ID has no image, so its trajectory starts from pure noise, which is x_t only at the top of the
     # schedule: its first step is at t_max - 1 (the later, smaller steps stay as drawn); real faces keep t_1.
     ts = trajectory_timesteps(k, batch.is_real, s.t_min, s.t_max, g)
-    x = trajectory_start(m, batch, ts[0], g, device).to(m.unet.dtype)
+    x = trajectory_start(m, batch, ts[0], g, device)  # fp32: cast only at the UNet calls
     arcface = batch.arcface.to(device)
 
     # teacher context and ID tokens (no graph), then the student context through the inverter (with graph)
@@ -183,15 +188,16 @@ def stage1_loss(models: Stage1Models, batch: FaceBatch, generator: torch.Generat
 
     def teacher(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return m.teacher.unet(xt, t, encoder_hidden_states=teacher_ctx).sample
+            return m.teacher.unet(xt.to(m.teacher.unet.dtype), t, encoder_hidden_states=teacher_ctx).sample
 
     def student(xt: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return m.unet(xt, t, encoder_hidden_states=ctx).sample
+            return m.unet(xt.to(m.unet.dtype), t, encoder_hidden_states=ctx.to(m.unet.dtype)).sample
 
     # the trajectory: per-step MSEs, gradients accumulated into the inverter
     res = distill_trajectory(x, ts, teacher, student, student_ctx, m.alphas_cumprod, g,
-                             reduction=s.loss_reduction, backward_scale=backward_scale)
+                             reduction=s.loss_reduction, backward_scale=backward_scale,
+                             prediction_type=m.prediction_type)
     steps = torch.stack(res.step_mse).to(torch.float64)
     loss = (steps * res.weight).sum()
     return loss, {"loss_mse": steps.mean(), "loss_steps": list(res.step_mse),
