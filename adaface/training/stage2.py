@@ -41,6 +41,7 @@ from .config import (
 )
 from .data import MANIFEST, FaceIdSource, RealFaces
 from .ddp import shared_seed
+from .distill import PREDICTION_TYPES
 from .stage1 import DistillSettings, Stage1Models, build_tiny_models, stage1_loss
 from .trainer import MicroStep, RunContext, RunResult, cli_main, run_training
 
@@ -300,6 +301,10 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
     scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")  # matters to the stage-1 steps only
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"--sd-model: the scheduler's prediction_type {prediction_type!r} is not supported "
+                          f"({' or '.join(PREDICTION_TYPES)})")
     teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer, load_unet=cfg.stage1_p > 0)
     inv = PromptInverter.from_pretrained(inverter)
     for m in (text_encoder, unet, vae, teacher):
@@ -315,7 +320,7 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
     scale = float(getattr(vae.config, "scaling_factor", 0.18215))
     comp = CompositionModels(tokenizer, text_encoder, unet, capture, teacher, inv, vae, scale, alphas)
     s1 = Stage1Models(tokenizer, text_encoder, unet, teacher, inv, alphas, vae, scale,
-                      cfg.resolution // _vae_scale_factor(sd_model))
+                      cfg.resolution // _vae_scale_factor(sd_model), prediction_type)
     return Stage2Models(comp, s1)
 
 
