@@ -91,3 +91,13 @@ def test_prodigy_state_formula_matches_a_real_step(slice_p):
                         and t.dim() > 0)
     assert prodigy_state_bytes(model.parameters(), slice_p=slice_p) == real
     assert module_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_views_of_tensors_made_before_the_mode_allocate_nothing():
+    weight = torch.empty(256, 256, device="meta")
+    tracker = LiveBytes()
+    with tracker:
+        wt = weight.t()
+        weight.mul_(2)
+        y = torch.empty(3, 256, device="meta") @ wt
+    assert tracker.peak == y.untyped_storage().nbytes() + 3 * 256 * 4

@@ -39,8 +39,9 @@ class Mark:
 class LiveBytes(TorchDispatchMode):
     """Live and peak bytes of the storages that ops create on `device_type` while the mode is active.
 
-    Views share their base's storage and are counted once; storages made before the mode (the weights) are
-    not counted: add them with `tensor_bytes`. `mark(label)` records the live and peak bytes at a point.
+    An op's output counts when its storage is new: views and in-place results share an input's storage and
+    allocate nothing, so storages made before the mode (the weights), and views of them, are never counted:
+    add them with `tensor_bytes`. `mark(label)` records the live and peak bytes at a point.
     """
 
     def __init__(self, device_type: str = "meta") -> None:
@@ -54,12 +55,13 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
         if t.device.type != self.device_type:
             return
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self._sizes:
+        # a view or an in-place result of an input (a weight's `.t()`, `x.add_()`) allocates nothing
+        if key in self._sizes or key in inputs:
             return
         n = storage.nbytes()
         self._sizes[key] = n
@@ -69,9 +71,11 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type == self.device_type}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, inputs)
         return out
 
     def reset_peak(self) -> None:
