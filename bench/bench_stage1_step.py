@@ -7,15 +7,14 @@
 Full shape: random-weight SD-1.5 UNet (student) and an Arc2Face UNet of the same architecture (teacher),
 CLIP ViT-L/14 text encoders (SD's, Arc2Face's and the Prompt Inverter, expanded by default to the paper's
 final multipliers 8,8,8,4,...,4), 512² images (64² latents), batch 4, 3 denoising steps, bf16 autocast with
-bf16 frozen weights, gradient checkpointing of the student UNet, Prodigy. It runs the trainer's own
-`train_step` (training/stage1.py), so the figure is the real step. Target: peak memory under 40 GB, so the
-paper's batch fits a 48 GB A6000 with room to spare.
+bf16 frozen weights, gradient checkpointing of the student UNet, Prodigy. It runs the shared trainer's own
+`Trainer.train_step` (adaface.training.trainer) on the stage-1 loss (adaface.training.stage1), so the figure is
+the real step. Target: peak memory under 40 GB, so the paper's batch fits a 48 GB A6000 with room to spare.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys
@@ -25,16 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER_MULTIPLIERS = "8,8,8,4,4,4,4,4,4,4,4,4"
-
-
-def _stage1():
-    spec = importlib.util.spec_from_file_location("adaface_stage1_script", ROOT / "training" / "stage1.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _models(shape: str, device: torch.device, weight_dtype: torch.dtype, multipliers: list[int] | None,
@@ -45,8 +35,8 @@ def _models(shape: str, device: torch.device, weight_dtype: torch.dtype, multipl
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.testing.tiny_models import TinyConfig, save_tiny_tokenizer, sd15_scheduler, tiny_text_config, tiny_unet
+    from adaface.training.stage1 import Stage1Models
 
-    stage1 = _stage1()
     tok = CLIPTokenizer.from_pretrained(str(save_tiny_tokenizer(tmp / "tokenizer")))
     if shape == "full":
         text_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -78,9 +68,8 @@ def _models(shape: str, device: torch.device, weight_dtype: torch.dtype, multipl
     if gradient_checkpointing:
         student_unet.enable_gradient_checkpointing()
     inverter.to(device).train()
-    models = stage1.Models(tok, sd_text, student_unet, teacher, inverter,
-                           sd15_scheduler().alphas_cumprod.float(), None, 0.18215, latent)
-    return stage1, models
+    return Stage1Models(tok, sd_text, student_unet, teacher, inverter, sd15_scheduler().alphas_cumprod.float(), None,
+                        0.18215, latent)
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -107,6 +96,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     from adaface.training.data import FaceIdSource
     from adaface.training.ddp import DistInfo
     from adaface.training.metrics_log import MetricsLog
+    from adaface.training.stage1 import Stage1
+    from adaface.training.trainer import Trainer, amp_dtype_for
 
     batch = args.batch_size or (4 if args.shape == "full" else 2)
     steps = args.steps or (5 if args.shape == "full" else 3)
@@ -123,10 +114,11 @@ def run(argv: list[str] | None = None) -> dict | None:
                        gradient_checkpointing=not args.no_gradient_checkpointing, expansions="")
 
     with tempfile.TemporaryDirectory() as tmp:
-        stage1, models = _models(args.shape, device, weight_dtype, mults, Path(tmp),
+        models = _models(args.shape, device, weight_dtype, mults, Path(tmp),
                                  not args.no_gradient_checkpointing)
         log = MetricsLog(Path(tmp) / "m.jsonl", enabled=False)
-        trainer = stage1.Trainer(cfg, models, device, DistInfo(), FaceIdSource(None, 1.0), log)
+        trainer = Trainer(cfg, Stage1(cfg, models, FaceIdSource(None, 1.0)), device, DistInfo(), log,
+                          amp_dtype_for(cfg, device))
         for _ in range(args.warmup):
             trainer.train_step()
             trainer.state.step += 1

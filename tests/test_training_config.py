@@ -3,9 +3,7 @@ names the option and fails before any model is loaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,16 +14,6 @@ from adaface.training.config import EMBEDDINGS_FILE, ConfigError, Stage1Config, 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "training" / "configs" / "tiny.json")
 PAPER = str(ROOT / "training" / "configs" / "paper.json")
-
-
-def load_stage1():
-    if "adaface_stage1_script" in sys.modules:
-        return sys.modules["adaface_stage1_script"]
-    spec = importlib.util.spec_from_file_location("adaface_stage1_script", ROOT / "training" / "stage1.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_help_documents_every_option():
@@ -114,23 +102,24 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path):
 
 
 def test_main_fails_fast_before_loading_models(tmp_path, monkeypatch, capsys):
-    stage1 = load_stage1()
+    from adaface.training import stage1
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded despite a bad configuration")
 
     monkeypatch.setattr(stage1, "load_models", boom)
     monkeypatch.setattr(stage1, "build_tiny_models", boom)
-    rc = stage1.main(["--no-tiny", "--sd-model", str(tmp_path / "missing"), "--arc2face", "a/b"])
+    rc = stage1.main(["--no-tiny", "--sd-model", str(tmp_path / "missing"), "--arc2face", "a/b"], default_config=TINY)
     assert rc == 2
     err = capsys.readouterr().err
     assert "--sd-model" in err and "missing" in err
 
 
 def test_help_exits_cleanly(capsys):
-    stage1 = load_stage1()
+    from adaface.training import stage1
+
     with pytest.raises(SystemExit) as exc:
-        stage1.main(["--help"])
+        stage1.main(["--help"], default_config=TINY)
     assert exc.value.code == 0
     assert "--plateau-patience" in capsys.readouterr().out
 

@@ -60,17 +60,19 @@ def test_mixed_batches(face_dir):
 
 
 def test_training_with_real_faces(face_dir, tmp_path):
-    from test_training_config import load_stage1
+    from test_training_config import TINY
 
-    stage1 = load_stage1()
+    from adaface.training import stage1
+    from adaface.training.config import parse_config
+
     sd, a2f = stage1.build_tiny_models(tmp_path / "tiny", seed=0)
     out = tmp_path / "run"
-    cfg = stage1.parse_config(
+    cfg = parse_config(
         ["--no-tiny", "--sd-model", str(sd), "--arc2face", str(a2f), "--data-dir", str(face_dir),
          "--random-id-fraction", "0.5", "--resolution", "16", "--steps", "2", "--batch-size", "2",
          "--denoise-steps", "2", "--denoise-step-weights", "1", "--output-dir", str(out), "--no-progress",
          "--no-deterministic", "--device", "cpu"],
-        default_config=stage1.DEFAULT_CONFIG,
+        default_config=TINY,
     )
     result = stage1.run(cfg)
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "step"]

@@ -1,5 +1,6 @@
 """training/stage1.py end to end on tiny models: a short run (forced + plateau expansions, checkpoints, JSONL,
-final inverter), exact resume after SIGKILL, and 2-process DDP on the CPU with gloo.
+final inverter), exact resume after SIGKILL (injected by adaface.training.faults), and 2-process DDP on the CPU
+with gloo.
 
 Each run is a subprocess on tiny models saved to disk once (loaded through the real --sd-model/--arc2face
 paths), single-threaded so that runs are bit-for-bit reproducible and light on a shared CPU.
@@ -8,7 +9,6 @@ Executed as a script (under torchrun) this file is the DDP worker: it trains, th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,26 +18,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage1.py"
-
-
-def load_stage1():
-    if "adaface_stage1_script" in sys.modules:
-        return sys.modules["adaface_stage1_script"]
-    spec = importlib.util.spec_from_file_location("adaface_stage1_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+TINY = str(ROOT / "training" / "configs" / "tiny.json")
+HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.faults:install"}
 
 
 def _ddp_worker(argv: list[str]) -> None:
     from safetensors.torch import save_file
 
-    stage1 = load_stage1()
-    cfg = stage1.parse_config(argv, default_config=stage1.DEFAULT_CONFIG, world_size=int(os.environ["WORLD_SIZE"]))
+    from adaface.training import stage1
+    from adaface.training.config import parse_config
+
+    cfg = parse_config(argv, default_config=TINY, world_size=int(os.environ["WORLD_SIZE"]))
     result = stage1.run(cfg)
     rank = int(os.environ["RANK"])
-    save_file({k: v.contiguous() for k, v in result.inverter.state_dict().items()},
+    save_file({k: v.contiguous() for k, v in result.trainable.state_dict().items()},
               str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
 
 
@@ -61,7 +55,9 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    sd, a2f = load_stage1().build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
+    from adaface.training.stage1 import build_tiny_models
+
+    sd, a2f = build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
     return sd, a2f
 
 
@@ -99,9 +95,9 @@ def test_short_run_outputs(reference_run):
     steps = _steps(out)
     assert sorted(steps) == list(range(1, STEPS + 1))
     rec = steps[1]
-    for key in ("loss", "mse", "step_losses", "lr", "d", "d_lr", "grad_norm", "samples_per_s", "multipliers"):
+    for key in ("loss", "loss_mse", "loss_steps", "lr", "d", "d_lr", "grad_norm", "samples_per_s", "multipliers"):
         assert key in rec, key
-    assert len(rec["step_losses"]) == 2  # one list of per-denoising-step losses per micro-batch
+    assert len(rec["loss_steps"]) == 2  # one list of per-denoising-step losses per micro-batch
     events = read_jsonl(out / "metrics.jsonl")
     expansions = [r for r in events if r["event"] == "expansion"]
     assert expansions[0]["step"] == 4 and expansions[0]["reason"] == "forced"
@@ -125,17 +121,17 @@ def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_pa
     ref_out, _ = reference_run
     out = tmp_path / "killed"
     args = _args(tiny_dirs, out)
-    # Deterministic kill: the trainer SIGKILLs itself in the middle of step KILL_AT + 1 (test hook in stage1.py).
-    # KILL_AT = 7 is past the forced expansion at step 4 and the checkpoint at step 6, so step 7 was logged but
-    # never saved, and step 8 was half done: the resumed run must redo both from the step-6 checkpoint.
+    # Deterministic kill: the fault hook SIGKILLs the trainer once step KILL_AT was logged. KILL_AT = 7 is past
+    # the forced expansion at step 4 and the checkpoint at step 6, so step 7 was logged but never saved: the
+    # resumed run must redo it from the step-6 checkpoint.
     kill_at = 7
-    env = {**_env(), load_stage1().TEST_SIGKILL_ENV: str(kill_at)}
+    env = {**_env(), **HOOK, "ADAFACE_FAULTS": f"sigkill@{kill_at}"}
     res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == -signal.SIGKILL, f"not killed by the hook (rc {res.returncode}): {res.stderr[-2000:]}"
     assert max(_steps(out)) == kill_at
     saved = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert saved == ["step-00000003", "step-00000006"]  # steps 7 and 8 are unsaved progress
+    assert saved == ["step-00000003", "step-00000006"]  # step 7 is unsaved progress
 
     res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -145,7 +141,7 @@ def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_pa
     got, want = _steps(out), _steps(ref_out)
     assert sorted(got) == sorted(want)
     for s in sorted(want):
-        for key in ("loss", "mse", "step_losses", "d", "lr", "multipliers"):
+        for key in ("loss", "loss_mse", "loss_steps", "d", "lr", "multipliers"):
             assert got[s][key] == want[s][key], (s, key)
     from safetensors.torch import load_file
 
@@ -155,20 +151,22 @@ def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_pa
 
 
 def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_path, monkeypatch):
-    """In Trainer._micro_step, a sample without an image (random ID, pure noise) takes its first denoising step at
-    t_max - 1, while a real-image sample keeps its drawn t_1; spied on the teacher callable's t."""
+    """In stage1_loss (via Trainer.micro_step), a sample without an image (random ID, pure noise) takes its first
+    denoising step at t_max - 1, while a real-image sample keeps its drawn t_1; spied on the teacher callable's t."""
     from diffusers import AutoencoderKL
 
+    from adaface.training import stage1
+    from adaface.training.config import parse_config
     from adaface.training.data import FaceBatch
     from adaface.training.ddp import DistInfo, rank_seed
     from adaface.training.distill import sample_num_steps, sample_timesteps
     from adaface.training.metrics_log import MetricsLog
+    from adaface.training.trainer import Trainer
 
-    stage1 = load_stage1()
     sd, _ = tiny_dirs
-    cfg = stage1.parse_config(_args(tiny_dirs, tmp_path / "out") + ["--batch-size", "4", "--denoise-steps", "2,3",
+    cfg = parse_config(_args(tiny_dirs, tmp_path / "out") + ["--batch-size", "4", "--denoise-steps", "2,3",
                                                                      "--t-min", "100", "--t-max", "900"],
-                              default_config=stage1.DEFAULT_CONFIG)
+                       default_config=TINY)
     models = stage1.load_models(cfg, str(sd), str(tiny_dirs[1]), torch.device("cpu"), torch.float32)
     models.vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae").eval().requires_grad_(False)
     is_real = torch.tensor([True, False, True, False])
@@ -182,8 +180,8 @@ def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_p
         def state_dict(self):
             return {}
 
-    trainer = stage1.Trainer(cfg, models, torch.device("cpu"), DistInfo(0, 1), Source(),
-                             MetricsLog(tmp_path / "m.jsonl", enabled=False))
+    trainer = Trainer(cfg, stage1.Stage1(cfg, models, Source()), torch.device("cpu"), DistInfo(0, 1),
+                      MetricsLog(tmp_path / "m.jsonl", enabled=False))
     seen = []
     unet = models.teacher.unet
     real_forward = unet.forward
@@ -195,7 +193,7 @@ def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_p
     monkeypatch.setattr(unet, "forward", spy)
     for micro in range(2):
         seen.clear()
-        trainer._micro_step(micro)
+        trainer.micro_step(micro)
         g = torch.Generator().manual_seed(rank_seed(cfg.seed, 0, 0, micro))
         drawn = sample_timesteps(sample_num_steps(cfg.denoise_steps, cfg.denoise_step_weights, g), 4,
                                  cfg.t_min, cfg.t_max, g)

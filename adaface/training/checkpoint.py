@@ -30,6 +30,10 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used (missing, truncated or malformed file); the message names it."""
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file through a temporary sibling and os.replace, so readers never see a partial file."""
     path = Path(path)
@@ -220,7 +224,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensor_files: Mapping[st
     tmp.mkdir()
     for name, tensors in tensor_files.items():
         atomic_save_tensors(tensors, tmp / f"{name}.safetensors")  # each file fsynced
-    atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=1))  # last: marks complete
+    state = {"step": step, "files": sorted(f"{n}.safetensors" for n in tensor_files), **state}
+    atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1, allow_nan=False))  # last: marks complete
     _fsync_dir(tmp)  # the folder's entries are durable before it gets its final name
     recover_checkpoints(root)
     if final.exists():
@@ -237,6 +242,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensor_files: Mapping[st
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
+    verify_checkpoint(final)  # older checkpoints are pruned only once the new one reads back intact
     if keep is not None:
         prune_checkpoints(root, keep)
     return final
@@ -278,13 +284,70 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _read_state(path: Path) -> dict:
+    state_file = path / STATE_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (not found)")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file} is damaged: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{state_file} is damaged: no integer 'step'")
+    missing = [f for f in state.get("files", []) if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: missing {', '.join(missing)}")
+    return state
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check a checkpoint without loading its tensors (state.json and every safetensors header); returns the state."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    state = _read_state(path)
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as e:  # safetensors raises its own error types for truncated or malformed files
+            raise CheckpointError(f"{f} is damaged: {e}") from None
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """All tensor files (by name) and the JSON state of one checkpoint folder.
+    """All tensor files (by name) and the JSON state of one checkpoint folder; CheckpointError names a bad file.
 
     If a crash during a re-save left the folder without its final name, its `.old-PID` copy is recovered first."""
     path = Path(path)
     if not _is_complete(path) and STEP_DIR.match(path.name):
         recover_checkpoints(path.parent)
-    state = json.loads((path / STATE_FILE).read_text())
-    tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    state = _read_state(path)
+    tensors = {}
+    for p in sorted(path.glob("*.safetensors")):
+        try:
+            tensors[p.stem] = load_file(str(p))
+        except Exception as e:  # a truncated or malformed file: safetensors' own error types
+            raise CheckpointError(f"{p} is damaged: {e}") from None
     return tensors, state
+
+
+def load_latest_intact(root: str | os.PathLike) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict,
+                                                         list[str]] | None:
+    """The newest checkpoint under root that loads: (path, tensors, state, messages about newer damaged ones).
+    None when there is no checkpoint; CheckpointError when there are some and none loads."""
+    recover_checkpoints(root)
+    found = list_checkpoints(root)
+    damaged: list[str] = []
+    for path in reversed(found):
+        try:
+            tensors, state = load_checkpoint(path)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        return path, tensors, state, damaged
+    if damaged:
+        raise CheckpointError(f"every checkpoint in {root} is damaged: {'; '.join(damaged)}")
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -37,19 +38,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class Stage1Config:
-    # --- models -----------------------------------------------------------------------------------------
-    tiny: bool = _f(False, "build tiny random models (teacher derived from the student) under OUTPUT_DIR/tiny_models "
-                           "instead of loading --sd-model/--arc2face/--inverter-init")
-    sd_model: str | None = _f(None, "SD-1.5 folder or hub id (student: tokenizer, text encoder, UNet, scheduler, VAE)")
-    arc2face: str | None = _f(None, "Arc2Face folder or hub id (teacher: encoder/ and arc2face/ UNet)")
-    inverter_init: str | None = _f(None, "CLIP text encoder (folder or hub id) initialising the Prompt Inverter; "
-                                         "default: SD_MODEL's text_encoder")
-    # --- data -------------------------------------------------------------------------------------------
-    data_dir: str | None = _f(None, f"folder of face images plus {EMBEDDINGS_FILE} (one 512-d ArcFace embedding per "
-                                    "image, keyed by file name); without it every ID is random")
-    random_id_fraction: float = _f(0.4, "fraction of samples with random Gaussian IDs when --data-dir is given")
-    resolution: int = _f(512, "image size in pixels (latents are RESOLUTION / VAE scale factor)")
+class TrainingConfig:
+    """Options every stage shares: optimizer, expansion, hardware, output (a stage's config subclasses it)."""
+
     # --- optimisation -----------------------------------------------------------------------------------
     steps: int = _f(240_000, "optimizer steps")
     batch_size: int = _f(4, "samples per process per micro-batch")
@@ -63,14 +54,8 @@ class Stage1Config:
     bias_correction: bool = _f(True, "Prodigy use_bias_correction")
     grad_clip: float = _f(0.5, "gradient-norm clipping threshold (0 disables)")
     seed: int = _f(0, "random seed (each rank adds its rank)")
-    # --- multi-timestep distillation ---------------------------------------------------------------------
-    denoise_steps: list[int] = _f([1, 3, 5], "choices for the number k of denoising steps per trajectory")
-    denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "probabilities of the DENOISE_STEPS choices "
-                                                            "(normalised)")
-    t_min: int = _f(1, "smallest timestep sampled")
-    t_max: int = _f(1000, "largest timestep sampled (exclusive)")
-    loss_reduction: str = _f("sum", "how per-step losses combine: 'sum' (paper, eq. 2) or 'sqrt_k' (sum / sqrt(k), "
-                                    "reference code)", choices=("sum", "sqrt_k"))
+    max_nonfinite_steps: int = _f(20, "stop with an error after this many consecutive steps with a non-finite loss or "
+                                      "gradient (each is skipped: the weights stay as they were)")
     # --- dynamic model expansion ------------------------------------------------------------------------
     expansions: str = _f("4:all,2:0-2", "expansion schedule, applied one entry per plateau: FACTOR:LAYERS[,...] with "
                                         "LAYERS 'all' or a list like 0-2 or 0+3 ('' disables)")
@@ -103,7 +88,38 @@ class Stage1Config:
         return asdict(self)
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+@dataclass
+class Stage1Config(TrainingConfig):
+    """Stage 1: models, face data and multi-timestep distillation on top of the shared options."""
+
+    # --- models -----------------------------------------------------------------------------------------
+    tiny: bool = _f(False, "build tiny random models (teacher derived from the student) under OUTPUT_DIR/tiny_models "
+                           "instead of loading --sd-model/--arc2face/--inverter-init")
+    sd_model: str | None = _f(None, "SD-1.5 folder or hub id (student: tokenizer, text encoder, UNet, scheduler, VAE)")
+    arc2face: str | None = _f(None, "Arc2Face folder or hub id (teacher: encoder/ and arc2face/ UNet)")
+    inverter_init: str | None = _f(None, "CLIP text encoder (folder or hub id) initialising the Prompt Inverter; "
+                                         "default: SD_MODEL's text_encoder")
+    # --- data -------------------------------------------------------------------------------------------
+    data_dir: str | None = _f(None, "prepared face folder (python -m adaface.prepare_data: manifest.jsonl, crops, "
+                                    f"masks, {EMBEDDINGS_FILE}) or a folder of images plus {EMBEDDINGS_FILE} (one "
+                                    "512-d ArcFace embedding per image, keyed by file name); without it every ID is "
+                                    "random")
+    on_bad_data: str = _f("skip", "what to do with data that fails the start-up checks (an image that does not decode, "
+                                  "an embedding that is non-finite, zero or not 512-d): 'skip' (listed, then left "
+                                  "out) or 'refuse' (stop before training)", choices=("skip", "refuse"))
+    random_id_fraction: float = _f(0.4, "fraction of samples with random Gaussian IDs when --data-dir is given")
+    resolution: int = _f(512, "image size in pixels (latents are RESOLUTION / VAE scale factor)")
+    # --- multi-timestep distillation ---------------------------------------------------------------------
+    denoise_steps: list[int] = _f([1, 3, 5], "choices for the number k of denoising steps per trajectory")
+    denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "probabilities of the DENOISE_STEPS choices "
+                                                            "(normalised)")
+    t_min: int = _f(1, "smallest timestep sampled")
+    t_max: int = _f(1000, "largest timestep sampled (exclusive)")
+    loss_reduction: str = _f("sum", "how per-step losses combine: 'sum' (paper, eq. 2) or 'sqrt_k' (sum / sqrt(k), "
+                                    "reference code)", choices=("sum", "sqrt_k"))
+
+
+def load_config_file(path: str | os.PathLike, config_cls: type[TrainingConfig] | None = None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {p}")
@@ -113,11 +129,41 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"--config: {p} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {p} must hold a JSON object")
-    known = {f.name for f in fields(Stage1Config)}
-    unknown = sorted(set(data) - known)
+    by_name = {f.name: f for f in fields(config_cls or Stage1Config)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
         raise ConfigError(f"--config: unknown option(s) in {p}: {', '.join(unknown)}")
+    for name, value in data.items():
+        check_type(name, value, str(by_name[name].type), f" (in {p})")
     return data
+
+
+def _type_ok(value: Any, typ: str) -> bool:
+    if typ.endswith(" | None"):
+        return value is None or _type_ok(value, typ[: -len(" | None")])
+    if typ == "bool":
+        return isinstance(value, bool)
+    if typ == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if typ == "str":
+        return isinstance(value, str)
+    if typ.startswith("list[") and typ.endswith("]"):
+        return isinstance(value, list) and all(_type_ok(v, typ[5:-1]) for v in value)
+    raise TypeError(f"unsupported option type {typ!r}")
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+               "list[int]": "a list of integers", "list[float]": "a list of finite numbers"}
+
+
+def check_type(name: str, value: Any, typ: str, where: str = "") -> None:
+    """A one-line ConfigError unless `value` has the option's type (JSON config values are checked with it)."""
+    if not _type_ok(value, typ):
+        base = typ[: -len(" | None")] if typ.endswith(" | None") else typ
+        want = _TYPE_WORDS.get(base, base) + (" or null" if typ.endswith(" | None") else "")
+        raise ConfigError(f"{_opt(name)} must be {want}, got {json.dumps(value)}{where}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -128,10 +174,13 @@ def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.replace(" ", "").split(",") if x]
 
 
-def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
+def build_parser(default_config: str | None = None, config_cls: type[TrainingConfig] | None = None,
+                 description: str = "AdaFace stage 1: face distillation of Arc2Face into the Prompt Inverter.",
+                 ) -> argparse.ArgumentParser:
     """The CLI: `--config` plus one option per config field; unset options keep the config file's values."""
+    config_cls = config_cls or Stage1Config
     parser = argparse.ArgumentParser(
-        description="AdaFace stage 1: face distillation of Arc2Face into the Prompt Inverter.",
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -139,8 +188,8 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
                         help="JSON config file (its keys are the option names with underscores)")
     preset: dict[str, Any] = {}
     if default_config and Path(default_config).is_file():
-        preset = load_config_file(default_config)
-    for f in fields(Stage1Config):
+        preset = load_config_file(default_config, config_cls)
+    for f in fields(config_cls):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         helptext = f.metadata["help"]
         if f.name in preset:
@@ -167,18 +216,24 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None, default_config: str | None = None,
-                 world_size: int = 1) -> Stage1Config:
-    """Parse the command line, layer it over the config file, validate the result (no model is touched)."""
-    parser = build_parser(default_config)
+def parse_config(argv: list[str] | None = None, default_config: str | None = None, world_size: int = 1,
+                 config_cls: type[TrainingConfig] | None = None, validator: Any = None,
+                 description: str | None = None) -> Any:
+    """Parse the command line, layer it over the config file, validate the result (no model is touched).
+
+    A stage passes its own `config_cls` (a TrainingConfig subclass) and `validator(cfg, world_size)`; the
+    defaults are stage 1's."""
+    config_cls = config_cls or Stage1Config
+    kw = {} if description is None else {"description": description}
+    parser = build_parser(default_config, config_cls, **kw)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path:
-        values.update(load_config_file(config_path))
+        values.update(load_config_file(config_path, config_cls))
     values.update(args)
-    cfg = Stage1Config(**values)
-    validate(cfg, world_size)
+    cfg = config_cls(**values)
+    (validator or validate)(cfg, world_size)
     return cfg
 
 
@@ -201,6 +256,29 @@ def _check_model_source(option: str, value: str, required: tuple[str, ...],
     looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or not HUB_ID.match(value)
     if looks_local:
         raise ConfigError(f"{option}: model folder not found: {value}")
+    why_not = _hub_unavailable(value)
+    if why_not:
+        raise ConfigError(f"{option}: model folder not found: {value} (as a hub id: {why_not})")
+
+
+def _hub_unavailable(repo_id: str) -> str | None:
+    """Why a hub id cannot be fetched now (None: it is cached, or the hub answers), so a folder name that merely
+    looks like a hub id fails at once instead of after minutes of download retries."""
+    from huggingface_hub import constants
+
+    if (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir():
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local cache, and HF_HUB_OFFLINE is set"
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as e:
+        return f"not in the local cache, and {url.hostname} cannot be reached ({e.__class__.__name__})"
+    return None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -269,14 +347,16 @@ def list_face_images(data_dir: Path) -> list[str]:
     return sorted(p.name for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def validate(cfg: Stage1Config, world_size: int = 1) -> None:
-    """Reject impossible configurations with a message naming the option; reads only small files."""
-    positive = ("steps", "batch_size", "grad_accum", "resolution", "keep_checkpoints",
-                "plateau_window", "plateau_patience")
+def validate_training(cfg: TrainingConfig, world_size: int = 1) -> None:
+    """The shared options' checks (every stage's validator calls this first)."""
+    for f in fields(cfg):
+        check_type(f.name, getattr(cfg, f.name), str(f.type))
+    positive = ("steps", "batch_size", "grad_accum", "keep_checkpoints", "plateau_window", "plateau_patience",
+                "max_nonfinite_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{_opt(name)} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "checkpoint_every", "t_min", "num_threads"):
+    for name in ("warmup_steps", "checkpoint_every", "num_threads"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_opt(name)} must be >= 0, got {getattr(cfg, name)}")
     for name in ("d_coef", "lr", "d0"):
@@ -285,6 +365,54 @@ def validate(cfg: Stage1Config, world_size: int = 1) -> None:
     for name in ("weight_decay", "grad_clip", "expand_noise_ratio", "plateau_tolerance", "target_drop"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_opt(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise ConfigError(f"--mixed-precision: 'auto', 'bf16', 'fp16' or 'no', got {cfg.mixed_precision!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"--device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if not cfg.expand_mode or set(cfg.expand_mode) - set("qkv"):
+        raise ConfigError(f"--expand-mode: letters from 'qkv', got {cfg.expand_mode!r}")
+    try:
+        parse_expansions(cfg.expansions)
+    except ValueError as e:
+        raise ConfigError(f"--expansions: {e}") from e
+    if any(s < 0 or s >= cfg.steps for s in cfg.expand_at):
+        raise ConfigError(f"--expand-at: steps must be in [0, {cfg.steps}), got {cfg.expand_at}")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device: {cfg.device} requested but no CUDA device is available (use 'auto' or 'cpu')")
+    if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"--resume: checkpoint folder not found: {cfg.resume}")
+    _check_output_dir(cfg.output_dir)
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    if not cfg.resume and not cfg.overwrite and ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*")):
+        raise ConfigError(f"--output-dir: {cfg.output_dir} holds checkpoints of an earlier run; pass --resume to "
+                          "continue it or --overwrite to start afresh")
+
+
+def _check_output_dir(path: str) -> None:
+    """OUTPUT_DIR must be (or become) a writable folder."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir: {path} exists and is not a folder")
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir: {path} is not writable ({e.strerror or e})") from None
+
+
+def validate(cfg: Stage1Config, world_size: int = 1) -> None:
+    """Reject impossible configurations with a message naming the option; reads only small files."""
+    validate_training(cfg, world_size)
+    for name in ("resolution",):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_opt(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.t_min < 0:
+        raise ConfigError(f"--t-min must be >= 0, got {cfg.t_min}")
     if not 0.0 <= cfg.random_id_fraction <= 1.0:
         raise ConfigError(f"--random-id-fraction must be in [0, 1], got {cfg.random_id_fraction}")
     if not cfg.t_min < cfg.t_max <= 1000:
@@ -301,21 +429,11 @@ def validate(cfg: Stage1Config, world_size: int = 1) -> None:
                           f"{cfg.denoise_step_weights}")
     if cfg.loss_reduction not in ("sum", "sqrt_k"):
         raise ConfigError(f"--loss-reduction: 'sum' or 'sqrt_k', got {cfg.loss_reduction!r}")
-    if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise ConfigError(f"--mixed-precision: 'auto', 'bf16', 'fp16' or 'no', got {cfg.mixed_precision!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"--device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
-    if not cfg.expand_mode or set(cfg.expand_mode) - set("qkv"):
-        raise ConfigError(f"--expand-mode: letters from 'qkv', got {cfg.expand_mode!r}")
-    try:
-        parse_expansions(cfg.expansions)
-    except ValueError as e:
-        raise ConfigError(f"--expansions: {e}") from e
-    if any(s < 0 or s >= cfg.steps for s in cfg.expand_at):
-        raise ConfigError(f"--expand-at: steps must be in [0, {cfg.steps}), got {cfg.expand_at}")
 
+    if cfg.on_bad_data not in ("skip", "refuse"):
+        raise ConfigError(f"--on-bad-data: 'skip' or 'refuse', got {cfg.on_bad_data!r}")
     if cfg.tiny:
-        for name in ("sd_model", "arc2face", "inverter_init", "data_dir"):
+        for name in ("sd_model", "arc2face", "inverter_init"):
             if getattr(cfg, name):
                 raise ConfigError(f"{_opt(name)} cannot be combined with --tiny (use --no-tiny or a real config)")
     else:
@@ -337,17 +455,14 @@ def validate(cfg: Stage1Config, world_size: int = 1) -> None:
             raise ConfigError(f"--data-dir: folder not found: {cfg.data_dir}")
         if not (d / EMBEDDINGS_FILE).is_file():
             raise ConfigError(f"--data-dir: {cfg.data_dir} has no {EMBEDDINGS_FILE} (precomputed ArcFace embeddings)")
-        images = list_face_images(d)
+        from .data import list_entries
+
+        images = list_entries(d)[0]
         if not images:
-            raise ConfigError(f"--data-dir: {cfg.data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise ConfigError(f"--data-dir: {cfg.data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no "
+                              "usable manifest.jsonl entries")
         if cfg.random_id_fraction < 1.0 and len(images) < world_size:
             raise ConfigError(f"--data-dir: {len(images)} images cannot be sharded over {world_size} processes")
         if cfg.random_id_fraction == 0.0 and len(images) < global_batch:
             raise ConfigError(f"--batch-size: {cfg.batch_size} x {world_size} process(es) exceeds the "
                               f"{len(images)} images in --data-dir with --random-id-fraction 0")
-    if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
-        raise ConfigError(f"--resume: checkpoint folder not found: {cfg.resume}")
-    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    if not cfg.resume and not cfg.overwrite and ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*")):
-        raise ConfigError(f"--output-dir: {cfg.output_dir} holds checkpoints of an earlier run; pass --resume to "
-                          "continue it or --overwrite to start afresh")

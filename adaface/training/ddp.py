@@ -90,6 +90,17 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def agree_flags(rank0_flag: bool, any_flag: bool, device: torch.device) -> tuple[bool, bool]:
+    """(rank 0's `rank0_flag`, whether any rank set `any_flag`) on every rank, in one collective."""
+    if not dist.is_initialized():
+        return rank0_flag, any_flag
+    first = rank0_flag if dist.get_rank() == 0 else False
+    t = torch.tensor([int(first), int(any_flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    a, b = t.tolist()
+    return bool(a), bool(b)
+
+
 def shard(indices: list[int], info: DistInfo) -> list[int]:
     """This rank's share of an index list (strided, so the shards differ by at most one element)."""
     return indices[info.rank :: info.world_size]
