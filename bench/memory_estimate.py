@@ -3,19 +3,23 @@
     python bench/memory_estimate.py                          # both stages, the paper's settings, and a sweep
     python bench/memory_estimate.py --stage stage1 --batch 4 --checkpointing on --json rows.json
 
-Every model is built at full size on the `meta` device (SD-1.5 UNet and text encoder, Arc2Face's UNet and
-encoder, a CLIP-L-sized Prompt Inverter at the paper's final multipliers 8,8,8,4,...,4, the SD-1.5 VAE where
-real images are encoded), and the trainers' own per-micro-batch loss functions run on it, forward and backward
-(`adaface.training.stage1.stage1_loss`, `adaface.training.stage2.stage2_loss`), while
-`adaface.testing.meta_memory.LiveBytes` follows every tensor they create. Attention is counted as the fused
-GPU kernels hold it (flash / memory-efficient attention keep the output and a log-sum-exp, not the N×N map),
-and the Prodigy state from its definition. A row is
+Every model is built at full size on the `meta` device (SD-1.5 UNet, VAE and text encoder, Arc2Face's UNet and
+encoder, a CLIP-L-sized Prompt Inverter at the paper's final multipliers 8,8,8,4,...,4), and the trainers' own
+per-micro-batch functions run on it, forward and backward (`adaface.training.stage1.stage1_loss` and
+`adaface.training.composition_step.composition_step` with the paper's stage-2 options), while
+`adaface.testing.meta_memory.LiveBytes` follows every tensor they create. Attention is counted as the fused GPU
+kernels hold it (flash / memory-efficient attention keep the output and a log-sum-exp, not the N×N map), the
+fused losses through their ops' fakes, and the Prodigy state from its definition. A row is
 
-    peak = weights (frozen models, the trainable inverter) + optimizer state + the step's own peak,
+    peak = weights (frozen models and the inverter) + optimizer state + gradients + the micro-batch's own peak,
 
-the last being the micro-batch's activations plus the gradients it accumulates (`activations_gib` and
-`gradients_gib`). The CUDA context (several hundred MiB) and the allocator's rounding and fragmentation come on
-top of what `torch.cuda.max_memory_allocated` reports, and are not counted.
+the micro-batch being one that accumulates into existing gradients (every micro-batch of a step but the first).
+Stage 1 runs one denoising step per trajectory: a trajectory holds one student UNet graph at a time, so its peak
+does not grow with k (k = 3 gives the same peak to 1 MiB). The peak is affine in the batch size, so the largest
+batch fitting a budget is predicted from two rows and then measured. The CUDA context (several hundred MiB) and
+the allocator's rounding and fragmentation come on top of what `torch.cuda.max_memory_allocated` reports, and
+are not counted; the frozen models' activations are counted in `--dtype`, the inverter's in fp32 (autocast does
+not act on `meta`), a small overestimate.
 """
 
 from __future__ import annotations
@@ -148,12 +152,85 @@ def estimate_stage1(batch: int, *, resolution: int = 512, dtype: str = "bf16", c
                    m.inverter, lambda: stage1_loss(m, faces, g, settings=settings, backward_scale=1.0))
 
 
-ESTIMATORS = {"stage1": estimate_stage1}
+def stage2_settings(backend: str = "triton"):
+    """The paper's stage-2 options (training/configs/stage2_paper.json), with the fused losses' GPU backend: its
+    ops' fakes count their outputs and saved state (the PyTorch references would materialise N×N maps)."""
+    import dataclasses
+
+    from adaface.training.config import load_config_file
+    from adaface.training.stage2 import Stage2Config, composition_config
+
+    cfg = Stage2Config(**load_config_file(ROOT / "training" / "configs" / "stage2_paper.json", Stage2Config))
+    return dataclasses.replace(composition_config(cfg), backend=backend)
 
 
-def largest_fitting(rows: list[Row], stage: str, checkpointing: bool, budget_gib: float) -> int | None:
-    fit = [r.batch for r in rows if r.stage == stage and r.checkpointing == checkpointing and r.peak_gib <= budget_gib]
-    return max(fit) if fit else None
+def estimate_stage2(batch: int, *, resolution: int = 512, dtype: str = "bf16", checkpointing: bool = True,
+                    slice_p: int = 1) -> Row:
+    """One stage-2 composition micro-batch: `batch` subjects × 4 prompts sharing a noisy latent, the feature
+    capture on the selected layers, the delta and face-preserving losses, backward."""
+    from adaface.models.unet_feature_capture import UNetFeatureCapture
+    from adaface.training.composition_step import CompositionBatch, CompositionModels, capture_layers, composition_step
+    from adaface.training.compositions import CompositionPool
+    from adaface.training.data import random_ids
+
+    s1 = stage1_models(DTYPES[dtype], resolution, with_vae=True)
+    set_checkpointing(s1.unet, checkpointing)
+    comp_cfg = stage2_settings()
+    capture = UNetFeatureCapture(s1.unet, capture_layers(s1.unet, comp_cfg))
+    m = CompositionModels(s1.tokenizer, s1.text_encoder, s1.unet, capture, s1.teacher, s1.inverter, s1.vae,
+                          s1.vae_scale, s1.alphas_cumprod)
+    g = torch.Generator().manual_seed(0)
+    pool = CompositionPool.default()
+
+    def micro_batch() -> None:
+        images = torch.zeros(batch, 3, resolution, resolution, device="meta")
+        masks = torch.zeros(batch, 1, resolution, resolution, device="meta")
+        faces = CompositionBatch(random_ids(batch, g), images, masks, [None] * batch)
+        composition_step(m, faces, comp_cfg, pool, g).loss.backward()
+
+    try:
+        return measure("stage2", batch, resolution, dtype, checkpointing, slice_p,
+                       [s1.unet, s1.text_encoder, s1.teacher, s1.vae], s1.inverter, micro_batch)
+    finally:
+        capture.remove()
+
+
+ESTIMATORS = {"stage1": estimate_stage1, "stage2": estimate_stage2}
+
+
+def largest_batch(estimator: Callable[..., Row], budget_gib: float, measured: list[Row], max_batch: int = 256,
+                  **kw) -> tuple[int | None, list[Row]]:
+    """The largest batch whose estimated peak fits `budget_gib`, and the rows measured to find it.
+
+    A step's peak is affine in the batch size (weights and optimizer state are fixed, activations grow with
+    each sample), so the two smallest measured batches predict the answer; it is then measured, with its
+    neighbours, until the batch fits and the next one does not."""
+    rows = sorted(measured, key=lambda r: r.batch)
+    known = {r.batch: r for r in rows}
+
+    def at(b: int) -> Row:
+        if b not in known:
+            known[b] = estimator(b, **kw)
+            new.append(known[b])
+        return known[b]
+
+    new: list[Row] = []
+    if len(rows) < 2:
+        rows = [at(1), at(2)]
+    (b0, p0), (b1, p1) = (rows[0].batch, rows[0].peak_gib), (rows[1].batch, rows[1].peak_gib)
+    slope = (p1 - p0) / (b1 - b0)
+    guess = max_batch if slope <= 0 else int((budget_gib - p0) / slope) + b0
+    b = min(max(guess, 1), max_batch)
+    for _ in range(8):
+        if at(b).peak_gib > budget_gib:
+            if b == 1:
+                return None, new
+            b -= 1
+        elif b < max_batch and at(b + 1).peak_gib <= budget_gib:
+            b += 1
+        else:
+            return b, new
+    return (b if at(b).peak_gib <= budget_gib else None), new
 
 
 def format_table(rows: list[Row]) -> str:
@@ -181,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", choices=("stage1", "stage2", "both"), default="both")
     p.add_argument("--batch", type=_batches, default=None,
-                   help="comma-separated batch sizes (default: a sweep 1,2,4,8 for stage 1 and 1,2,3,4,6 for stage 2)")
+                   help="comma-separated batch sizes to measure (default: 1 and the paper's batch, 4 for stage 1 and 3 "
+                        "for stage 2); then the largest batch fitting 24 and 48 GiB is searched for and measured")
+    p.add_argument("--no-search", action="store_true", help="measure the given batches only")
     p.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
                    help="gradient checkpointing of the student UNet")
     p.add_argument("--resolution", type=int, default=512)
@@ -191,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULT_BATCHES = {"stage1": [1, 2, 4, 8], "stage2": [1, 2, 3, 4, 6]}
+DEFAULT_BATCHES = {"stage1": [1, 4], "stage2": [1, 3]}  # 1 and the paper's batch
+BUDGETS_GIB = (24.0, 48.0)  # an RTX 3090/4090; an RTX A6000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,20 +284,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stages = [s for s in ESTIMATORS if args.stage in (s, "both")]
     ckpts = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
+    kw = {"resolution": args.resolution, "dtype": args.dtype, "slice_p": args.slice_p}
     rows: list[Row] = []
+    fits: list[str] = []
+
+    def show(new: list[Row]) -> None:
+        for r in new:
+            print(format_table([r]).splitlines()[1], f"({r.seconds:.0f} s)", flush=True)
+        rows.extend(new)
+
     for stage in stages:
         for ck in ckpts:
-            for b in args.batch or DEFAULT_BATCHES[stage]:
-                rows.append(ESTIMATORS[stage](b, resolution=args.resolution, dtype=args.dtype, checkpointing=ck,
-                                              slice_p=args.slice_p))
-                print(format_table(rows[-1:]).splitlines()[1], f"({rows[-1].seconds:.0f} s)", flush=True)
+            show([ESTIMATORS[stage](b, checkpointing=ck, **kw) for b in args.batch or DEFAULT_BATCHES[stage]])
+            if args.no_search:
+                continue
+            for budget in BUDGETS_GIB:
+                mine = [r for r in rows if r.stage == stage and r.checkpointing == ck]
+                best, new = largest_batch(ESTIMATORS[stage], budget, mine, checkpointing=ck, **kw)
+                show(new)
+                fits.append(f"{stage}, checkpointing {'on' if ck else 'off'}: the largest batch within {budget:g} GiB "
+                            f"is {best}")
+    rows.sort(key=lambda r: (stages.index(r.stage), not r.checkpointing, r.batch))
     print()
     print(format_table(rows))
-    for stage in stages:
-        for ck in ckpts:
-            fits = {budget: largest_fitting(rows, stage, ck, budget) for budget in (24.0, 48.0)}
-            print(f"{stage}, checkpointing {'on' if ck else 'off'}: largest measured batch within 24 GiB: "
-                  f"{fits[24.0]}, within 48 GiB: {fits[48.0]}")
+    print("\n".join(fits))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0
