@@ -97,7 +97,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tu
     if backend == "triton":
         if not triton_importable():
             raise RuntimeError(f"{op}: backend='triton' needs the `triton` package")
-        if device.type != "cuda" and not interpreting():
+        # meta tensors reach the custom ops' fakes: shapes and saved state without storage (memory estimates)
+        if device.type not in ("cuda", "meta") and not interpreting():
             raise ValueError(
                 f"{op}: backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
                 "before importing adaface to run the kernels on the CPU through Triton's interpreter"
