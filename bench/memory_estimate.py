@@ -198,6 +198,11 @@ def estimate_stage2(batch: int, *, resolution: int = 512, dtype: str = "bf16", c
 ESTIMATORS = {"stage1": estimate_stage1, "stage2": estimate_stage2}
 
 
+def estimated_peak_gib(stage: str, batch: int, *, checkpointing: bool, dtype: str = "bf16") -> float:
+    """The estimate that the step benchmarks print next to `torch.cuda.max_memory_allocated` on a GPU."""
+    return ESTIMATORS[stage](batch, checkpointing=checkpointing, dtype=dtype).peak_gib
+
+
 def largest_batch(estimator: Callable[..., Row], budget_gib: float, measured: list[Row], max_batch: int = 256,
                   **kw) -> tuple[int | None, list[Row]]:
     """The largest batch whose estimated peak fits `budget_gib`, and the rows measured to find it.
