@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from types import ModuleType
 
 import torch
+
+from adaface.kernels._runtime import interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
@@ -17,11 +18,6 @@ BUILD_HINT = (
     "(a CUDA toolkit with nvcc gives the CUDA kernels, otherwise the CPU kernels are built); "
     "ADAFACE_BUILD_EXT=0 disables it on purpose."
 )
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
@@ -64,9 +60,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, supports: tu
     if backend == "auto":
         if device.type == "cuda" and "triton" in supports and triton_importable():
             return "triton"
-        # Measured on a 2-core CPU: the C++ delta cosine is 6-12x faster than the eager reference; the C++
-        # soft-warp is about as fast as eager without a mask (faster with one: masked rows cost nothing) and
-        # never builds the N x M matrix, so its workspace stays small at 64x64 maps.
+        # The C++ losses are faster than the eager reference on CPUs (bench/test_bench_cpp.py) and never
+        # build the soft warp's N x M matrix, so their workspace stays small at 64x64 maps.
         if device.type == "cpu" and "cpp" in supports and _EXTENSION is not None:
             return "cpp"
         return "torch"
