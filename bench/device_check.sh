@@ -4,7 +4,8 @@
 # long or fails never costs the figures of the stages before it:
 #   1. install adaface without network (--no-deps --no-build-isolation), compiling the CUDA extension for
 #      this GPU's architecture only;
-#   2. the tests marked `gpu` (CUDA kernels against the references and against the Triton kernels);
+#   2. the tests marked `gpu` (CUDA kernels against the references and against the Triton kernels), then
+#      tests/test_gpu_configs.py (every CUDA launch configuration of the Triton kernels, natively);
 #   3. the C++/CUDA extension benchmarks (CUDA vs Triton vs eager) at paper scale;
 #   4. the Triton kernel benchmarks at paper scale (eager, SDPA, Triton; torch.compile is stage 6);
 #   5. one full-size stage-1 training step (steps/s, peak memory) when diffusers and prodigyopt import;
@@ -54,6 +55,9 @@ xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)  # parallel Triton JIT compiles across test workers
 run_stage gpu_tests 170 python3 -m pytest -q -m gpu "${xdist[@]}" -p no:cacheprovider \
     tests/test_extension.py tests/test_soft_warp.py tests/test_delta_cosine.py tests/test_expanded_attention.py
+
+# every CUDA launch configuration of the Triton kernels, natively (the CPU suite runs them interpreted)
+run_stage gpu_configs 120 python3 -m pytest -q "${xdist[@]}" -p no:cacheprovider tests/test_gpu_configs.py
 
 bench_opts=(-q -p no:cacheprovider --benchmark-min-rounds=5 --benchmark-max-time=0.25 --benchmark-warmup=on
             --benchmark-disable-gc)
