@@ -4,9 +4,9 @@
 
 Ratios are against the row whose `extra_info["baseline"]` is true in the same group (the eager PyTorch
 reference unless a benchmark says otherwise). Rows of Triton kernels run through the interpreter (a CPU
-without a GPU) are marked "[interp.]": their time is the interpreter's, not the kernel's. Several files are merged group by group: pass only files
-written on the same machine in one session (bench/device_check.sh runs the torch.compile rows in a
-separate pytest process, after the others, and merges them here).
+without a GPU) are marked "[interp.]": their time is the interpreter's, not the kernel's. Several files are
+merged group by group: pass only files written on the same machine in one session (bench/device_check.sh
+runs the torch.compile rows in a separate pytest process, after the others, and merges them here).
 """
 
 from __future__ import annotations
