@@ -3,9 +3,10 @@
     python bench/summarize.py bench.json [more.json ...]
 
 Ratios are against the row whose `extra_info["baseline"]` is true in the same group (the eager PyTorch
-reference unless a benchmark says otherwise). Several files are merged group by group: pass only files
-written on the same machine in one session (bench/device_check.sh runs the torch.compile rows in a
-separate pytest process, after the others, and merges them here).
+reference unless a benchmark says otherwise). Rows of Triton kernels run through the interpreter (a CPU
+without a GPU) are marked "[interp.]": their time is the interpreter's, not the kernel's. Several files are
+merged group by group: pass only files written on the same machine in one session (bench/device_check.sh
+runs the torch.compile rows in a separate pytest process, after the others, and merges them here).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main(paths: list[str]) -> int:
             tfl = f"{info['flops'] / t / 1e12:8.2f}" if info.get("flops") else "       -"
             mem = info.get("peak_bytes")
             mem_ratio = f"{mem / base_mem:8.3f}" if mem is not None and base_mem else "       -"
-            name = b["name"][:50]
+            name = b["name"][:36] + " [interp.]" if info.get("interpreted") else b["name"][:50]
             print(f"{name:50s} {_fmt_time(t):>11s} {speed:>7s} {gbs} {tfl} {_fmt_bytes(mem):>13s} {mem_ratio}")
     return 0
 

@@ -4,7 +4,7 @@ CUDA (paper scale, SD-1.5 at 512²):
     per-token rows, 64² map, 1280 ch: 4 × [4, 4096, 1280]  (fp32: 335 MB of input; also bf16)
     per-token rows, 64² map,  320 ch: 4 × [4, 4096, 320]
     whole flattened 64²×320 maps as rows: 4 × [4, 1310720]  (the split path)
-CPU (no GPU here): small shapes; the Triton kernels run under the interpreter (Python per program), so only
+CPU (without a GPU): small shapes; the Triton kernels run under the interpreter (Python per program), so only
 the tiny shapes run them. Forward, and forward + backward with the subject side requiring grad (the class
 side is the teacher and is detached, as in training). Every result records the device, dtype, the bytes the
 fused op must move at least (`bytes`: forward reads the four inputs and writes one fp32 per row; the backward
@@ -99,5 +99,5 @@ def test_bench_delta_cosine(benchmark, device, case, variant, backward):
     record(
         benchmark, device, dtype=str(dtype).replace("torch.", ""), shape="x".join(map(str, shape)),
         grads="subj_single, subj_comp" if backward else "none", bytes=moved, gbps=moved / median / 1e9,
-        peak_bytes=peak, baseline=variant == "eager",
+        peak_bytes=peak, baseline=variant == "eager", interpreted=slow_cpu,
     )

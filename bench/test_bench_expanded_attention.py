@@ -15,7 +15,7 @@ CUDA: the Prompt Inverter's shapes (CLIP-L text: B = 4, H = 12, L = S = 77, D = 
 projection's [B, L, H, E, D] layout permuted (non-contiguous), E in {1, 4, 8, 16} for the paper's multi-Q/V
 and E = 8 for the reference code's multi-K/V. CPU: a tiny shape only, because the Triton variant runs through
 the interpreter there (its CPU time measures the interpreter, not the kernel); `compiled` on the CPU runs at
-one configuration only (Inductor's C++ compile takes tens of seconds per graph on a small CPU).
+one configuration only (Inductor's C++ compile of each graph takes tens of seconds there).
 Recorded with every figure: device, flops (useful matmul flops, `attention_flops`), peak_bytes (peak memory
 above the inputs), shape, dtype.
 """

@@ -98,7 +98,7 @@ def test_bench_soft_warp(benchmark, device, case, variant, backward):
     flops = soft_warp_flops(1, rows, M, Dq, C, backward)
     extra = {"dtype": str(dtype).replace("torch.", ""), "shape": f"B{B} N{N} M{M} Dq{Dq} C{C}",
              "mask": f"{mask_kind} p={p}", "selected_rows": rows, "flops": flops, "peak_bytes": peak,
-             "baseline": variant == "eager"}
+             "baseline": variant == "eager", "interpreted": variant == "triton" and device.type != "cuda"}
     if variant == "sdpa":
         sel = slice(None) if mask is None else mask[0]
         extra["sdpa_backend"] = _sdpa_backend(x[0][0][sel], x[1][0], x[3][0])

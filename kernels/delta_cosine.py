@@ -24,7 +24,8 @@ where e ⟂ a within the chunk (e·a ≈ 0), so each term is a small non-negativ
 the result is as accurate as computing the deltas explicitly (the fp32 reference's level). A row that fits
 one chunk (C ≤ 4096) is one program's work (δ = η = 0: e = Δs exactly), several rows per program for short
 rows; longer rows are split into chunks whose 14 partial sums go to a small fp32 workspace
-[rows, chunks, 16] and a second small kernel combines them. Every input element is read once.
+[rows, chunks, 16] and a second small kernel combines them (one program per row, walking the chunks
+BLOCK_K at a time). Every input element is read once.
 
 Backward, upstream g = dL/dloss per row, G = −g (= dL/dcos):
     p1 = −cos/(N1·n1) (0 when n1 = 0),  p2 = −cos/(N2·n2) (0 when n2 = 0),  q = 1/(N1·N2)
@@ -49,14 +50,14 @@ import torch
 import triton
 import triton.language as tl
 
-from adaface.ops.delta_cosine import COSINE_EPS  # torch's cosine_similarity eps, shared with the reference
+from ._runtime import COSINE_EPS, policy_for_this_process
 
 N_STATS = 8  # per-row scalars saved for the backward: α, β, p1, p2, q, r_s/G, r_c/G, (pad)
 N_PART = 16  # per-(row, chunk) partial sums of the split path (14 used)
 
 MAX_CHUNK = 4096  # the most elements of one input a program holds in registers
 TILE = 4096  # rows × padded C per program for short rows
-_FORCE_CHUNK: int | None = None  # test-only: a small power-of-2 chunk so the split path runs at small C
+TILE_KEYS = {"ROWS": 1, "BLOCK_C": 16, "BLOCK_K": 16}
 
 
 def _empty(shape, *, dtype, device) -> torch.Tensor:
@@ -251,19 +252,21 @@ def _dc_bwd_kernel(
             tl.store(dcs_ptr + offs, d_cs.to(dcs_ptr.dtype.element_ty), mask=m)
 
 
-def plan(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(rows per program, BLOCK_C, chunks per row). One chunk per row up to MAX_CHUNK columns, else a split."""
-    chunk = MAX_CHUNK if _FORCE_CHUNK is None else _FORCE_CHUNK
-    assert chunk >= 16 and chunk & (chunk - 1) == 0, f"chunk must be a power of 2 >= 16, got {chunk}"
-    if n_cols <= chunk:
+def gpu_tiles(n_rows: int, n_cols: int) -> dict[str, int]:
+    """Rows per program and BLOCK_C: a whole row per program up to MAX_CHUNK columns (several rows for short
+    rows), else chunks of MAX_CHUNK (the split path). The chunks per row are cdiv(n_cols, BLOCK_C); the
+    combine kernel reads up to BLOCK_K chunks' partials per step (its work is tiny: a few steps suffice)."""
+    if n_cols <= MAX_CHUNK:
         block_c = max(16, triton.next_power_of_2(n_cols))
         rows_per = max(1, min(TILE // block_c, triton.next_power_of_2(max(n_rows, 1))))
-        return rows_per, block_c, 1
-    return 1, chunk, triton.cdiv(n_cols, chunk)
+    else:
+        rows_per, block_c = 1, MAX_CHUNK
+    warps = 8 if rows_per * block_c >= 2048 else 4
+    return {"ROWS": rows_per, "BLOCK_C": block_c, "BLOCK_K": 16, "num_warps": warps}
 
 
-def _warps(rows_per: int, block_c: int) -> int:
-    return 8 if rows_per * block_c >= 2048 else 4
+interpreter_tiles = gpu_tiles  # one program per row chunk suits the interpreter too
+tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
 
 
 def _rows_view(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -282,18 +285,20 @@ def delta_cosine_fwd(
     if n_rows == 0:
         return loss.view(ss.shape[:-1]), st
     a, b, c, d = (_rows_view(t, n_rows, n_cols) for t in (ss, sc, cs, cc))
-    rows_per, block_c, n_chunks = plan(n_rows, n_cols)
+    cfg = tiles(n_rows, n_cols)
+    rows_per, block_c = cfg["ROWS"], cfg["BLOCK_C"]
+    n_chunks = max(1, triton.cdiv(n_cols, block_c))  # a row of C = 0 is still one (empty) chunk
     split = n_chunks > 1
     part = _empty((n_rows, n_chunks, N_PART), dtype=torch.float32, device=dev) if split else loss
     grid = (triton.cdiv(n_rows, rows_per) * n_chunks,)
     _dc_fwd_kernel[grid](
         a, b, c, d, loss, st, part, n_rows, n_cols, n_chunks, eps, COSINE_EPS,
-        ROWS=rows_per, BLOCK_C=block_c, SPLIT=split, STATS=stats, num_warps=_warps(rows_per, block_c),
+        ROWS=rows_per, BLOCK_C=block_c, SPLIT=split, STATS=stats, num_warps=cfg["num_warps"],
     )
     if split:
         _dc_combine_kernel[(n_rows,)](
             part, loss, st, n_rows, n_chunks, eps, COSINE_EPS,
-            BLOCK_K=min(triton.next_power_of_2(n_chunks), 1024), STATS=stats,
+            BLOCK_K=min(triton.next_power_of_2(n_chunks), cfg["BLOCK_K"]), STATS=stats,
         )
     return loss.view(ss.shape[:-1]), st
 
@@ -310,14 +315,16 @@ def delta_cosine_bwd(
         return outs
     a, b, c, d = (_rows_view(t, n_rows, n_cols) for t in (ss, sc, cs, cc))
     g = grad.float().contiguous().reshape(n_rows)
-    rows_per, block_c, n_chunks = plan(n_rows, n_cols)
+    cfg = tiles(n_rows, n_cols)
+    rows_per, block_c = cfg["ROWS"], cfg["BLOCK_C"]
+    n_chunks = max(1, triton.cdiv(n_cols, block_c))  # a row of C = 0 is still one (empty) chunk
     dummy = a
     ptrs = [o if o is not None else dummy for o in outs]
     _dc_bwd_kernel[(triton.cdiv(n_rows, rows_per) * n_chunks,)](
         a, b, c, d, g, st, *ptrs, n_rows, n_cols, n_chunks,
         ROWS=rows_per, BLOCK_C=block_c, NEED_SS=need[0], NEED_SC=need[1], NEED_CS=need[2], NEED_CC=need[3],
         SUBJ=need[0] or need[1], CLS=need[2] or need[3],
-        num_warps=_warps(rows_per, block_c),
+        num_warps=cfg["num_warps"],
     )
     return outs
 
@@ -326,7 +333,7 @@ def delta_cosine_bwd(
 # by register_autograd, so torch.compile traces them without graph breaks. Which inputs need a gradient is
 # an explicit argument (decided by the Python wrapper below), so the forward skips the backward's scalars
 # when nothing needs them and the backward writes only the gradients asked for.
-@torch.library.custom_op("adaface::delta_cosine_rows", mutates_args=())
+@torch.library.custom_op("adaface::delta_cosine_triton_fwd", mutates_args=())
 def _fwd_op(
     ss: torch.Tensor, sc: torch.Tensor, cs: torch.Tensor, cc: torch.Tensor, eps: float,
     need_ss: bool, need_sc: bool, need_cs: bool, need_cc: bool,
@@ -340,7 +347,7 @@ def _(ss, sc, cs, cc, eps, need_ss, need_sc, need_cs, need_cc):
     return ss.new_empty(ss.shape[:-1], dtype=torch.float32), ss.new_empty((rows, N_STATS), dtype=torch.float32)
 
 
-@torch.library.custom_op("adaface::delta_cosine_rows_bwd", mutates_args=())
+@torch.library.custom_op("adaface::delta_cosine_triton_bwd", mutates_args=())
 def _bwd_op(
     grad: torch.Tensor, ss: torch.Tensor, sc: torch.Tensor, cs: torch.Tensor, cc: torch.Tensor, st: torch.Tensor,
     need_ss: bool, need_sc: bool, need_cs: bool, need_cc: bool,

@@ -1,4 +1,4 @@
-"""Expanded attention (METHOD.md §2): one joint, flash-style softmax over E copies × S keys, forward and backward.
+"""Expanded attention (paper §2.2, Dynamic Model Expansion): one joint, flash-style softmax over E copies × S keys, forward and backward.
 
 Notation, for one (b, h): q_e = q[:, e or 0], k_e = k[:, e or 0], v_e = v[:, e or 0] (a shared projection,
 E = 1, is read at copy 0 through a copy stride of 0 and is never copied E times); bias β[l, j] (fp32, −inf =
@@ -35,12 +35,12 @@ P and dS are rounded to that dtype before their dots, as in FlashAttention;
 fp32 inputs use IEEE fp32 dots unless torch allows TF32 matmuls. The bias is a constant (no gradient). Under TRITON_INTERPRET=1, bf16 tiles are
 cast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
 
-Tiles (`_blocks`): on CUDA BLOCK_L × BLOCK_S = 64 × 64 (forward), 64 × 32 (dQ), 32 × 64 (dK/dV), shrunk to the
+Tiles (`gpu_tiles`): on CUDA BLOCK_L × BLOCK_S = 64 × 64 (forward), 64 × 32 (dQ), 32 × 64 (dK/dV), shrunk to the
 next power of two ≥ 16 of short sequences, 4 warps (8 for D > 64), 3 pipeline stages (fp32: 2, or 1 and
 tiles ≤ 32 for D > 64, to stay under ~99 KB of shared memory on sm_86); under the interpreter one tile up to 128
-covers a short sequence (its cost is per op, not per element). b·h is grid axis 0 (no 65535 limit).
-Test hooks: `_FORCE_BLOCKS` forces the tiles (multi-block and causal-skip paths at small shapes) and `_empty`
-allocates every output buffer (tests fill them with NaN).
+covers a short sequence (`interpreter_tiles`: its cost is per op, not per element). b·h is grid axis 0 (no
+65535 limit). The launchers take their tiles from `tiles` (kernels/_runtime.py says how tests swap it), and
+allocate every buffer through `_empty` (tests fill them with NaN, so an element a kernel forgets shows).
 """
 
 from __future__ import annotations
@@ -51,14 +51,54 @@ import torch
 import triton
 import triton.language as tl
 
-from adaface.ops._backend import interpreting
+from ._runtime import interpreting, policy_for_this_process
 
 _LOG2E = 1.4426950408889634
+TILE_KEYS = {"BLOCK_L": 16, "BLOCK_S": 16}
 
 # Allocation hook: tests replace it with a NaN-filling allocator so an element a kernel forgets to write shows.
 _empty = torch.empty
-# Test-only override of the (BLOCK_L, BLOCK_S) tiles used by every kernel, to force multi-block paths.
-_FORCE_BLOCKS: tuple[int, int] | None = None
+
+
+@triton.jit
+def _load_operand(ptrs, mask, DOT_F32: tl.constexpr):
+    """A tile for tl.dot: zeros outside `mask`, cast to fp32 when the dtype's dot cannot be used (DOT_F32)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _key_block(
+    s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base,
+    sks, skd, svs, svd, sbl, sbs,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Key block [s0, s0 + BLOCK_S) of a query block: which (l, j) are live, the bias (base 2) and k/v pointers."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    smask = offs_s < S
+    valid = lmask[:, None] & smask[None, :]
+    if CAUSAL:
+        valid = valid & (offs_s[None, :] <= offs_l[:, None])
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_l[:, None] * sbl + offs_s[None, :] * sbs, mask=valid, other=0.0)
+        bias = bias * 1.4426950408889634
+    else:
+        bias = tl.zeros([BLOCK_L, BLOCK_S], dtype=tl.float32)
+    kvmask = smask[:, None] & dmask[None, :]
+    k_ptrs = k_base + offs_s[:, None] * sks + offs_d[None, :] * skd
+    v_ptrs = v_base + offs_s[:, None] * svs + offs_d[None, :] * svd
+    return valid, bias, kvmask, k_ptrs, v_ptrs
+
+
+@triton.jit
+def _scores(q, k, bias, valid, qk_scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """Base-2 logits of one (query block, key block, copy): scale·q kᵀ·log2 e + bias, −inf where not valid."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if HAS_BIAS:
+        s = s + bias
+    return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
@@ -89,9 +129,7 @@ def _fwd_kernel(
     bias_base = BIAS + b * sbb + h * sbh
 
     if not Q_EXP:
-        q = tl.load(q_ptrs, mask=qmask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+        q = _load_operand(q_ptrs, qmask, DOT_F32)
 
     m_i = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -102,42 +140,22 @@ def _fwd_kernel(
     else:
         hi = S
     for s0 in range(0, hi, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        valid = lmask[:, None] & smask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_s[None, :] <= offs_l[:, None])
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_l[:, None] * sbl + offs_s[None, :] * sbs, mask=valid, other=0.0)
-            bias = bias * 1.4426950408889634
-        kvmask = smask[:, None] & dmask[None, :]
-        k_ptrs = k_base + offs_s[:, None] * sks + offs_d[None, :] * skd
-        v_ptrs = v_base + offs_s[:, None] * svs + offs_d[None, :] * svd
+        valid, bias, kvmask, k_ptrs, v_ptrs = _key_block(
+            s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base, sks, skd, svs, svd, sbl, sbs,
+            HAS_BIAS, CAUSAL, BLOCK_L, BLOCK_S,
+        )
         if not K_EXP:
-            k = tl.load(k_ptrs, mask=kvmask, other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
+            k = _load_operand(k_ptrs, kvmask, DOT_F32)
         if not V_EXP:
-            v = tl.load(v_ptrs, mask=kvmask, other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
+            v = _load_operand(v_ptrs, kvmask, DOT_F32)
         for e in range(E):
             if Q_EXP:
-                q = tl.load(q_ptrs + e * sqe, mask=qmask, other=0.0)
-                if DOT_F32:
-                    q = q.to(tl.float32)
+                q = _load_operand(q_ptrs + e * sqe, qmask, DOT_F32)
             if K_EXP:
-                k = tl.load(k_ptrs + e * ske, mask=kvmask, other=0.0)
-                if DOT_F32:
-                    k = k.to(tl.float32)
+                k = _load_operand(k_ptrs + e * ske, kvmask, DOT_F32)
             if V_EXP:
-                v = tl.load(v_ptrs + e * sve, mask=kvmask, other=0.0)
-                if DOT_F32:
-                    v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            if HAS_BIAS:
-                s = s + bias
-            s = tl.where(valid, s, float("-inf"))
+                v = _load_operand(v_ptrs + e * sve, kvmask, DOT_F32)
+            s = _scores(q, k, bias, valid, qk_scale, HAS_BIAS, PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
@@ -191,9 +209,7 @@ def _bwd_dq_kernel(
 
     q_ptrs = Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd
     if not Q_EXP:
-        q = tl.load(q_ptrs, mask=rmask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+        q = _load_operand(q_ptrs, rmask, DOT_F32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     bias_base = BIAS + b * sbb + h * sbh
@@ -204,43 +220,23 @@ def _bwd_dq_kernel(
     else:
         hi = S
     for s0 in range(0, hi, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        valid = lmask[:, None] & smask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_s[None, :] <= offs_l[:, None])
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_l[:, None] * sbl + offs_s[None, :] * sbs, mask=valid, other=0.0)
-            bias = bias * 1.4426950408889634
-        kvmask = smask[:, None] & dmask[None, :]
-        k_ptrs = k_base + offs_s[:, None] * sks + offs_d[None, :] * skd
-        v_ptrs = v_base + offs_s[:, None] * svs + offs_d[None, :] * svd
+        valid, bias, kvmask, k_ptrs, v_ptrs = _key_block(
+            s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base, sks, skd, svs, svd, sbl, sbs,
+            HAS_BIAS, CAUSAL, BLOCK_L, BLOCK_S,
+        )
         if not K_EXP:
-            k = tl.load(k_ptrs, mask=kvmask, other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
+            k = _load_operand(k_ptrs, kvmask, DOT_F32)
         if not V_EXP:
-            v = tl.load(v_ptrs, mask=kvmask, other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
+            v = _load_operand(v_ptrs, kvmask, DOT_F32)
         for ee in range(E_LOOP):
             e = pid_e + ee
             if Q_EXP:
-                q = tl.load(q_ptrs + e * sqe, mask=rmask, other=0.0)
-                if DOT_F32:
-                    q = q.to(tl.float32)
+                q = _load_operand(q_ptrs + e * sqe, rmask, DOT_F32)
             if K_EXP:
-                k = tl.load(k_ptrs + e * ske, mask=kvmask, other=0.0)
-                if DOT_F32:
-                    k = k.to(tl.float32)
+                k = _load_operand(k_ptrs + e * ske, kvmask, DOT_F32)
             if V_EXP:
-                v = tl.load(v_ptrs + e * sve, mask=kvmask, other=0.0)
-                if DOT_F32:
-                    v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            if HAS_BIAS:
-                s = s + bias
-            s = tl.where(valid, s, float("-inf"))
+                v = _load_operand(v_ptrs + e * sve, kvmask, DOT_F32)
+            s = _scores(q, k, bias, valid, qk_scale, HAS_BIAS, PREC)
             p = tl.math.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -357,30 +353,35 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     return max(copies) if copies else 1
 
 
-def _blocks(L: int, S: int, block_d: int, kind: str, wide: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_S, num_warps) for kernel `kind` in ("fwd", "dq", "dkdv"); `wide`: fp32 with D > 64."""
-    if _FORCE_BLOCKS is not None:
-        bl, bs = _FORCE_BLOCKS
-        assert bl >= 16 and bs >= 16 and bl & (bl - 1) == 0 and bs & (bs - 1) == 0, "tiles: powers of two ≥ 16"
-        return bl, bs, 4
-    np2_l = max(16, triton.next_power_of_2(max(L, 1)))
-    np2_s = max(16, triton.next_power_of_2(max(S, 1)))
-    if interpreting():  # few, large tiles: the interpreter's cost is per op, not per element
-        return min(np2_l, 128), min(np2_s, 128), 4
-    warps = 4 if block_d <= 64 else 8
-    big = 32 if wide else 64  # fp32 with D > 64: smaller tiles keep shared memory under ~99 KB (sm_86)
+def _np2(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str, int]:
+    """BLOCK_L, BLOCK_S, warps and pipeline stages of kernel `kind` ("fwd", "dq", "dkdv") on CUDA.
+
+    fp32 tiles are twice as large as fp16/bf16 ones: with D > 64 they shrink (and pipeline less) to stay
+    under ~99 KB of shared memory (sm_86).
+    """
+    block_d = _np2(D)
+    wide = dtype == torch.float32 and block_d > 64
+    big = 32 if wide else 64
     if kind == "dkdv":
-        return min(np2_l, 32), min(np2_s, big), warps
-    if kind == "dq":
-        return min(np2_l, big), min(np2_s, 32), warps
-    return min(np2_l, big), min(np2_s, big), warps
+        bl, bs = min(_np2(L), 32), min(_np2(S), big)
+    elif kind == "dq":
+        bl, bs = min(_np2(L), big), min(_np2(S), 32)
+    else:
+        bl, bs = min(_np2(L), big), min(_np2(S), big)
+    stages = 3 if dtype != torch.float32 else (2 if block_d <= 64 else 1)
+    return {"BLOCK_L": bl, "BLOCK_S": bs, "num_warps": 4 if block_d <= 64 else 8, "num_stages": stages}
 
 
-def _stages(dtype: torch.dtype, block_d: int) -> int:
-    """Software-pipelining depth: fp32 tiles are twice as large; keep shared memory under ~99 KB (sm_86)."""
-    if dtype != torch.float32:
-        return 3
-    return 2 if block_d <= 64 else 1
+def interpreter_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str, int]:
+    """One tile up to 128 covers a short sequence: few, large programs."""
+    return {"BLOCK_L": min(_np2(L), 128), "BLOCK_S": min(_np2(S), 128), "num_warps": 4, "num_stages": 1}
+
+
+tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -416,17 +417,16 @@ def expanded_attention_fwd(
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out, lse
-    block_d = max(16, triton.next_power_of_2(D))
-    bl, bs, warps = _blocks(L, S, block_d, "fwd", q.dtype == torch.float32 and block_d > 64)
+    block_d = _np2(D)
+    cfg = tiles(L, S, D, q.dtype, "fwd")
     dot_f32, prec = _dot_flags(q.dtype)
-    grid = (B * H, triton.cdiv(L, bl))
+    grid = (B * H, triton.cdiv(L, cfg["BLOCK_L"]))
     _fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias, (B, H, L, S)),
         H, L, S, E, D, scale * _LOG2E,
         HAS_BIAS=bias is not None, CAUSAL=causal, Q_EXP=Eq > 1, K_EXP=Ek > 1, V_EXP=Ev > 1,
-        BLOCK_L=bl, BLOCK_S=bs, BLOCK_D=block_d, DOT_F32=dot_f32, PREC=prec, num_warps=warps,
-        num_stages=_stages(q.dtype, block_d),
+        BLOCK_D=block_d, DOT_F32=dot_f32, PREC=prec, **cfg,
     )
     return out, lse
 
@@ -444,7 +444,7 @@ def expanded_attention_bwd(
     dv = _empty(v.shape, device=v.device, dtype=v.dtype)
     if B * H == 0 or D == 0 or L == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = _np2(D)
     dot_f32, prec = _dot_flags(q.dtype)
     delta = _empty((B, H, L), device=q.device, dtype=torch.float32)
     bias_arg = bias if bias is not None else q
@@ -455,20 +455,18 @@ def expanded_attention_bwd(
     )
     qk_scale = scale * _LOG2E
 
-    bl, bs, warps = _blocks(L, S, block_d, "dq", q.dtype == torch.float32 and block_d > 64)
+    cfg = tiles(L, S, D, q.dtype, "dq")
     q_split = Eq > 1  # expanded q: one program per copy; shared q: each program sums over the E copies
-    _bwd_dq_kernel[(B * H, triton.cdiv(L, bl), Eq)](
+    _bwd_dq_kernel[(B * H, triton.cdiv(L, cfg["BLOCK_L"]), Eq)](
         q, k, v, bias_arg, out, dout, lse, delta, dq, *strides,
-        H, L, S, 1 if q_split else E, Eq, D, qk_scale, scale,
-        BLOCK_L=bl, BLOCK_S=bs, num_warps=warps, num_stages=_stages(q.dtype, block_d), **flags,
+        H, L, S, 1 if q_split else E, Eq, D, qk_scale, scale, **cfg, **flags,
     )
 
-    bl, bs, warps = _blocks(L, S, block_d, "dkdv", q.dtype == torch.float32 and block_d > 64)
+    cfg = tiles(L, S, D, q.dtype, "dkdv")
     kv_split = Ek > 1 and Ev > 1  # both expanded: one program per copy; otherwise loop over copies inside
-    _bwd_dkdv_kernel[(B * H, triton.cdiv(S, bs), E if kv_split else 1)](
+    _bwd_dkdv_kernel[(B * H, triton.cdiv(S, cfg["BLOCK_S"]), E if kv_split else 1)](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
-        H, L, S, 1 if kv_split else E, Ek, Ev, D, qk_scale, scale,
-        BLOCK_L=bl, BLOCK_S=bs, num_warps=warps, num_stages=_stages(q.dtype, block_d), **flags,
+        H, L, S, 1 if kv_split else E, Ek, Ev, D, qk_scale, scale, **cfg, **flags,
     )
     return dq, dk, dv
 

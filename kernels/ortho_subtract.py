@@ -15,6 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import policy_for_this_process
+
+TILE_KEYS = {"BLOCK": 16}
+
 
 @triton.jit
 def _ortho_fwd_kernel(a_ptr, b_ptr, out_ptr, coef_ptr, n_cols, eps, BLOCK: tl.constexpr):
@@ -74,8 +78,13 @@ def _ortho_bwd_kernel(
             tl.store(db_ptr + row * n_cols + offs, db.to(db_ptr.dtype.element_ty), mask=m)
 
 
-def _block_for(n_cols: int) -> int:
-    return min(triton.next_power_of_2(max(n_cols, 16)), 4096)
+def gpu_tiles(n_cols: int) -> dict[str, int]:
+    """One program per row; a row longer than BLOCK is walked in BLOCK-sized chunks."""
+    return {"BLOCK": min(triton.next_power_of_2(max(n_cols, 16)), 4096)}
+
+
+interpreter_tiles = gpu_tiles
+tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
 
 
 def ortho_subtract_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +96,7 @@ def ortho_subtract_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[to
     out = torch.empty_like(a2)
     coef = torch.empty(rows, device=a.device, dtype=torch.float32)
     if rows > 0 and n_cols > 0:
-        _ortho_fwd_kernel[(rows,)](a2, b2, out, coef, n_cols, eps, BLOCK=_block_for(n_cols))
+        _ortho_fwd_kernel[(rows,)](a2, b2, out, coef, n_cols, eps, BLOCK=tiles(n_cols)["BLOCK"])
     elif rows > 0:
         coef.zero_()
     return out.view(a.shape), coef
@@ -107,33 +116,33 @@ def ortho_subtract_bwd(
     if rows > 0 and n_cols > 0 and (need_da or need_db):
         _ortho_bwd_kernel[(rows,)](
             g2, a2, b2, coef, da if need_da else a2, db if need_db else b2, n_cols, eps,
-            BLOCK=_block_for(n_cols), NEED_DA=need_da, NEED_DB=need_db,
+            BLOCK=tiles(n_cols)["BLOCK"], NEED_DA=need_da, NEED_DB=need_db,
         )
     return (da.view(a.shape) if need_da else None), (db.view(b.shape) if need_db else None)
 
 
 # torch.library registration: the forward and backward are opaque custom ops with fake (meta)
 # implementations, tied together by register_autograd, so torch.compile traces them without breaks.
-@torch.library.custom_op("adaface::ortho_subtract_triton", mutates_args=())
-def ortho_subtract_triton(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("adaface::ortho_subtract_triton_fwd", mutates_args=())
+def _fwd_op(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return ortho_subtract_fwd(a, b, eps)
 
 
-@ortho_subtract_triton.register_fake
+@_fwd_op.register_fake
 def _(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows = a.numel() // a.shape[-1] if a.shape[-1] else a.shape[:-1].numel()
     return torch.empty_like(a), a.new_empty((rows,), dtype=torch.float32)
 
 
 @torch.library.custom_op("adaface::ortho_subtract_triton_bwd", mutates_args=())
-def ortho_subtract_triton_bwd(
+def _bwd_op(
     grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     da, db = ortho_subtract_bwd(grad, a, b, coef, eps)
     return da, db
 
 
-@ortho_subtract_triton_bwd.register_fake
+@_bwd_op.register_fake
 def _(grad, a, b, coef, eps):
     return torch.empty_like(a), torch.empty_like(b)
 
@@ -147,8 +156,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_coef):
     a, b, coef = ctx.saved_tensors
-    da, db = ortho_subtract_triton_bwd(grad_out, a, b, coef, ctx.eps)
+    da, db = _bwd_op(grad_out, a, b, coef, ctx.eps)
     return da, db, None
 
 
-ortho_subtract_triton.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ortho_subtract_triton(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """`a − (a·b)/(b·b + eps)·b` per row of the last dimension, in a's dtype; differentiable w.r.t. a and b."""
+    out, _ = _fwd_op(a, b, float(eps))
+    return out

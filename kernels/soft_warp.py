@@ -40,17 +40,14 @@ path, bf16/fp16 the fast one); bf16 tiles are cast to fp32 under the interpreter
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-from adaface.ops._backend import interpreting
+from ._runtime import COSINE_EPS, interpreting, policy_for_this_process
 
-COSINE_EPS = 1e-8
 LOG2E = math.log2(math.e)
 
 # allocation hooks (tests swap them for NaN-filled allocators to catch elements a kernel forgets to write)
@@ -292,28 +289,7 @@ def _bwd_col_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 
-_OVERRIDE: dict[str, int] = {}
-
-
-@contextlib.contextmanager
-def block_override(**blocks: int) -> Iterator[None]:
-    """Test-only: force tile sizes (BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_C, OUT_C, OUT_D, BLOCK_R, BLOCK_CC) so that
-    the multi-block and split-feature paths run at small shapes. Each must be a power of two ≥ 16."""
-    for name, value in blocks.items():
-        if name not in _DEFAULT_KEYS:
-            raise ValueError(f"unknown block {name!r}")
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    old = dict(_OVERRIDE)
-    _OVERRIDE.update(blocks)
-    try:
-        yield
-    finally:
-        _OVERRIDE.clear()
-        _OVERRIDE.update(old)
-
-
-_DEFAULT_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D", "BLOCK_R", "BLOCK_CC")
+TILE_KEYS = {k: 16 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D", "BLOCK_R", "BLOCK_CC")}
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -333,25 +309,28 @@ def _out_chunk(dim: int, other: int, cap: int) -> int:
     return best
 
 
-def _config(N: int, M: int, Dq: int, C: int, on_gpu: bool) -> dict[str, int]:
-    if on_gpu:
-        cfg = {
-            "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64,
-            "OUT_C": _out_chunk(C, Dq, 256), "OUT_D": _out_chunk(Dq, Dq + C, 256),
-            "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
-        }
-    else:  # interpreter: few, large programs (its cost is per program and per op)
-        cfg = {
-            "BLOCK_N": _pow2(N, 16, 64), "BLOCK_M": _pow2(M, 16, 64),
-            "BLOCK_D": _pow2(Dq, 16, 128), "BLOCK_C": _pow2(C, 16, 128),
-            "OUT_C": _pow2(C, 16, 128), "OUT_D": _pow2(Dq, 16, 128),
-            "BLOCK_R": _pow2(N, 16, 64), "BLOCK_CC": _pow2(C, 16, 128),
-        }
-    cfg.update(_OVERRIDE)
-    for name in _DEFAULT_KEYS:
-        v = cfg[name]
-        assert v >= 16 and v & (v - 1) == 0, f"{name}={v} must be a power of two >= 16 (tl.dot tiles)"
-    return cfg
+def gpu_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
+    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs)."""
+    out_c, out_d = _out_chunk(C, Dq, 256), _out_chunk(Dq, Dq + C, 256)
+    return {
+        "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64, "OUT_C": out_c, "OUT_D": out_d,
+        "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
+        "num_warps": 8 if max(out_c, out_d) >= 256 else 4, "num_stages": 2,
+    }
+
+
+def interpreter_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
+    """Few, large programs (the interpreter's cost is per program and per op)."""
+    return {
+        "BLOCK_N": _pow2(N, 16, 64), "BLOCK_M": _pow2(M, 16, 64),
+        "BLOCK_D": _pow2(Dq, 16, 128), "BLOCK_C": _pow2(C, 16, 128),
+        "OUT_C": _pow2(C, 16, 128), "OUT_D": _pow2(Dq, 16, 128),
+        "BLOCK_R": _pow2(N, 16, 64), "BLOCK_CC": _pow2(C, 16, 128),
+        "num_warps": 4, "num_stages": 2,
+    }
+
+
+tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -359,13 +338,6 @@ def _compute_dtype(dtype: torch.dtype):
     if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
         return tl.float32, torch.float32, "ieee"
     return (tl.float16 if dtype == torch.float16 else tl.bfloat16), dtype, "ieee"
-
-
-def _launch_opts(cfg: dict[str, int]) -> dict[str, int]:
-    if interpreting():
-        return {}
-    wide = max(cfg["OUT_C"], cfg["OUT_D"]) >= 256
-    return {"num_warps": 8 if wide else 4, "num_stages": 2}
 
 
 def _compact(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,9 +367,9 @@ def soft_warp_fwd(
     # every launch (forward and backward) puts the batch on grid axis 2, which CUDA caps at 65535
     if B > 65535:
         raise ValueError(f"soft_warp_loss: batch size B={B} exceeds the kernels' grid limit of 65535")
-    cfg = _config(N, M, Dq, C, dev.type == "cuda")
+    cfg = tiles(N, M, Dq, C)
     compute, _, prec = _compute_dtype(qs.dtype)
-    opts = _launch_opts(cfg)
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if C > 0:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["OUT_C"]), B)
     else:  # still write lse (not needed by anything, but keep the buffer defined)
@@ -431,9 +403,9 @@ def soft_warp_bwd(
     dfc = _empty_like(fc) if need_fc else None
     if B == 0 or N == 0 and not (need_qc or need_fc):
         return dqs, dqc, dfs, dfc
-    cfg = _config(N, M, Dq, C, dev.type == "cuda")
+    cfg = tiles(N, M, Dq, C)
     compute, do_dtype, prec = _compute_dtype(qs.dtype)
-    opts = _launch_opts(cfg)
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     need_do = need_qs or need_qc or need_fc
     d_o = _empty((B, N, C), device=dev, dtype=do_dtype) if need_do else warped
     di = _empty((B, N), device=dev, dtype=torch.float32) if need_do else lse
@@ -465,15 +437,15 @@ def soft_warp_bwd(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("adaface::soft_warp_rows_fwd", mutates_args=())
-def soft_warp_rows_fwd(
+@torch.library.custom_op("adaface::soft_warp_triton_fwd", mutates_args=())
+def _fwd_op(
     q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
     weights: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return soft_warp_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, scale)
 
 
-@soft_warp_rows_fwd.register_fake
+@_fwd_op.register_fake
 def _(q_subj, q_comp, feat_subj, feat_comp, weights, scale):
     B, N = q_subj.shape[:2]
     C = feat_comp.shape[2]
@@ -485,8 +457,8 @@ def _(q_subj, q_comp, feat_subj, feat_comp, weights, scale):
     )
 
 
-@torch.library.custom_op("adaface::soft_warp_rows_bwd", mutates_args=())
-def soft_warp_rows_bwd(
+@torch.library.custom_op("adaface::soft_warp_triton_bwd", mutates_args=())
+def _bwd_op(
     grad_rows: torch.Tensor, q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor,
     feat_comp: torch.Tensor, weights: torch.Tensor, warped: torch.Tensor, lse: torch.Tensor,
     order: torch.Tensor, count: torch.Tensor, scale: float,
@@ -501,7 +473,7 @@ def soft_warp_rows_bwd(
     return tuple(gr if gr is not None else t.new_empty((0,)) for gr, t in zip(grads, ins))  # type: ignore[return-value]
 
 
-@soft_warp_rows_bwd.register_fake
+@_bwd_op.register_fake
 def _(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count, scale,
       need_qs, need_qc, need_fs, need_fc):
     ins = (q_subj, q_comp, feat_subj, feat_comp)
@@ -521,11 +493,11 @@ def _backward(ctx, grad_rows, *_unused):
     needs = ctx.needs_input_grad[:4]
     if not any(needs):
         return None, None, None, None, None, None
-    grads = soft_warp_rows_bwd(grad_rows, *saved, ctx.scale, *needs)
+    grads = _bwd_op(grad_rows, *saved, ctx.scale, *needs)
     return (*(gr if n else None for gr, n in zip(grads, needs)), None, None)
 
 
-soft_warp_rows_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def soft_warp_rows_triton(
@@ -535,5 +507,5 @@ def soft_warp_rows_triton(
     """Per-row losses [B, N] fp32: 1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj); 0 where weight is 0.
 
     Differentiable w.r.t. q_subj, q_comp, feat_subj, feat_comp (not weights)."""
-    rows, *_ = soft_warp_rows_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+    rows, *_ = _fwd_op(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
     return rows

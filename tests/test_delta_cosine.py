@@ -12,12 +12,15 @@ write fails the comparison.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaface.kernels import delta_cosine as K
+from adaface.kernels._runtime import forced_tiles
 from adaface.ops import delta_cosine_loss, delta_cosine_loss_reference
 from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
 from adaface.testing.grads import input_grads
@@ -37,13 +40,14 @@ def nan_buffers(monkeypatch):
 
 
 @pytest.fixture
-def force_chunk(monkeypatch):
+def force_chunk():
     """Force the split path: rows longer than `chunk` are reduced across programs through the workspace."""
+    with contextlib.ExitStack() as stack:
 
-    def force(chunk: int) -> None:
-        monkeypatch.setattr(K, "_FORCE_CHUNK", chunk)
+        def force(chunk: int) -> None:
+            stack.enter_context(forced_tiles(K, BLOCK_C=chunk))
 
-    return force
+        yield force
 
 
 def _kernel(xs, reduction="none", eps=1e-6):
@@ -108,7 +112,7 @@ def test_split_path_matches_reference(shape, chunk, dtype, device, force_chunk):
     rows = 1
     for s in shape[:-1]:
         rows *= s
-    assert K.plan(rows, shape[-1])[2] > 1, "the split path must run"
+    assert K.tiles(rows, shape[-1])["BLOCK_C"] < shape[-1], "the split path must run"
     xs = delta_cosine_inputs(shape, dtype=dtype, device=device, seed=3, requires_grad=True)
     _check_against_reference(xs)
 
@@ -224,12 +228,12 @@ def test_non_contiguous_inputs(device):
     parallel=st.sampled_from([None, 1e-2]),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_shapes(lead, n_cols, chunk, parallel, seed, device, monkeypatch):
+def test_property_random_shapes(lead, n_cols, chunk, parallel, seed, device):
     """Random small C can draw nearly parallel vectors by chance, where a fixed fp32 tolerance against the fp32
     reference is not a fair bound (both err alike): judge both against fp64 instead."""
-    monkeypatch.setattr(K, "_FORCE_CHUNK", chunk)
     xs = delta_cosine_inputs((*lead, n_cols), device=device, seed=seed, parallel=parallel)
-    _check_vs_fp64(xs, factor=4.0, floor=1e-5)
+    with forced_tiles(K, BLOCK_C=chunk) if chunk else contextlib.nullcontext():
+        _check_vs_fp64(xs, factor=4.0, floor=1e-5)
 
 
 def test_torch_compile_without_graph_break(device):

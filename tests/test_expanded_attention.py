@@ -10,6 +10,8 @@ forgets to write fails the comparison.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaface.kernels import expanded_attention as ek
+from adaface.kernels._runtime import forced_tiles
 from adaface.ops import expanded_attention, expanded_attention_reference
 from adaface.testing.attention_inputs import (
     MODES,
@@ -41,11 +44,13 @@ def _nan_filled_buffers(monkeypatch):
 
 
 @pytest.fixture
-def force_blocks(monkeypatch):
-    def set_blocks(bl, bs):
-        monkeypatch.setattr(ek, "_FORCE_BLOCKS", (bl, bs))
+def force_blocks():
+    with contextlib.ExitStack() as stack:
 
-    return set_blocks
+        def set_blocks(bl, bs):
+            stack.enter_context(forced_tiles(ek, BLOCK_L=bl, BLOCK_S=bs))
+
+        yield set_blocks
 
 
 def _compare(
@@ -195,7 +200,7 @@ def test_large_logits(device):
 
 
 def test_identical_copies_equal_single_copy(device):
-    """METHOD.md §2: E identical copies (expansion with noise ratio 0) compute exactly the E = 1 function."""
+    """Paper §2.2: E identical copies (expansion with noise ratio 0) compute exactly the E = 1 function."""
     B, H, L, D, E = 1, 2, 21, 32, 4
     leaves = make_leaves(B, H, L, L, D, 1, "none", device=device, seed=8)
     out_e = expanded_attention(*as_views(leaves, "expand", E), causal=True, backend="triton")
@@ -334,6 +339,8 @@ def test_bad_mask_device_scale_and_head_dim():
         expanded_attention(q, q, q, scale=float("nan"))
     with pytest.raises(ValueError, match="`scale` must be a finite number"):
         expanded_attention(q, q, q, scale=True)
+    with pytest.raises(ValueError, match="`scale` must be a finite number or None, got inf"):
+        expanded_attention(q, q, q, scale=float("inf"))
     empty = torch.randn(1, 2, 5, 1, 0)
     with pytest.raises(ValueError, match="head dimension D"):
         expanded_attention(empty, empty, empty)
@@ -342,3 +349,12 @@ def test_bad_mask_device_scale_and_head_dim():
         expanded_attention(q, q, q, key_padding_mask=meta_mask)
     with pytest.raises(ValueError, match="`attn_mask` is on meta"):
         expanded_attention(q, q, q, attn_mask=torch.zeros(5, 5, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_keys_is_a_clear_error(backend):
+    """S = 0: every backend says so (the reference used to fail inside amax with an IndexError)."""
+    q = torch.randn(1, 2, 5, 1, 8)
+    k = torch.randn(1, 2, 0, 1, 8)
+    with pytest.raises(ValueError, match=r"`k` and `v` must hold at least one key .* got S=0"):
+        expanded_attention(q, k, k, backend=backend)

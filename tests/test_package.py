@@ -69,3 +69,32 @@ def test_extension_when_built_reports_its_flavour():
     if not _backend.extension_available():
         pytest.skip("adaface._C not built in this environment")
     assert _backend.load_extension().WITH_CUDA in (0, 1)
+
+
+def test_kernels_do_not_import_the_ops(tmp_path):
+    """Dependencies point down: adaface.ops imports adaface.kernels, never the other way round."""
+    code = (
+        "import sys\n"
+        "import adaface.kernels.delta_cosine, adaface.kernels.expanded_attention\n"
+        "import adaface.kernels.ortho_subtract, adaface.kernels.soft_warp\n"
+        "print(sorted(m for m in sys.modules if m.startswith('adaface.ops')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_triton_custom_ops_follow_one_naming_pattern():
+    """`adaface::{op}_{backend}_{fwd|bwd}` for every Triton op."""
+    import torch
+
+    import adaface.kernels.delta_cosine  # noqa: F401
+    import adaface.kernels.expanded_attention  # noqa: F401
+    import adaface.kernels.ortho_subtract  # noqa: F401
+    import adaface.kernels.soft_warp  # noqa: F401
+
+    for op in ("expanded_attention", "delta_cosine", "soft_warp", "ortho_subtract"):
+        for direction in ("fwd", "bwd"):
+            assert hasattr(torch.ops.adaface, f"{op}_triton_{direction}"), f"{op}_triton_{direction}"
+    for old in ("soft_warp_rows_fwd", "delta_cosine_rows", "ortho_subtract_triton"):
+        assert not hasattr(torch.ops.adaface, old), old

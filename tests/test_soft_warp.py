@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaface.kernels import soft_warp as K
+from adaface.kernels._runtime import forced_tiles
 from adaface.ops import soft_warp_loss, soft_warp_loss_reference
-from adaface.ops.soft_warp import _mask_weights
-from adaface.testing.soft_warp_inputs import make_inputs, make_mask, soft_warp_rows_reference
+from adaface.ops.soft_warp import _mask_weights, soft_warp_rows_reference
+from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
 NAMES = ("q_subj", "q_comp", "feat_subj", "feat_comp")
@@ -31,7 +32,7 @@ def _check(shape, dtype, device, mask_kind="none", *, scale=1.0, seed=0, huge=Fa
     x = make_inputs(B, N, M, Dq, C, dtype=dtype, device=device, seed=seed, huge_logits=huge)
     mask = make_mask(mask_kind, B, N, device, torch.Generator().manual_seed(seed + 7))
     ins = [t.clone().requires_grad_() for t in x]
-    with K.block_override(**(blocks or {})):
+    with forced_tiles(K, **(blocks or {})):
         out = soft_warp_loss(*ins, mask, scale=scale, backend="triton")
         grads = torch.autograd.grad(out * upstream, ins)
     r32 = [t.float().requires_grad_() for t in x]
@@ -131,7 +132,7 @@ def test_rows_per_row_values_and_unselected_rows_are_untouched(device):
     x = list(make_inputs(B, N, M, Dq, C, device=device, seed=13))
     mask = make_mask("bool", B, N, device, torch.Generator().manual_seed(1))
     w = _mask_weights(mask, B, N, device)
-    ref_rows = soft_warp_rows_reference(*x, w)
+    ref_rows = torch.where(w != 0, soft_warp_rows_reference(*x), 0.0)
     x[0] = torch.where(mask[..., None], x[0], float("nan"))
     x[2] = torch.where(mask[..., None], x[2], float("nan"))
     ins = [t.clone().requires_grad_() for t in x]
@@ -270,6 +271,18 @@ def _zeros(*shape, dtype=torch.float32):
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6),
           torch.zeros(2, 3, dtype=torch.int64)), {}, "`mask` must be bool or float"),
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"scale": "1"}, "`scale`"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"scale": float("nan")},
+         "`scale` must be a finite number, got nan"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"scale": float("inf")},
+         "`scale` must be a finite number, got inf"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"scale": True},
+         "`scale` must be a finite number, got True"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6),
+          torch.tensor([[1.0, -0.5, 0.0], [1.0, 1.0, 1.0]])), {}, "`mask` must hold finite non-negative row weights"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6),
+          torch.tensor([[1.0, float("nan"), 0.0], [1.0, 1.0, 1.0]])), {}, "`mask` must hold finite non-negative"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6),
+          torch.tensor([[1.0, float("inf"), 0.0], [1.0, 1.0, 1.0]])), {}, "`mask` must hold finite non-negative"),
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"backend": "fast"},
          "backend must be one of"),
     ],
@@ -279,12 +292,15 @@ def test_bad_input_names_the_argument(args, kwargs, match):
         soft_warp_loss(*args, **kwargs)
 
 
-def test_block_override_rejects_bad_tiles():
+def test_forced_tiles_rejects_bad_tiles():
     with pytest.raises(ValueError, match="power of two"):
-        with K.block_override(BLOCK_N=24):
+        with forced_tiles(K, BLOCK_N=24):
             pass
-    with pytest.raises(ValueError, match="unknown block"):
-        with K.block_override(BLOCK_Q=16):
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        with forced_tiles(K, BLOCK_N=8):
+            pass
+    with pytest.raises(ValueError, match="unknown tile 'BLOCK_Q'"):
+        with forced_tiles(K, BLOCK_Q=16):
             pass
 
 
@@ -303,7 +319,7 @@ def test_soft_mask_is_a_weighted_mean(backend, device):
     w = torch.rand(2, 9, generator=torch.Generator().manual_seed(4)).to(device) * 0.05  # Σw < 1
     loss = soft_warp_loss(*ins, w, backend=backend)
     scaled = soft_warp_loss(*ins, w * 40.0, backend=backend)
-    rows = soft_warp_rows_reference(*ins, torch.ones_like(w))
+    rows = soft_warp_rows_reference(*ins)
     expected = (rows * w).sum() / w.sum()
     assert_close(loss, expected, name="soft-mask loss")
     assert_close(scaled, expected, name="scaled soft-mask loss")

@@ -8,9 +8,10 @@ that does not compile for a GPU (a Triton version's API change, a type error onl
 needs more shared memory than an architecture has (~99 KB on sm_86/sm_89) would first show on a GPU machine.
 
 How: (1) `record`, in a child process under the interpreter: the public ops are called at the GPU tests' and
-benchmarks' shapes with `interpreting()` patched to False, so the launchers choose their CUDA tiles, warps and
-flags; every launch is recorded (argument dtypes / integer values, constexprs, num_warps, num_stages) and
-skipped. (2) `compile`, in another child without the interpreter: each distinct configuration is compiled
+benchmarks' shapes with the launchers choosing exactly what they choose on CUDA (`cuda_choices`: their GPU
+tiles, warps, stages and operand dtypes); every launch is recorded (argument types, constexprs, num_warps,
+num_stages) and skipped: `table()`. tests/test_gpu_configs.py executes every configuration of this table
+under the interpreter. (2) `compile`, in another child without the interpreter: each distinct configuration is compiled
 with `triton.compile` for each target (ptxas included) and its shared memory is checked against the
 architecture's limit per block. Exit status 1 when any configuration fails.
 """
@@ -18,11 +19,13 @@ architecture's limit per block. Exit status 1 when any configuration fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +73,13 @@ def _workloads():
             torch.autograd.grad(out, (a, b), torch.ones_like(out))
 
 
-def _record(path: str) -> None:
-    import importlib
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, dict]]:
+    """Inside the block (under TRITON_INTERPRET=1), every kernel launch is recorded and skipped, not run.
+
+    Yields {key: configuration}: the kernel, its argument types (tensor dtypes, i32/i64, fp32), constexprs,
+    num_warps and num_stages; the key is the configuration's canonical JSON, so equal launches count once.
+    """
     import inspect
 
     import torch
@@ -106,15 +114,44 @@ def _record(path: str) -> None:
                "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
         records[json.dumps(rec, sort_keys=True)] = rec
 
+    real_run = InterpretedFunction.run
     InterpretedFunction.run = run
-    # the launchers then pick their CUDA tiles and flags (adaface.ops still lets CPU tensors reach them)
-    not_interpreting = lambda: False  # noqa: E731
-    for mod in KERNEL_MODULES:
-        module = importlib.import_module(f"adaface.kernels.{mod}")
-        if hasattr(module, "interpreting"):
-            module.interpreting = not_interpreting
-    _workloads()
-    Path(path).write_text(json.dumps(list(records.values()), indent=1))
+    try:
+        yield records
+    finally:
+        InterpretedFunction.run = real_run
+
+
+@contextlib.contextmanager
+def cuda_choices() -> Iterator[None]:
+    """Inside the block the launchers choose what they choose on CUDA: their `gpu_tiles` (kernels/_runtime.py),
+    and the operand dtypes of a GPU (bf16 tiles fed to tl.dot as bf16, which the interpreter cannot run)."""
+    import importlib
+
+    from adaface.kernels._runtime import gpu_tiles
+
+    modules = [importlib.import_module(f"adaface.kernels.{mod}") for mod in KERNEL_MODULES]
+    saved = {m: m.interpreting for m in modules if hasattr(m, "interpreting")}
+    try:
+        for m in saved:
+            m.interpreting = lambda: False
+        with gpu_tiles(*modules):
+            yield
+    finally:
+        for m, fn in saved.items():
+            m.interpreting = fn
+
+
+def table() -> list[dict]:
+    """Every distinct configuration the ops launch on CUDA at the workloads' shapes (nothing runs)."""
+    with recording() as records, cuda_choices():
+        _workloads()
+    return list(records.values())
+
+
+def _record(path: str) -> None:
+    records = table()
+    Path(path).write_text(json.dumps(records, indent=1))
     print(f"recorded {len(records)} distinct kernel configurations")
 
 

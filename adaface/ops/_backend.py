@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import warnings
 from types import ModuleType
 
 import torch
+
+from adaface.kernels._runtime import interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
@@ -18,11 +19,6 @@ BUILD_HINT = (
     "(a CUDA toolkit with nvcc gives the CUDA kernels, otherwise the CPU kernels are built); "
     "ADAFACE_BUILD_EXT=0 disables it on purpose."
 )
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None

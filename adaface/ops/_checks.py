@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -53,3 +54,24 @@ def check_same(op: str, named: dict[str, torch.Tensor], *, shape: bool = True) -
 def check_eps(op: str, eps: float) -> None:
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"{op}: `eps` must be a non-negative number, got {eps!r}")
+
+
+def check_scale(op: str, scale: object, *, allow_none: bool = False) -> None:
+    """A finite int or float (not a bool, which is an int to Python), or None where the op has a default."""
+    if scale is None and allow_none:
+        return
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+    if not ok:
+        expected = "a finite number or None" if allow_none else "a finite number"
+        raise ValueError(f"{op}: `scale` must be {expected}, got {scale!r}")
+
+
+def check_row_weights(op: str, name: str, weights: torch.Tensor) -> None:
+    """Float row weights must be finite and non-negative. Reading them needs the values on the host: one sync
+    in eager mode, skipped while torch.compile traces (a data-dependent check would break the graph)."""
+    if weights.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    good = torch.isfinite(weights) & (weights >= 0)
+    if not bool(good.all()):
+        bad = weights[~good][0].item()
+        raise ValueError(f"{op}: `{name}` must hold finite non-negative row weights, got {bad!r}")

@@ -1,4 +1,4 @@
-"""Expanded attention (Dynamic Model Expansion, METHOD.md §2): E paired copies of q/k/v, one joint softmax.
+"""Expanded attention (paper §2.2, Dynamic Model Expansion): E paired copies of q/k/v, one joint softmax.
 
 For query token l, with each of q, k, v either shared (E = 1) or expanded (E copies):
     logit[e, j] = scale · q[l, e or 0] · k[j, e or 0]
@@ -9,12 +9,10 @@ With E = 1 everywhere this is ordinary attention (it matches scaled_dot_product_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._backend import resolve_backend
-from ._checks import check_tensor
+from ._checks import check_scale, check_tensor
 
 _OP = "expanded_attention"
 _LAYOUT_Q = "[B, H, L, Eq, D]"
@@ -44,6 +42,8 @@ def _validate(q, k, v, causal, key_padding_mask, attn_mask, scale) -> int:
         )
     if D < 1:
         raise ValueError(f"{_OP}: the head dimension D of `q`, `k`, `v` must be at least 1, got {D}")
+    if S < 1:
+        raise ValueError(f"{_OP}: `k` and `v` must hold at least one key (S >= 1 in {_LAYOUT_KV}), got S={S}")
     if causal and L != S:
         raise ValueError(f"{_OP}: `causal=True` needs L == S, got L={L}, S={S}")
     if key_padding_mask is not None:
@@ -68,10 +68,7 @@ def _validate(q, k, v, causal, key_padding_mask, attn_mask, scale) -> int:
             raise ValueError(f"{_OP}: `attn_mask` of shape {shape} is not broadcastable to [B, H, L, S] = {target}")
         if attn_mask.device != q.device:
             raise ValueError(f"{_OP}: `attn_mask` is on {attn_mask.device} but `q` is on {q.device}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"{_OP}: `scale` must be a finite number or None, got {scale!r}")
+    check_scale(_OP, scale, allow_none=True)
     return max(copies) if copies else 1
 
 

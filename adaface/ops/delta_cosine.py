@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adaface.kernels._runtime import COSINE_EPS
+
 from ._backend import resolve_backend
 from ._checks import check_eps, check_same, check_tensor
 from .ortho import ortho_subtract_reference
 
 _OP = "delta_cosine_loss"
 REDUCTIONS = ("mean", "sum", "none")
-COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 
 
 def reduce_rows(loss_rows: torch.Tensor, reduction: str) -> torch.Tensor:

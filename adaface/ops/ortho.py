@@ -33,6 +33,5 @@ def ortho_subtract(a: torch.Tensor, b: torch.Tensor, *, eps: float = 1e-6, backe
     if which == "triton":
         from adaface.kernels.ortho_subtract import ortho_subtract_triton
 
-        out, _ = ortho_subtract_triton(a, b, float(eps))
-        return out
+        return ortho_subtract_triton(a, b, float(eps))
     return ortho_subtract_reference(a, b, eps)

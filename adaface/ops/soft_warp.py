@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adaface.kernels._runtime import COSINE_EPS
+
 from ._backend import resolve_backend
-from ._checks import check_tensor
+from ._checks import check_row_weights, check_scale, check_tensor
 
 _OP = "soft_warp_loss"
-COSINE_EPS = 1e-8
 
 
 def _mask_weights(mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
@@ -33,6 +34,25 @@ def masked_row_mean(loss_rows: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     return (loss_rows * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def soft_warp_rows_reference(
+    q_subj: torch.Tensor,
+    q_comp: torch.Tensor,
+    feat_subj: torch.Tensor,
+    feat_comp: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Plain PyTorch per-row losses [B, N] fp32 (every row): materialises the [B, N, M] matrix.
+
+    `upcast=False` computes in the inputs' dtype."""
+    ct = torch.float32 if upcast else q_subj.dtype
+    logits = torch.einsum("bnd,bmd->bnm", q_subj.to(ct), q_comp.to(ct)) * scale
+    attn = torch.softmax(logits.float(), dim=-1).to(ct)
+    warped = torch.einsum("bnm,bmc->bnc", attn, feat_comp.to(ct))
+    return (1 - F.cosine_similarity(warped, feat_subj.to(ct), dim=-1, eps=COSINE_EPS)).float()
+
+
 def soft_warp_loss_reference(
     q_subj: torch.Tensor,
     q_comp: torch.Tensor,
@@ -43,12 +63,8 @@ def soft_warp_loss_reference(
     scale: float = 1.0,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch: materialises the [B, N, M] matrix. `upcast=False` computes in the inputs' dtype."""
-    ct = torch.float32 if upcast else q_subj.dtype
-    logits = torch.einsum("bnd,bmd->bnm", q_subj.to(ct), q_comp.to(ct)) * scale
-    attn = torch.softmax(logits.float(), dim=-1).to(ct)
-    warped = torch.einsum("bnm,bmc->bnc", attn, feat_comp.to(ct))
-    loss_rows = (1 - F.cosine_similarity(warped, feat_subj.to(ct), dim=-1, eps=COSINE_EPS)).float()
+    """Plain PyTorch: the masked mean of `soft_warp_rows_reference`. `upcast=False` computes in the inputs' dtype."""
+    loss_rows = soft_warp_rows_reference(q_subj, q_comp, feat_subj, feat_comp, scale=scale, upcast=upcast)
     B, N = q_subj.shape[:2]
     return masked_row_mean(loss_rows, _mask_weights(mask, B, N, q_subj.device))
 
@@ -126,8 +142,8 @@ def _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale) -> None:
             raise ValueError(f"{_OP}: `mask` must be bool or float (non-negative row weights), got {mask.dtype}")
         if mask.device != q_subj.device:
             raise ValueError(f"{_OP}: `mask` is on {mask.device} but `q_subj` is on {q_subj.device}")
-    if not isinstance(scale, (int, float)):
-        raise ValueError(f"{_OP}: `scale` must be a number, got {type(scale).__name__}")
+        check_row_weights(_OP, "mask", mask)
+    check_scale(_OP, scale)
 
 
 def soft_warp_loss(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adaface.ops.soft_warp import COSINE_EPS, _mask_weights, masked_row_mean
+from adaface.kernels._runtime import COSINE_EPS
+from adaface.ops.soft_warp import _mask_weights, masked_row_mean
 
 MASK_KINDS = ("none", "bool", "float", "zeros", "ones")
 
@@ -52,14 +53,6 @@ def make_inputs(
     feat_subj = torch.randn(B, N, C, generator=g)
     feat_comp = torch.randn(B, M, C, generator=g)
     return tuple(t.to(device=device, dtype=dtype) for t in (q_subj, q_comp, feat_subj, feat_comp))  # type: ignore
-
-
-def soft_warp_rows_reference(q_subj, q_comp, feat_subj, feat_comp, weights, scale: float = 1.0) -> torch.Tensor:
-    """Per-row reference losses [B, N] fp32 (0 where the weight is 0), computed in fp32."""
-    logits = torch.einsum("bnd,bmd->bnm", q_subj.float(), q_comp.float()) * scale
-    warped = torch.einsum("bnm,bmc->bnc", torch.softmax(logits, dim=-1), feat_comp.float())
-    rows = 1 - F.cosine_similarity(warped, feat_subj.float(), dim=-1, eps=COSINE_EPS)
-    return torch.where(weights != 0, rows, torch.zeros_like(rows))
 
 
 def sdpa_soft_warp_loss(q_subj, q_comp, feat_subj, feat_comp, mask=None, *, scale: float = 1.0) -> torch.Tensor:
