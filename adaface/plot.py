@@ -2,7 +2,7 @@
 
 Two panels over the optimizer step: every loss term the step records carry (each numeric key named `loss` or
 starting with `loss_`, raw and smoothed), then Prodigy's `d` and the learning rate `lr`. The attention expansions
-(`event: expansion` records, paper §4.1) are marked on both. Written with matplotlib's Agg backend (no display
+(`event: expansion` records, paper §2.2) are marked on both. Written with matplotlib's Agg backend (no display
 needed) to RUN_DIR/metrics.png unless `--out` says otherwise.
 """
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothing", type=float, default=0.9,
                    help="weight of the exponential moving average drawn over each loss, in [0, 1)")
     p.add_argument("--extra-key", action="append", default=[], metavar="KEY",
-                   help="another numeric step key to draw with the losses (e.g. mse); repeatable")
+                   help="another numeric step key to draw with the losses (e.g. grad_norm); repeatable")
     return p
 
 

@@ -249,7 +249,7 @@ def test_half_precision_file_serves_generate_and_subject_encoder(released, tmp_p
     code = generate.main(["--base", str(tiny_sd15_dir), "--arc2face", str(arc2face), "--inverter", str(out),
                           "--random-id", "3", "--prompt", "a photo of z", "--num-images", "1", "--steps", "1",
                           "--height", "16", "--width", "16", "--out", str(tmp_path / "run")])
-    assert code == 0 and len(list((tmp_path / "run").glob("*.png"))) == 1
+    assert code == 0 and len(list((tmp_path / "run").glob("p[0-9][0-9]_*.png"))) == 1
 
 
 class _Payload:

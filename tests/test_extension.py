@@ -546,6 +546,21 @@ def test_missing_extension_does_not_warn(monkeypatch):
 
 
 @needs_ext
+def test_out_of_date_extension_is_broken_not_used(monkeypatch):
+    """A build older than the package (it lacks an op the package calls) counts as broken: `auto` warns and
+    falls back instead of dispatching to an op that does not exist."""
+    monkeypatch.setattr(_backend, "EXTENSION_OPS", _backend.EXTENSION_OPS + ("soft_warp_fwd_ext_v0",))
+    module, error, broken = _backend._probe_extension()
+    assert module is None and broken and "out of date" in error and "soft_warp_fwd_ext_v0" in error
+    monkeypatch.setattr(_backend, "_EXTENSION", None)
+    monkeypatch.setattr(_backend, "_EXTENSION_ERROR", error)
+    monkeypatch.setattr(_backend, "_EXTENSION_BROKEN", broken)
+    monkeypatch.setattr(_backend, "_WARNED_BROKEN", False)
+    with pytest.warns(RuntimeWarning, match="out of date"):
+        assert delta_cosine_loss(*delta_cosine_inputs((2, 5)), backend="auto").isfinite()
+
+
+@needs_ext
 def test_op_names_follow_one_pattern():
     """adaface::{op}_{backend}_{fwd|bwd}; the old names are gone."""
     ops = torch.ops.adaface

@@ -53,7 +53,7 @@ def test_plot_of_a_real_tiny_run(run_dir):
     assert len(steps) == 6 and [e["step"] for e in expansions] == [3]
 
     run = plot.read_run(run_dir / "metrics.jsonl")
-    assert list(run.series) == ["loss", "d", "lr"]  # the stage-1 step records' loss, Prodigy's d and lr
+    assert list(run.series) == ["loss", "loss_mse", "d", "lr"]  # stage 1's loss and its term, Prodigy's d and lr
     xs, ys = run.series["loss"]
     assert xs == [r["step"] for r in steps] and ys == [r["loss"] for r in steps]
     assert run.series["lr"][1] == [r["lr"] for r in steps] and run.series["d"][1] == [r["d"] for r in steps]
@@ -61,7 +61,7 @@ def test_plot_of_a_real_tiny_run(run_dir):
 
     res = _cli(str(run_dir))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"wrote {run_dir / 'metrics.png'}: loss, d, lr over 6 steps, 1 expansion(s)"
+    assert res.stdout.strip() == f"wrote {run_dir / 'metrics.png'}: loss, loss_mse, d, lr over 6 steps, 1 expansion(s)"
     from PIL import Image
 
     with Image.open(run_dir / "metrics.png") as im:
@@ -82,14 +82,17 @@ def test_every_loss_term_is_drawn(run_dir, tmp_path, capsys):
         out.append(json.dumps(rec))
     out.append('{"event": "step", "step": 7, "loss": 0.1')  # a torn last line, as a killed run leaves
     (tmp_path / "metrics.jsonl").write_text("\n".join(out) + "\n")
-    run = plot.read_run(tmp_path / "metrics.jsonl", ["mse"])
-    assert list(run.series) == ["loss", "loss_delta", "loss_id", "mse", "d", "lr"] and run.skipped_lines == 1
+    run = plot.read_run(tmp_path / "metrics.jsonl", ["grad_norm"])
+    assert list(run.series) == ["loss", "loss_delta", "loss_id", "loss_mse", "grad_norm", "d", "lr"]
+    assert run.skipped_lines == 1
     assert math.isnan(run.series["loss_id"][1][1])
-    png = plot.plot(run, tmp_path / "terms.png", 0.5, ["mse"])
+    png = plot.plot(run, tmp_path / "terms.png", 0.5, ["grad_norm"])
     assert png.stat().st_size > 10_000
-    assert plot.main([str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "cli.png"), "--extra-key", "mse"]) == 0
+    argv = [str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "cli.png"), "--extra-key", "grad_norm"]
+    assert plot.main(argv) == 0
     assert capsys.readouterr().out.strip().endswith(
-        "loss, loss_delta, loss_id, mse, d, lr over 6 steps, 1 expansion(s) (1 unreadable line(s) skipped)")
+        "loss, loss_delta, loss_id, loss_mse, grad_norm, d, lr over 6 steps, 1 expansion(s) "
+        "(1 unreadable line(s) skipped)")
 
 
 def test_smoothing():

@@ -28,11 +28,20 @@ def triton_importable() -> bool:
     return _TRITON_IMPORTABLE
 
 
+# The ops this version of the package calls in `adaface._C` (an older build registers other names).
+EXTENSION_OPS = ("delta_cosine_ext_fwd", "delta_cosine_ext_bwd", "soft_warp_ext_fwd", "soft_warp_ext_bwd")
+
+
 def _probe_extension() -> tuple[ModuleType | None, str | None, bool]:
     """(module, import error, whether it is broken): not built is expected; a module that exists but fails to
-    load (an ABI mismatch after a torch upgrade, a missing library) is broken, and `auto` says so."""
+    load (an ABI mismatch after a torch upgrade, a missing library) or is out of date (it lacks an op this
+    package calls) is broken, and `auto` says so."""
     try:
-        return importlib.import_module("adaface._C"), None, False
+        module = importlib.import_module("adaface._C")
+        missing = [name for name in EXTENSION_OPS if not hasattr(torch.ops.adaface, name)]
+        if missing:
+            return None, f"out of date: it has no torch.ops.adaface.{missing[0]}", True
+        return module, None, False
     except ModuleNotFoundError as exc:
         if exc.name == "adaface._C":
             return None, str(exc), False
