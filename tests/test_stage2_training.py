@@ -195,6 +195,11 @@ def test_bad_input_one_line_errors(tiny, tmp_path, capsys):
     assert "--stage1-p must be in [0, 1], got 1.5" in _error(base + ["--stage1-p", "1.5"], capsys)
     assert "--stage1-p must be in [0, 1], got -0.1" in _error(base + ["--stage1-p", "-0.1"], capsys)
     assert "--layer-weights" in _error(base + ["--layer-weights", "up_blocks.*"], capsys)
+    # the mixed-in stage-1 steps' distillation options, checked as stage 1 checks them
+    assert "--denoise-step-weights: need non-negative weights with a positive sum" in _error(
+        base + ["--denoise-steps", "1,3", "--denoise-step-weights", "0,0"], capsys)
+    assert "--denoise-steps: 50 steps do not fit in [t_min, t_max)" in _error(
+        base + ["--denoise-steps", "1,50", "--denoise-step-weights", "1,1", "--t-min", "1", "--t-max", "10"], capsys)
 
 
 def test_help_documents_every_option():

@@ -405,16 +405,8 @@ def _check_output_dir(path: str) -> None:
         raise ConfigError(f"--output-dir: {path} is not writable ({e.strerror or e})") from None
 
 
-def validate(cfg: Stage1Config, world_size: int = 1) -> None:
-    """Reject impossible configurations with a message naming the option; reads only small files."""
-    validate_training(cfg, world_size)
-    for name in ("resolution",):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{_opt(name)} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.t_min < 0:
-        raise ConfigError(f"--t-min must be >= 0, got {cfg.t_min}")
-    if not 0.0 <= cfg.random_id_fraction <= 1.0:
-        raise ConfigError(f"--random-id-fraction must be in [0, 1], got {cfg.random_id_fraction}")
+def validate_distillation(cfg: Any) -> None:
+    """The multi-timestep distillation options (stage 1, and stage 2's mixed-in stage-1 steps)."""
     if not cfg.t_min < cfg.t_max <= 1000:
         raise ConfigError(f"--t-min/--t-max: need t_min < t_max <= 1000, got {cfg.t_min}, {cfg.t_max}")
     if not cfg.denoise_steps or min(cfg.denoise_steps) < 1:
@@ -429,6 +421,19 @@ def validate(cfg: Stage1Config, world_size: int = 1) -> None:
                           f"{cfg.denoise_step_weights}")
     if cfg.loss_reduction not in ("sum", "sqrt_k"):
         raise ConfigError(f"--loss-reduction: 'sum' or 'sqrt_k', got {cfg.loss_reduction!r}")
+
+
+def validate(cfg: Stage1Config, world_size: int = 1) -> None:
+    """Reject impossible configurations with a message naming the option; reads only small files."""
+    validate_training(cfg, world_size)
+    for name in ("resolution",):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_opt(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.t_min < 0:
+        raise ConfigError(f"--t-min must be >= 0, got {cfg.t_min}")
+    if not 0.0 <= cfg.random_id_fraction <= 1.0:
+        raise ConfigError(f"--random-id-fraction must be in [0, 1], got {cfg.random_id_fraction}")
+    validate_distillation(cfg)
 
     if cfg.on_bad_data not in ("skip", "refuse"):
         raise ConfigError(f"--on-bad-data: 'skip' or 'refuse', got {cfg.on_bad_data!r}")

@@ -37,6 +37,7 @@ from .config import (
     _text_hidden_size,
     check_model_dimensions,
     parse_config,
+    validate_distillation,
     validate_training,
 )
 from .data import MANIFEST, FaceIdSource, RealFaces
@@ -210,8 +211,7 @@ def validate_stage2(cfg: Stage2Config, world_size: int = 1) -> None:
             raise ConfigError(f"{what}: need 0 <= min < max <= 1000, got {lo}, {hi}")
     if cfg.resolution < 1 or cfg.synthetic_faces < 1:
         raise ConfigError("--resolution and --synthetic-faces must be >= 1")
-    if not cfg.denoise_steps or min(cfg.denoise_steps) < 1 or len(cfg.denoise_step_weights) != len(cfg.denoise_steps):
-        raise ConfigError("--denoise-steps/--denoise-step-weights: positive step counts, one weight each")
+    validate_distillation(cfg)
     if not cfg.default_class_word.strip():
         raise ConfigError("--default-class-word must not be empty")
     _layer_weights(cfg.layer_weights)
