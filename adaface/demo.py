@@ -341,6 +341,8 @@ class Studio:
         identity = Identity(arcface, num_photos=len(args.images or []))
         settings = generate.run_settings(args, args.prompt, seed, self.device, self.dtype, pipe, identity)
         settings["tool"] = "adaface.demo"
+        # which ArcFace model embedded the photos, as generate records it
+        settings["recognizer"] = self.subject_encoder.face_encoder.recognizer_file if args.images else None
         negative = None
         if args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
             negative, _ = pipe.encode_prompt(args.negative_prompt, self.device, 1, False)

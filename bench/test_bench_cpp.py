@@ -1,6 +1,6 @@
 """C++/CUDA extension benchmarks: the losses' "cpp" (CPU) and "cuda" backends vs the eager PyTorch reference.
 
-CPU (this machine): soft warp fwd and fwd+bwd at B=2, N=M=1024, Dq=C=320, fp32, no mask; delta cosine fwd+bwd on four
+CPU: soft warp fwd and fwd+bwd at B=2, N=M=1024, Dq=C=320, fp32, no mask; delta cosine fwd+bwd on four
 [4, 4096, 320] fp32 tensors (nearly parallel, as in training). Eager and cpp run in the same session; the cpp
 row records `x_eager` (eager median / cpp median) and `peak_vs_eager` (cpp peak / eager peak, both from
 adaface.testing.benchmarking.peak_memory_bytes) when the eager row of its group ran first. The soft-warp
@@ -71,7 +71,7 @@ def _skip_unavailable(variant, device):
 
 def _eager_matmuls(ins, backward):
     """Only the batched matrix products of the eager reference (2 forward, 4 more backward), same shapes:
-    what the eager time cannot go below on this machine's BLAS."""
+    what the eager time cannot go below on the CPU's BLAS."""
     q, k, f, v = (t.detach() for t in ins)
     s = torch.bmm(q, k.transpose(1, 2))
     w = torch.bmm(s, v)

@@ -10,7 +10,7 @@ reference, the extension's error may be at most 3× the fp32 reference's own err
 Fresh buffers: `torch.use_deterministic_algorithms` with `fill_uninitialized_memory` makes every at::empty in
 the C++ code NaN-filled, so an element a kernel forgets to write fails the comparison.
 
-Everything but the missing-extension tests is skipped when the extension is not built (in CI it is).
+Everything but the missing-extension tests is skipped when the extension is not built.
 """
 
 from __future__ import annotations

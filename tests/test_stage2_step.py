@@ -22,7 +22,7 @@ from adaface.training.compositions import CompositionPool
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread, especially on a busy CPU."""
+    """Tiny models run fastest on one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

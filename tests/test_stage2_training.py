@@ -2,7 +2,7 @@
 adaface.training.faults), 2-process gloo DDP, the one-line errors for bad input, and --help.
 
 Runs are subprocesses on tiny models, a fresh tiny inverter and synthetic faces saved once, single-threaded so
-that they are reproducible bit for bit and light on a shared CPU. Executed as a script (under torchrun) this file
+that they are reproducible bit for bit. Executed as a script (under torchrun) this file
 is the DDP worker: it trains, then writes its rank's weights.
 """
 

@@ -3,7 +3,7 @@ final inverter), exact resume after SIGKILL (injected by adaface.training.faults
 with gloo.
 
 Each run is a subprocess on tiny models saved to disk once (loaded through the real --sd-model/--arc2face
-paths), single-threaded so that runs are bit-for-bit reproducible and light on a shared CPU.
+paths), single-threaded so that runs are bit-for-bit reproducible.
 Executed as a script (under torchrun) this file is the DDP worker: it trains, then writes its rank's weights.
 """
 

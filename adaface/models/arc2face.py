@@ -1,4 +1,4 @@
-"""Arc2Face, the Face2Image teacher (METHOD.md §2, §6): ArcFace vector → CLIP-encoder context for its UNet.
+"""Arc2Face, the Face2Image teacher (paper §2.1–2.2): ArcFace vector → CLIP-encoder context for its UNet.
 
 The ArcFace vector (L2-normalised here, then zero-padded to the encoder width) replaces the token embedding of
 the word `id` in `photo of a id person` (padded to 77 with the tokenizer's pad token, as Arc2Face does); the

@@ -70,7 +70,7 @@ class TrainingConfig:
     mixed_precision: str = _f("auto", "autocast dtype on CUDA: 'auto' (bf16 when supported), 'bf16', 'fp16' or 'no'; "
                                       "the CPU always runs fp32", choices=("auto", "bf16", "fp16", "no"))
     gradient_checkpointing: bool = _f(True, "gradient checkpointing of the frozen UNets and text encoder")
-    num_threads: int = _f(0, "CPU threads for torch (0: torch's default); 1 keeps a tiny run fast on a busy CPU")
+    num_threads: int = _f(0, "CPU threads for torch (0: torch's default); 1 is fastest for the tiny models")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (exact resume on CPU)")
     # --- output -----------------------------------------------------------------------------------------
     output_dir: str = _f("runs/stage1", "where metrics.jsonl, checkpoints/ and the final inverter/ go")
