@@ -15,7 +15,6 @@ the real step. Target: peak memory under 40 GB, so the paper's batch fits a 48 G
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys
@@ -147,10 +146,9 @@ def run(argv: list[str] | None = None) -> dict | None:
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         if args.shape == "full" and args.mixed_precision in ("bf16", "fp16"):
             # the meta-device estimate of the same step, for calibration (bench/memory_estimate.py)
-            spec = importlib.util.spec_from_file_location("memory_estimate", Path(__file__).with_name(
-                "memory_estimate.py"))
-            estimator = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(estimator)
+            from adaface.testing.scripts import load_script
+
+            estimator = load_script(Path(__file__).with_name("memory_estimate.py"))
             result["estimated_peak_gib"] = estimator.estimated_peak_gib(
                 "stage1", batch, checkpointing=cfg.gradient_checkpointing, dtype=args.mixed_precision)
         result["target_peak_gib"] = 40.0

@@ -16,9 +16,7 @@ fp16 (the reference with upcast=False) plus a 4-ulp floor; the two losses are fp
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +35,7 @@ from adaface.ops import (
 from adaface.testing.attention_inputs import as_views, make_leaves
 from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
 from adaface.testing.grads import input_grads
+from adaface.testing.scripts import load_script
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
@@ -46,11 +45,7 @@ CPU = torch.device("cpu")
 
 
 def _compile_check():
-    spec = importlib.util.spec_from_file_location("triton_compile_check", ROOT / "tests" / "triton_compile_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "tests" / "triton_compile_check.py")
 
 
 CHECK = _compile_check()

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from adaface.testing.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _estimator():
-    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "bench" / "memory_estimate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-me = _estimator()
+me = load_script(ROOT / "bench" / "memory_estimate.py")
 
 
 def _affine(calls: list[int], fixed: float = 6.0, per_sample: float = 0.37):
