@@ -67,11 +67,19 @@ def check_scale(op: str, scale: object, *, allow_none: bool = False) -> None:
 
 
 def check_row_weights(op: str, name: str, weights: torch.Tensor) -> None:
-    """Float row weights must be finite and non-negative. Reading them needs the values on the host: one sync
-    in eager mode, skipped while torch.compile traces (a data-dependent check would break the graph)."""
-    if weights.dtype == torch.bool or torch.compiler.is_compiling():
+    """Float row weights must be finite and non-negative.
+
+    On the CPU the values are read at once (a one-line error naming the first bad value). On an accelerator the
+    check is a device-side assertion, so the training step keeps running without a host sync; it fails at the
+    next synchronisation. Tensors without values (`meta`, the memory estimates) and torch.compile tracing (a
+    data-dependent check would break the graph) are not checked."""
+    if weights.dtype == torch.bool or weights.device.type == "meta" or torch.compiler.is_compiling():
         return
     good = torch.isfinite(weights) & (weights >= 0)
+    message = f"{op}: `{name}` must hold finite non-negative row weights"
+    if weights.device.type != "cpu":
+        torch._assert_async(good.all(), message)
+        return
     if not bool(good.all()):
         bad = weights[~good][0].item()
-        raise ValueError(f"{op}: `{name}` must hold finite non-negative row weights, got {bad!r}")
+        raise ValueError(f"{message}, got {bad!r}")
