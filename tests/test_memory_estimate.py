@@ -70,3 +70,14 @@ def test_bad_arguments_get_one_line_errors(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+def test_full_size_stage2_row(tmp_path):
+    """The composition step at full size on meta: the fused losses reach their fakes, nothing reads a value."""
+    out = tmp_path / "rows.json"
+    assert me.main(["--stage", "stage2", "--batch", "1", "--checkpointing", "on", "--no-search",
+                    "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["stage"] == "stage2" and row["batch"] == 1
+    # stage 2 adds the VAE to stage 1's models; its activations hold two UNet passes with gradient
+    assert row["weights_gib"] > 2 * 859.5e6 * 2 / 2**30 and 0 < row["activations_gib"] < 6.0
