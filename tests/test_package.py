@@ -34,6 +34,63 @@ def test_top_level_kernels_module_is_not_shadowed(tmp_path):
     assert str(ROOT / "kernels") not in res.stdout
 
 
+def test_kernels_folder_is_no_regular_package():
+    """A `kernels/__init__.py` would make the folder outrank Hugging Face's `kernels` from the repository root."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert (ROOT / "adaface" / "kernels").resolve() == (ROOT / "kernels").resolve()
+
+
+def test_import_kernels_from_the_repository_root_is_hugging_faces():
+    """From the root (where `python -m`, `python -c`, pytest and notebooks put the folder on sys.path),
+    `import kernels` is the installed Hugging Face package whenever one is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None or _hf_kernels_origin() is None:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    res = _run("import kernels, adaface.kernels.soft_warp; print(kernels.__file__)", ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == _hf_kernels_origin()
+
+
+def _hf_kernels_origin() -> str | None:
+    """Where `import kernels` goes from outside the repository (None: only our folder, or nothing)."""
+    res = _run("import importlib.util; s = importlib.util.find_spec('kernels'); print(s and s.origin)", Path("/"))
+    origin = res.stdout.strip()
+    return None if origin in ("", "None") else origin
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-c", "import transformers.models.clip.modeling_clip"],
+        ["-m", "adaface.generate", "--help"],
+        ["-m", "adaface.demo", "--help"],
+        ["-m", "adaface.evaluate", "--help"],
+        ["-m", "adaface.prepare_data", "--help"],
+    ],
+    ids=lambda c: " ".join(c),
+)
+def test_commands_work_from_the_repository_root(command):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_convert_released_on_a_junk_file_is_one_line_from_the_repository_root(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"this is not a checkpoint" * 10)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-m", "adaface.convert_released", str(junk), str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "junk.bin" in lines[0], res.stderr
+
+
 def test_import_is_light(tmp_path):
     """`import adaface, adaface.ops` must not pull in insightface, onnxruntime or diffusers."""
     code = (
