@@ -110,18 +110,20 @@ def test_four_branches_share_the_initial_noise_and_the_class_branch_has_no_graph
 SLOT0, CLASS_TOKENS = 4, (5, 7)
 
 
-def synthetic_maps(ignore: bool, b: int = 2, heads: int = 4, side: int = 16, seed: int = 0):
+def synthetic_maps(ignore: bool, shared: bool = False, b: int = 2, heads: int = 4, side: int = 16, seed: int = 0):
     """[B, heads, N, 77] attention probabilities of the four branches. Subject and class attend with the same
     spatial map (the subject spread over its 16 slots in a pattern of its own, the class over its word's two
     tokens); the compositions rescale it spatially the same way for both (`ignore=False`), or the subject's map
-    only loses 20% of its mass everywhere, with 1% noise (`ignore=True`). The rest of each row is on BOS."""
+    only loses 20% of its mass everywhere, with 1% noise (`ignore=True`). `shared`: one rescaling for all heads
+    (each position's slot vector then only shrinks: the per-position form's degenerate case). The rest of each
+    row is on BOS."""
     g = torch.Generator().manual_seed(seed)
     n = side * side
     m = torch.nn.functional.softplus(torch.randn(b, heads, n, 1, generator=g) * 2)
     m = 0.5 * m / m.amax(2, keepdim=True)
     slot_pattern = torch.softmax(torch.randn(b, heads, 1, 16, generator=g) * 2, -1)
     word_pattern = torch.tensor([0.7, 0.3])
-    rescale = 0.2 + 0.8 * torch.rand(b, heads, n, 1, generator=g)
+    rescale = 0.2 + 0.8 * torch.rand(b, 1 if shared else heads, n, 1, generator=g)
     ignored = 0.8 * (1 + 0.01 * torch.randn(b, heads, n, 1, generator=g))
 
     def probs(part, cols):
@@ -148,13 +150,14 @@ def map_delta(ss, sc, cs, cc, side: int = 16):
     return loss.item(), max(float(gr.norm()) for gr in grads)
 
 
-def test_map_delta_compares_spatial_maps_of_the_subject_tokens():
+@pytest.mark.parametrize("shared", [False, True])
+def test_map_delta_compares_spatial_maps_of_the_subject_tokens(shared):
     """Paper §2.3, "the attention maps of the subject tokens": per head, the map summed over the 16 slots. An ideal
     compositional response (subject and class rescaled spatially alike, the subject's split over its slots
     unlike the class's) costs ~0 with a small gradient; a subject whose map ignores the composition costs ~1."""
-    ideal, ideal_grad = map_delta(*synthetic_maps(ignore=False))
+    ideal, ideal_grad = map_delta(*synthetic_maps(ignore=False, shared=shared))
     assert ideal < 1e-4 and ideal_grad < 1e-2
-    ignored, _ = map_delta(*synthetic_maps(ignore=True))
+    ignored, _ = map_delta(*synthetic_maps(ignore=True, shared=shared))
     assert ignored > 0.5
     # the 16x16 maps are pooled (kernel 4, stride 2) to 7x7 per head before the delta
     maps = cl.token_attention_maps(synthetic_maps(False)[0], torch.ones(2, 77))
