@@ -17,6 +17,7 @@ from PIL import Image
 from adaface import prepare_data
 from adaface.faces import prepared_folder
 from adaface.faces.crop import face_crop_transform
+from adaface.faces.masks import HAIR_CAP
 from adaface.testing.tiny_face_models import save_tiny_antelopev2_full
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,13 +209,15 @@ def test_several_faces_largest_or_skip_and_min_face(packs, tmp_path):
     assert entry["status"] == "ok" and entry["faces"] == 2
     x1, y1, x2, y2 = entry["box"]
     assert x1 < 160 < x2 and y1 < 160 < y2  # the larger face, around the bright square at (128..192)
-    # Without 2d106det.onnx the mask comes from the box and keypoints; it lies inside the face box.
+    # Without 2d106det.onnx the mask comes from the box and keypoints: the face box and a hair cap above it.
     assert entry["mask_method"] == "box" and entry["class_word"] is None
     mask = np.asarray(Image.open(out / entry["mask"]))
     transform = face_crop_transform(_kps_of(entry), 512)
     bx1, by1, bx2, by2 = box_in_crop(entry, transform)
     ys, xs = np.nonzero(mask > 127)
-    assert xs.min() >= bx1 - 2 and xs.max() <= bx2 + 2 and ys.min() >= by1 - 2 and ys.max() <= by2 + 2
+    assert xs.min() >= bx1 - 2 and xs.max() <= bx2 + 2 and ys.max() <= by2 + 2
+    # above the box only the hair cap (HAIR_CAP['box'] of the face's height)
+    assert by1 - HAIR_CAP["box"] * (by2 - by1) - 2 <= ys.min() < by1 - 2
     assert mask[int((by1 + by2) / 2), int((bx1 + bx2) / 2)] == 255
 
     skip = tmp_path / "skip"

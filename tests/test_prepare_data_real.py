@@ -19,6 +19,7 @@ from PIL import Image
 from adaface import prepare_data
 from adaface.faces.crop import face_crop_transform
 from adaface.faces.dlib_detector import BOX_KEYPOINTS, DlibFaceDetector
+from adaface.faces.masks import HAIR_CAP
 from adaface.testing.tiny_face_models import save_tiny_antelopev2_full
 
 PHOTOS = ("t1.jpg", "Tom_Hanks_54745.png", "mask_blue.jpg")
@@ -82,7 +83,9 @@ def test_prepare_real_photos_largest_face_and_masks_inside_the_box(photos, pack,
         (bx1, by1), (bx2, by2) = corners.min(0), corners.max(0)
         mask = np.asarray(Image.open(out / entry["mask"]))
         ys, xs = np.nonzero(mask > 127)
-        assert xs.min() >= bx1 - 2 and xs.max() <= bx2 + 2 and ys.min() >= by1 - 2 and ys.max() <= by2 + 2
+        assert xs.min() >= bx1 - 2 and xs.max() <= bx2 + 2 and ys.max() <= by2 + 2
+        # above the box only the hair cap (HAIR_CAP['box'] of the face's height)
+        assert by1 - HAIR_CAP["box"] * (by2 - by1) - 2 <= ys.min() < by1 - 2
         assert mask[int((by1 + by2) / 2), int((bx1 + bx2) / 2)] == 255
         # the face is centred in the crop and fills a sensible part of it (FFHQ-like framing)
         assert abs((bx1 + bx2) / 2 - 256) < 40 and 120 < bx2 - bx1 < 400

@@ -11,8 +11,10 @@ from adaface.training.compositions import (
     DEFAULT_POOL,
     TOKEN_WEIGHTS,
     CompositionPool,
+    align_class_embeddings,
     build_prompts,
-    class_slot_embeddings,
+    class_phrase,
+    encode_class_prompts,
     resolve_class_words,
 )
 
@@ -79,26 +81,53 @@ def test_token_weights_and_alignment(tokenizer):
     assert (w[1] == TOKEN_WEIGHTS["composition"]).sum() > comp_len  # the longer composition
 
 
-def test_class_prompts_fill_the_subject_slots_with_the_class_word(tokenizer):
-    """The class prompt with the class word's embedding in the 16 slots is the prompt that spells the word 16 times."""
-    from adaface.models._clip_text import clip_text_parts, run_clip_text
-    from adaface.models.subject_prompt import encode_prompt
+def _sentence(tokenizer, ids) -> str:
+    """The text of token ids, with CLIP's space before punctuation taken out."""
+    return tokenizer.decode(ids, skip_special_tokens=True).replace(" ,", ",").strip()
+
+
+def test_class_prompts_are_natural_sentences(tokenizer):
+    """The class teacher prompts are the paper's plain sentences, "a photo of a woman, in the forest"."""
+    prompts = build_prompts(tokenizer, ["in the forest", "wearing a red hat, at sunset"], ["woman", "elderly man"])
+    assert prompts.class_single == ["a photo of a woman", "a photo of an elderly man"]
+    assert prompts.class_composition == ["a photo of a woman, in the forest",
+                                         "a photo of an elderly man, wearing a red hat, at sunset"]
+    ids = prompts.class_ids
+    assert ids.shape == (4, 77)
+    assert [_sentence(tokenizer, row) for row in ids] == prompts.class_single + prompts.class_composition
+    # the class word's tokens, article excluded, at the same span in both class prompts of a subject
+    for (start, end), word, single, comp in zip(prompts.class_spans, ["woman", "elderly man"], ids[:2], ids[2:]):
+        assert _sentence(tokenizer, single[start:end]) == word
+        assert torch.equal(single[:end], comp[:end])
+    mask = prompts.class_token_mask()
+    assert mask.shape == (2, 77) and mask[0].sum() == len(tokenizer("woman", add_special_tokens=False).input_ids)
+    assert class_phrase("a person") == "a person" and class_phrase("infant") == "an infant"
+
+
+def test_class_embeddings_aligned_with_the_subject_slots(tokenizer):
+    """After encoding, the class prompts take the subject prompts' layout: template rows in place, the class word
+    (mean of its encoded tokens, / √16) in the 16 slots, the rest shifted to follow the last slot."""
     from adaface.testing.tiny_models import tiny_text_encoder
 
     te = tiny_text_encoder()
-    assert len(tokenizer("man", add_special_tokens=False).input_ids) == 1
-    slots = class_slot_embeddings(tokenizer, te, ["man"])
-    assert slots.shape == (1, 16, te.config.hidden_size) and not slots.requires_grad
+    prompts = build_prompts(tokenizer, ["in the forest"], ["woman"])
     with torch.no_grad():
-        got = encode_prompt(tokenizer, te, "a photo of z, in the forest", slots)
-        ids = tokenizer("a photo of " + "man " * 16 + ", in the forest", padding="max_length", max_length=77,
-                        return_tensors="pt").input_ids
-        want, _ = run_clip_text(te, clip_text_parts(te).embeddings.token_embedding(ids))
-    torch.testing.assert_close(got, want)
-    # a word of several tokens gets the mean of their embeddings in every slot
-    ids = tokenizer("woman", add_special_tokens=False).input_ids
-    table = clip_text_parts(te).embeddings.token_embedding
-    torch.testing.assert_close(class_slot_embeddings(tokenizer, te, ["woman"])[0, 5], table(torch.tensor(ids)).mean(0))
+        enc = encode_class_prompts(te, prompts.class_ids)
+    comp = enc[1:]
+    (start, end), = prompts.class_spans
+    got = align_class_embeddings(comp, prompts.class_spans, prompts.slot_start)
+    s0 = prompts.slot_start
+    assert got.shape == comp.shape and s0 == 4 and end - start == 2
+    torch.testing.assert_close(got[0, :s0], comp[0, :s0])
+    word = comp[0, start:end].mean(0) / 4.0
+    torch.testing.assert_close(got[0, s0:s0 + 16], word.expand(16, -1))
+    tail = 77 - s0 - 16
+    torch.testing.assert_close(got[0, s0 + 16:], comp[0, end:end + tail])
+    # the composition's first token (",") sits right after the slots, as in the subject prompt
+    comma = tokenizer(",", add_special_tokens=False).input_ids[0]
+    assert prompts.class_ids[1, end] == comma
+    with pytest.raises(ValueError, match="one class-word span per prompt"):
+        align_class_embeddings(enc, prompts.class_spans, s0)
 
 
 def test_class_words_default():

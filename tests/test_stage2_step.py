@@ -98,12 +98,79 @@ def test_four_branches_share_the_initial_noise_and_the_class_branch_has_no_graph
     assert set(res.terms) == set(TERMS) and all(torch.isfinite(v) for v in res.terms.values())
     assert all(not v.requires_grad for v in res.terms.values()) and res.loss.requires_grad
     assert len(res.compositions) == 2
+    # the class branches see the natural class sentences ("a photo of a man, <composition>"), as encoded plainly
+    from adaface.training.compositions import build_prompts, encode_class_prompts
+
+    prompts = build_prompts(models.tokenizer, res.compositions, ["man", "person"])
+    assert prompts.class_single == ["a photo of a man", "a photo of a person"]
+    with torch.no_grad():
+        torch.testing.assert_close(cls["ctx"], encode_class_prompts(models.text_encoder, prompts.class_ids))
 
 
-@pytest.mark.parametrize("term, option", [("w_delta_attn_out", "subject_single_grad"),
-                                          ("w_delta_prompt", "subject_single_grad")])
-def test_subject_single_branch_gets_the_configured_gradient_fraction(models, term, option):
-    """With one delta term on, the context gradient of the subject-single half scales with the fraction, the
+SLOT0, CLASS_TOKENS = 4, (5, 7)
+
+
+def synthetic_maps(ignore: bool, shared: bool = False, b: int = 2, heads: int = 4, side: int = 16, seed: int = 0):
+    """[B, heads, N, 77] attention probabilities of the four branches. Subject and class attend with the same
+    spatial map (the subject spread over its 16 slots in a pattern of its own, the class over its word's two
+    tokens); the compositions rescale it spatially the same way for both (`ignore=False`), or the subject's map
+    only loses 20% of its mass everywhere, with 1% noise (`ignore=True`). `shared`: one rescaling for all heads
+    (each position's slot vector then only shrinks: the per-position form's degenerate case). The rest of each
+    row is on BOS."""
+    g = torch.Generator().manual_seed(seed)
+    n = side * side
+    m = torch.nn.functional.softplus(torch.randn(b, heads, n, 1, generator=g) * 2)
+    m = 0.5 * m / m.amax(2, keepdim=True)
+    slot_pattern = torch.softmax(torch.randn(b, heads, 1, 16, generator=g) * 2, -1)
+    word_pattern = torch.tensor([0.7, 0.3])
+    rescale = 0.2 + 0.8 * torch.rand(b, 1 if shared else heads, n, 1, generator=g)
+    ignored = 0.8 * (1 + 0.01 * torch.randn(b, heads, n, 1, generator=g))
+
+    def probs(part, cols):
+        a = torch.zeros(b, heads, n, 77)
+        a[..., cols] = part
+        a[..., 0] = 1 - a.sum(-1)
+        return a
+
+    slots, word = slice(SLOT0, SLOT0 + 16), slice(*CLASS_TOKENS)
+    return (probs(m * slot_pattern, slots), probs((ignored if ignore else rescale) * m * slot_pattern, slots),
+            probs(m * word_pattern, word), probs(rescale * m * word_pattern, word))
+
+
+def map_delta(ss, sc, cs, cc, side: int = 16):
+    """The step's map-delta loss on full attention probabilities, and its gradient's norm w.r.t. the subject's."""
+    ss, sc = ss.requires_grad_(True), sc.requires_grad_(True)
+    subj, cls = torch.zeros(ss.shape[0], 77), torch.zeros(ss.shape[0], 77)
+    subj[:, SLOT0:SLOT0 + 16] = 1.0
+    cls[:, slice(*CLASS_TOKENS)] = 1.0
+    maps = [cl.token_attention_maps(x, t) for x, t in ((ss, subj), (sc, subj), (cs, cls), (cc, cls))]
+    assert all(x.shape == (ss.shape[0], ss.shape[1], side * side) for x in maps)
+    loss = cl.map_delta_loss(*maps, (side, side), CompositionConfig().pool_above, backend="torch")
+    grads = torch.autograd.grad(loss, (ss, sc))
+    return loss.item(), max(float(gr.norm()) for gr in grads)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_map_delta_compares_spatial_maps_of_the_subject_tokens(shared):
+    """Paper §2.3, "the attention maps of the subject tokens": per head, the map summed over the 16 slots. An ideal
+    compositional response (subject and class rescaled spatially alike, the subject's split over its slots
+    unlike the class's) costs ~0 with a small gradient; a subject whose map ignores the composition costs ~1."""
+    ideal, ideal_grad = map_delta(*synthetic_maps(ignore=False, shared=shared))
+    assert ideal < 1e-4 and ideal_grad < 1e-2
+    ignored, _ = map_delta(*synthetic_maps(ignore=True, shared=shared))
+    assert ignored > 0.5
+    # the 16x16 maps are pooled (kernel 4, stride 2) to 7x7 per head before the delta
+    maps = cl.token_attention_maps(synthetic_maps(False)[0], torch.ones(2, 77))
+    assert cl.pool_rows(maps.transpose(1, 2), (16, 16), 8).shape == (2, 49, 4)
+
+
+@pytest.mark.parametrize("term, option, applies", [
+    ("w_delta_attn_out", "subject_single_grad", True), ("w_delta_attn_map", "subject_single_grad", True),
+    ("w_delta_prompt", "prompt_single_grad", True), ("w_delta_prompt", "subject_single_grad", False),
+])
+def test_subject_single_branch_gets_the_configured_gradient_fraction(models, term, option, applies):
+    """With one delta term on, the context gradient of the subject-single half scales with the fraction that
+    applies to that term (the UNet deltas' `subject_single_grad` leaves the prompt delta alone), the
     subject-composition half's does not."""
     only = {k: 0.0 for k in ("w_delta_attn_out", "w_delta_attn_map", "w_delta_prompt", "w_face_preserve")}
     grads = {}
@@ -119,7 +186,7 @@ def test_subject_single_branch_gets_the_configured_gradient_fraction(models, ter
         grads[frac] = ctx.grad.chunk(2)
     (ss1, sc1), (ss01, sc01) = grads[1.0], grads[0.1]
     assert ss1.abs().sum() > 0 and sc1.abs().sum() > 0
-    torch.testing.assert_close(ss01, 0.1 * ss1, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(ss01, (0.1 if applies else 1.0) * ss1, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(sc01, sc1, rtol=1e-4, atol=1e-9)
 
 
@@ -172,6 +239,10 @@ def test_step_calls_the_fused_ops_and_matches_their_references(models, monkeypat
         return (rows * w).sum() / w.sum()
 
     out_calls, map_calls = calls["delta"][0:-1:2], calls["delta"][1:-1:2]
+    # attention maps: one row per head, the (pooled) spatial positions of the layer as the vector, masses in [0, 1]
+    for (args, *_), (out_args, *_), name in zip(map_calls, out_calls, layers):
+        assert args[0].shape == (2, models.unet.get_submodule(name).heads, out_args[0].shape[1])
+        assert all(((a >= 0) & (a <= 1 + 1e-5)).all() for a in args)
     for args, req, _, rows in calls["delta"]:
         assert req[0] and req[1] and not req[2] and not req[3]  # the class side is detached
         torch.testing.assert_close(rows, ops.delta_cosine_loss_reference(*args, reduction="none"),

@@ -5,8 +5,10 @@ loaded directly (`torch.load(..., weights_only=True)`, never arbitrary unpicklin
 `find_parser_weights` says where they were found, or None: then the parser is unavailable and `--masks auto`
 falls through to the landmark mask.
 
-BiSeNet labels the 19 CelebAMask-HQ classes of a 512×512 face crop; the mask keeps the face proper (skin, brows,
-eyes, glasses, ears, nose, mouth, lips) and drops background, neck, clothes, hair and hats.
+BiSeNet labels the 19 CelebAMask-HQ classes of a 512×512 face crop; the mask keeps the face and its hair (skin,
+brows, eyes, glasses, ears, earrings, nose, mouth, lips, hair) and drops background, neck, clothes and hats. Hair
+is in because the face-preserving loss (paper §2.4, eq. 8) must protect it: the paper's motivating failure is a
+composition's hat overwriting the subject's hair (Fig. 6). A hat in a training photo is not the subject's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from PIL import Image
 
 WEIGHTS_NAME = "parsing_bisenet.pth"
 PARSE_SIZE = 512
-FACE_LABELS = tuple(range(1, 14))  # skin, l/r brow, l/r eye, glasses, l/r ear, earring, nose, mouth, u/l lip
+# skin, l/r brow, l/r eye, glasses, l/r ear, earring, nose, mouth, u/l lip (1-13); hair (17)
+FACE_LABELS = (*range(1, 14), 17)
 
 
 def facexlib_available() -> bool:
@@ -61,5 +64,9 @@ class FaceParser:
         with torch.no_grad():
             logits = self.model(x)[0]  # BiSeNet returns (out, out16, out32); `out` is at the input size
         labels = logits.argmax(1)[0].cpu().numpy()
-        face = np.isin(labels, FACE_LABELS).astype(np.uint8) * 255
-        return Image.fromarray(face, "L").resize(size, Image.Resampling.BILINEAR)
+        return Image.fromarray(mask_from_labels(labels), "L").resize(size, Image.Resampling.BILINEAR)
+
+
+def mask_from_labels(labels: np.ndarray) -> np.ndarray:
+    """[H, W] CelebAMask-HQ labels → uint8 mask, 255 on FACE_LABELS (the face and its hair)."""
+    return np.isin(labels, FACE_LABELS).astype(np.uint8) * 255

@@ -6,6 +6,11 @@
   teacher and is detached. Rows whose subject or class delta is exactly zero (the two prompts gave the very same
   feature, as the causal prefix of the prompt embeddings does) are masked out: their cosine is undefined, and
   counting them would add a constant 1 without gradient.
+- `map_delta_loss`: eq. 4 on the attention maps of the subject tokens: per head, the attention a layer puts on
+  the subject's tokens (summed over its 16 slots, or over the class word's tokens on the class side) is one
+  spatial map, and the delta and cosine are taken over the spatial positions, one row per head. A composition
+  that only rescales the subject's attention spatially, the same way as the class's, gives deltas of the same
+  direction and a loss of 0; a subject whose map ignores the composition gives unrelated deltas.
 - `face_preserve_loss`: the elastic face-preserving loss of eq. 7–8 by the fused `adaface.ops.soft_warp_loss`:
   softmax of the *unscaled* Q_subj·Q_compᵀ (paper footnote 2) warps the subject-composition features onto the
   subject-single ones; 1 − cos is averaged over the face mask, resized to the layer as soft row weights.
@@ -107,6 +112,24 @@ def delta_loss(subj_single: torch.Tensor, subj_comp: torch.Tensor, cls_single: t
     rows = ops.delta_cosine_loss(scale_grad(subj_single, subject_single_grad), subj_comp, cls_single, cls_comp,
                                  eps=eps, reduction="none", backend=backend)
     return weighted_mean(rows, weights)
+
+
+def token_attention_maps(maps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, heads, N, S] attention probabilities, [B, S] token weights (1 on the tokens) → [B, heads, N] fp32: per
+    head, the attention on those tokens at each spatial position."""
+    return torch.einsum("bhns,bs->bhn", maps, tokens.to(maps.dtype)).float()
+
+
+def map_delta_loss(subj_single: torch.Tensor, subj_comp: torch.Tensor, cls_single: torch.Tensor,
+                   cls_comp: torch.Tensor, hw: tuple[int, int], pool_above: int, *, subject_single_grad: float = 1.0,
+                   eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+    """Eq. 4 on [B, heads, N] spatial attention maps (`token_attention_maps`) of one layer: each map pooled like
+    the features (`pool_rows`), then `delta_loss` with one row per head and the positions as the vector."""
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return pool_rows(x.transpose(1, 2), hw, pool_above).transpose(1, 2).contiguous()
+
+    return delta_loss(rows(subj_single), rows(subj_comp), rows(cls_single), rows(cls_comp),
+                      subject_single_grad=subject_single_grad, eps=eps, backend=backend)
 
 
 def face_preserve_loss(q_single: torch.Tensor, q_comp: torch.Tensor, feat_single: torch.Tensor,

@@ -5,12 +5,14 @@ back-propagate) and the unweighted terms as detached 0-dim tensors named `loss_*
 the host, so it runs unchanged on tensors without storage (the meta device) and costs no device sync. Blocks:
 
 1. the subjects' 16 embeddings: ArcFace → Arc2Face ID tokens (no grad) → Prompt Inverter;
-2. one composition per subject from the pool, the four prompts, and the class word's embedding in the 16 slots;
-3. the SD text encoder: the two subject prompts with gradient, the two class prompts without;
+2. one composition per subject from the pool and the four prompts (the class prompts natural sentences);
+3. the SD text encoder: the two subject prompts with gradient, the two class prompts without (then laid out like
+   the subject prompts for the prompt-embedding delta);
 4. one noisy latent per subject (its face image, VAE-encoded, noised to t): the four branches share it;
 5. the UNet with the feature capture recording: the subject branches with gradient, the class branches without;
-6. per selected layer: normalise, pool, and the delta losses (attention outputs, attention maps over the subject
-   slots) and the face-preserving loss; the prompt-embedding delta; the weighted sum.
+6. per selected layer: normalise, pool, and the delta losses (attention outputs per position; per head, the spatial
+   map of the attention on the subject's 16 slots against the class word's) and the face-preserving loss; the
+   prompt-embedding delta; the weighted sum.
 """
 
 from __future__ import annotations
@@ -31,10 +33,19 @@ from .composition_losses import (
     layer_hw,
     layer_norm,
     layer_weight,
+    map_delta_loss,
     mask_rows,
     pool_rows,
+    token_attention_maps,
 )
-from .compositions import PLACEHOLDER, CompositionPool, build_prompts, class_slot_embeddings, resolve_class_words
+from .compositions import (
+    PLACEHOLDER,
+    CompositionPool,
+    align_class_embeddings,
+    build_prompts,
+    encode_class_prompts,
+    resolve_class_words,
+)
 from .distill import q_sample
 
 TERMS = ("loss_delta_attn_out", "loss_delta_attn_map", "loss_delta_prompt", "loss_face_preserve")
@@ -43,7 +54,8 @@ DELTA_TERMS = TERMS[:3]
 
 @dataclass
 class CompositionConfig:
-    """Options of the stage-2 losses; defaults follow the paper, or the reference code where the paper is silent."""
+    """Options of the stage-2 losses; defaults follow the paper where it speaks, else the authors' released training
+    (adaface.training.stage2.Stage2Config's help text says which)."""
 
     delta_layers: list[Any] = field(default_factory=lambda: ["*"])  # paper: all cross-attention layers
     face_layers: list[Any] = field(default_factory=lambda: ["*"])  # paper: each cross-attention layer
@@ -52,12 +64,13 @@ class CompositionConfig:
     pool_face: bool = False  # pool for the face-preserving loss too (the fused kernel streams the full maps)
     normalize_q: bool = True  # non-affine batch norm on the queries
     normalize_features: bool = True  # non-affine layer norm on the output features
-    subject_single_grad: float = 0.1  # gradient fraction of the subject-single branch in the delta losses
+    subject_single_grad: float = 0.1  # gradient fraction of the subject-single branch in the UNet delta losses
+    prompt_single_grad: float = 1.0  # ... in the prompt-embedding delta
     face_q_grad: float = 0.1  # ... of its queries in the face-preserving loss
     face_feat_grad: float = 0.01  # ... of its features in the face-preserving loss
     w_delta_attn_out: float = 1e-3
     w_delta_attn_map: float = 1e-3
-    w_delta_prompt: float = 1e-4
+    w_delta_prompt: float = 1e-3  # eq. 4: the three feature kinds weigh the same
     w_face_preserve: float = 1e-3
     t_min: int = 500  # timesteps of the composition step, [t_min, t_max)
     t_max: int = 800
@@ -122,19 +135,17 @@ def composition_step(m: CompositionModels, batch: CompositionBatch, cfg: Composi
     subject = subject_embeddings(m, batch.arcface.to(device))
     num_slots = subject.shape[1]
 
-    # 2. compositions, the four prompts, the class words in the subject slots
+    # 2. compositions and the four prompts
     compositions = [pool.sample(generator) for _ in range(b)]
     words = resolve_class_words(batch.class_words, cfg.default_class_word)
-    prompts = build_prompts(m.tokenizer, compositions, words)
-    cls_slots = class_slot_embeddings(m.tokenizer, m.text_encoder, words, num_slots)
+    prompts = build_prompts(m.tokenizer, compositions, words, num_slots=num_slots)
 
     # 3. prompt embeddings: subject prompts with gradient, class prompts without
     both = prompts.single + prompts.composition
     subj_ctx = encode_prompt(m.tokenizer, m.text_encoder, both, torch.cat([subject, subject]).to(m.text_encoder.dtype),
                              placeholder=PLACEHOLDER)
     with torch.no_grad():
-        cls_ctx = encode_prompt(m.tokenizer, m.text_encoder, both, torch.cat([cls_slots, cls_slots]),
-                                placeholder=PLACEHOLDER)
+        cls_ctx = encode_class_prompts(m.text_encoder, prompts.class_ids)
 
     # 4. one noisy latent and timestep per subject, shared by its four branches
     t = torch.randint(cfg.t_min, cfg.t_max, (b,), generator=generator)
@@ -152,7 +163,11 @@ def composition_step(m: CompositionModels, batch: CompositionBatch, cfg: Composi
     delta_names = [n for n in m.capture.layers if n in _selected(m.capture, cfg.delta_layers)]
     face_names = [n for n in m.capture.layers if n in _selected(m.capture, cfg.face_layers)]
     out_losses, map_losses, face_losses, dw, fw = [], [], [], [], []
-    slots = slice(prompts.slot_start, prompts.slot_start + num_slots)
+    subj_tokens = torch.zeros(b, subj_ctx.shape[1])
+    subj_tokens[:, prompts.slot_start:prompts.slot_start + num_slots] = 1.0
+    subj_tokens = torch.cat([subj_tokens, subj_tokens]).to(device)
+    cls_tokens = prompts.class_token_mask(cls_ctx.shape[1])
+    cls_tokens = torch.cat([cls_tokens, cls_tokens]).to(device)
     for name in m.capture.layers:
         fs, fc = subj_feats[name], cls_feats[name]
         hw = layer_hw(fs.num_positions, latent_hw)
@@ -163,10 +178,11 @@ def composition_step(m: CompositionModels, batch: CompositionBatch, cfg: Composi
             if cfg.normalize_features:
                 feats = [layer_norm(x) for x in feats]
             out_losses.append(delta_loss(*feats, subject_single_grad=cfg.subject_single_grad, backend=cfg.backend))
-            # attention over the 16 subject slots per position, heads concatenated: [B, N, heads·16]
-            maps = [_slot_maps(x, slots) for x in (*fs.maps(q_subj).chunk(2), *fc.maps().chunk(2))]
-            maps = [pool_rows(x, hw, cfg.pool_above).float() for x in maps]
-            map_losses.append(delta_loss(*maps, subject_single_grad=cfg.subject_single_grad, backend=cfg.backend))
+            # per head, the spatial map of the attention on the subject's 16 slots / the class word's tokens
+            maps = (*token_attention_maps(fs.maps(q_subj), subj_tokens).chunk(2),
+                    *token_attention_maps(fc.maps(), cls_tokens).chunk(2))
+            map_losses.append(map_delta_loss(*maps, hw, cfg.pool_above, subject_single_grad=cfg.subject_single_grad,
+                                             backend=cfg.backend))
             dw.append(w)
         if name in face_names and w > 0:
             q_ss, q_sc = q_subj.chunk(2)
@@ -183,24 +199,18 @@ def composition_step(m: CompositionModels, batch: CompositionBatch, cfg: Composi
             fw.append(w)
     weights = prompts.token_weights.to(device)
     ss, sc = subj_ctx.float().chunk(2)
-    cs, cc = cls_ctx.float().chunk(2)
+    spans = [*prompts.class_spans, *prompts.class_spans]
+    cs, cc = align_class_embeddings(cls_ctx.float(), spans, prompts.slot_start, num_slots).chunk(2)
     terms = {
         "loss_delta_attn_out": layer_average(out_losses, dw),
         "loss_delta_attn_map": layer_average(map_losses, dw),
-        "loss_delta_prompt": delta_loss(ss, sc, cs, cc, weights, subject_single_grad=cfg.subject_single_grad,
+        "loss_delta_prompt": delta_loss(ss, sc, cs, cc, weights, subject_single_grad=cfg.prompt_single_grad,
                                         backend=cfg.backend),
         "loss_face_preserve": layer_average(face_losses, fw),
     }
     loss = (cfg.w_delta_attn_out * terms["loss_delta_attn_out"] + cfg.w_delta_attn_map * terms["loss_delta_attn_map"]
             + cfg.w_delta_prompt * terms["loss_delta_prompt"] + cfg.w_face_preserve * terms["loss_face_preserve"])
     return CompositionResult(loss, {k: v.detach() for k, v in terms.items()}, compositions)
-
-
-def _slot_maps(maps: torch.Tensor, slots: slice) -> torch.Tensor:
-    """[B, heads, N, S] → [B, N, heads·16]: each position's attention on the subject slots."""
-    sel = maps[..., slots]
-    b, h, n, k = sel.shape
-    return sel.permute(0, 2, 1, 3).reshape(b, n, h * k)
 
 
 def _selected(capture: UNetFeatureCapture, selection: list[Any]) -> set[str]:

@@ -3,17 +3,24 @@
 Per subject, four prompts that share one initial noise (paper §2.3–2.4):
     subject-single       "a photo of z"                       z = the inverter's 16 embeddings
     subject-composition  "a photo of z, in the forest"
-    class-single         "a photo of z"                       z = the class word's embedding in all 16 slots
-    class-composition    "a photo of z, in the forest"
-The class prompts write the class word (man, woman, person, ...) into the same 16 slots the subject occupies, so
-every position of the four prompts lines up and the per-token deltas of eq. 3 compare like with like. The
-composition is appended after the subject, so the causal text encoder gives the single and composition prompts
-identical embeddings up to the subject's last slot: those rows have an exactly zero delta and are masked out by
-the loss (they carry no signal), not counted.
+    class-single         "a photo of a woman"                 natural text, as in the paper
+    class-composition    "a photo of a woman, in the forest"
+The class prompts are plain sentences, encoded by the text encoder as any prompt is. The per-token deltas of the
+prompt embeddings (eq. 3) compare positions, so after encoding the class prompts are laid out like the subject
+prompts (`align_class_embeddings`): the template's tokens stay where they are, the encoded class word (the mean
+over its tokens, the article dropped) fills the 16 subject slots scaled by 1/√16 — the 16 slots together then
+have the norm of the one class token, and each slot's direction is the class token's (the per-token cosine does
+not see the scale) — and the tokens after the class word (the composition, the end token, the padding) follow
+the last slot. The attention maps and output features of the UNet need no alignment: they are compared per
+head over spatial positions and per spatial position.
 
-Per-token weights of the prompt-embedding delta, by position of the composition prompt: BOS 0 (its embedding is
-the same in every prompt), the shared prefix (template and subject slots) 1, composition-only tokens (through the
-composition's end token) 0.25, padding after it 0.0625.
+The composition is appended after the subject, so the causal text encoder gives the single and composition prompts
+identical embeddings up to the subject's last slot (the class word's last token): those rows have an exactly
+zero delta and are masked out by the loss (they carry no signal), not counted.
+
+Per-token weights of the prompt-embedding delta, by position of the subject's composition prompt: BOS 0 (its
+embedding is the same in every prompt), the shared prefix (template and subject slots) 1, composition-only tokens
+(through the composition's end token) 0.25, padding after it 0.0625.
 
 The pool: compositions are drawn from lists of actions, clothing, objects, backgrounds (added with probability
 0.6), styles, lighting and shot types. A user file replaces it: a JSON object with some of those lists (keys as
@@ -136,11 +143,22 @@ class CompositionPool:
 class FourPrompts:
     """The prompts of a batch of subjects and the per-token weights of the prompt-embedding delta."""
 
-    single: list[str]  # "a photo of z" per subject (the subject and the class prompt of this kind share it)
+    single: list[str]  # "a photo of z" per subject
     composition: list[str]  # "a photo of z, <composition>"
     class_words: list[str]
-    token_weights: torch.Tensor  # [B, L] float32, by position of the composition prompt
-    slot_start: int  # index of the first of the 16 subject slots (the same in all four prompts)
+    token_weights: torch.Tensor  # [B, L] float32, by position of the subject's composition prompt
+    slot_start: int  # index of the first of the 16 subject slots (the same in both subject prompts)
+    class_single: list[str]  # "a photo of a woman"
+    class_composition: list[str]  # "a photo of a woman, <composition>"
+    class_ids: torch.Tensor  # [2B, L] token ids of class_single + class_composition
+    class_spans: list[tuple[int, int]]  # per subject, [start, end) of the class word's tokens (both class prompts)
+
+    def class_token_mask(self, length: int | None = None) -> torch.Tensor:
+        """[B, L] float32: 1 on the class word's tokens of each subject's class prompts."""
+        mask = torch.zeros(len(self.class_spans), length or self.class_ids.shape[1])
+        for i, (start, end) in enumerate(self.class_spans):
+            mask[i, start:end] = 1.0
+        return mask
 
 
 def composition_prompt(composition: str, template: str = SUBJECT_TEMPLATE) -> str:
@@ -166,31 +184,80 @@ def token_weights(tokenizer: object, single: str, composition: str, num_slots: i
     return w, start
 
 
+def class_phrase(word: str) -> str:
+    """The class word with its indefinite article: "a woman", "an elderly man" (kept when it has one)."""
+    word = " ".join(word.split())
+    if word.lower().split(" ", 1)[0] in ("a", "an", "the"):
+        return word
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def class_word_span(tokenizer: object, template: str, word: str) -> tuple[int, int]:
+    """[start, end) of the class word's tokens (its article excluded) in the class prompt made from `template`."""
+    from adaface.models.subject_prompt import split_on_placeholder
+
+    before, _ = split_on_placeholder(template, PLACEHOLDER)
+    phrase = class_phrase(word)
+    first, _, rest = phrase.partition(" ")
+    article = first if first.lower() in ("a", "an", "the") and rest else ""
+    lead = tokenizer(f"{before}{article}".strip(), add_special_tokens=False).input_ids
+    full = tokenizer(f"{before}{phrase}".strip(), add_special_tokens=False).input_ids
+    if full[:len(lead)] != lead or len(full) == len(lead):
+        raise ValueError(f"class word {word!r}: its tokens cannot be located in the class prompt")
+    return 1 + len(lead), 1 + len(full)  # + BOS
+
+
 def build_prompts(tokenizer: object, compositions: Sequence[str], class_words: Sequence[str],
-                  template: str = SUBJECT_TEMPLATE, length: int = 77) -> FourPrompts:
-    """The four prompts of each subject (one composition and class word each) and their token weights."""
+                  template: str = SUBJECT_TEMPLATE, length: int = 77, num_slots: int = NUM_SLOTS) -> FourPrompts:
+    """The four prompts of each subject (one composition and class word each), the class prompts' token ids and
+    class-word spans, and the per-token weights of the prompt delta."""
     if len(compositions) != len(class_words):
         raise ValueError(f"one composition per class word, got {len(compositions)} and {len(class_words)}")
     single = [template] * len(compositions)
     comp = [composition_prompt(c, template) for c in compositions]
     rows, starts = zip(*(token_weights(tokenizer, s, c, length=length) for s, c in zip(single, comp)))
-    return FourPrompts(single, comp, list(class_words), torch.stack(rows), starts[0])
+    cls_single = [template.replace(PLACEHOLDER, class_phrase(w), 1) for w in class_words]
+    cls_comp = [composition_prompt(c, s) for c, s in zip(compositions, cls_single)]
+    spans = [class_word_span(tokenizer, template, w) for w in class_words]
+    for w, (start, end) in zip(class_words, spans):
+        if end - start > num_slots:
+            raise ValueError(f"class word {w!r} has {end - start} tokens, more than the {num_slots} subject slots")
+    ids = tokenizer(cls_single + cls_comp, padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt").input_ids
+    return FourPrompts(single, comp, list(class_words), torch.stack(rows), starts[0], cls_single, cls_comp, ids,
+                       spans)
 
 
-def class_slot_embeddings(tokenizer: object, text_encoder: torch.nn.Module, class_words: Sequence[str],
-                          num_slots: int = NUM_SLOTS) -> torch.Tensor:
-    """[B, num_slots, H]: each class word's input embedding (the mean over its tokens) in every subject slot."""
-    from adaface.models._clip_text import clip_text_parts
+def encode_class_prompts(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """[N, L, H] prompt embeddings of the class prompts' token ids, as the pipelines encode any prompt."""
+    from adaface.models._clip_text import clip_text_parts, run_clip_text
 
     table = clip_text_parts(text_encoder).embeddings.token_embedding
+    last, _ = run_clip_text(text_encoder, table(input_ids.to(table.weight.device)))
+    return last
+
+
+def align_class_embeddings(class_embeds: torch.Tensor, spans: Sequence[tuple[int, int]], slot_start: int,
+                           num_slots: int = NUM_SLOTS) -> torch.Tensor:
+    """[B, L, H] encoded class prompts → the subject prompts' layout (see the module docstring).
+
+    Rows before `slot_start` (BOS and the template) stay; the 16 slots get the mean of the class word's encoded
+    tokens / √16; the rows from the class word's end on follow the last slot, the remainder padded with the last
+    row (the padding's embedding). `spans` [start, end) per row of `class_embeds`.
+    """
+    b, length, _ = class_embeds.shape
+    if len(spans) != b:
+        raise ValueError(f"one class-word span per prompt, got {len(spans)} for {b} prompts")
+    tail = length - slot_start - num_slots
     rows = []
-    for word in class_words:
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if not ids:
-            raise ValueError(f"class word {word!r} has no tokens")
-        emb = table(torch.tensor(ids, device=table.weight.device)).mean(0)
-        rows.append(emb.expand(num_slots, -1))
-    return torch.stack(rows).detach()
+    for i, (start, end) in enumerate(spans):
+        x = class_embeds[i]
+        word = x[start:end].mean(0, keepdim=True) / num_slots ** 0.5
+        after = x[end:end + tail]
+        if after.shape[0] < tail:  # the article and the word take more than the 16 slots' room
+            after = torch.cat([after, x[-1:].expand(tail - after.shape[0], -1)])
+        rows.append(torch.cat([x[:slot_start], word.expand(num_slots, -1), after]))
+    return torch.stack(rows)
 
 
 def resolve_class_words(known: Sequence[str | None], default: str) -> list[str]:

@@ -90,18 +90,30 @@ class Stage2Config(TrainingConfig):
     pool_face: bool = _f(False, "pool for the face-preserving loss too (the fused kernel handles the full maps)")
     normalize_q: bool = _f(True, "non-affine batch norm on the queries before the face-preserving loss")
     normalize_features: bool = _f(True, "non-affine layer norm on the attention outputs before the losses")
-    subject_single_grad: float = _f(0.1, "gradient fraction reaching the subject-single branch in the delta losses")
-    face_q_grad: float = _f(0.1, "gradient fraction reaching the subject-single queries in the face-preserving loss")
+    subject_single_grad: float = _f(0.1, "gradient fraction reaching the subject-single branch in the delta losses on "
+                                          "the UNet's attention outputs and maps (not in the paper: the authors' "
+                                          "released training)")
+    prompt_single_grad: float = _f(1.0, "gradient fraction reaching the subject-single prompt embeddings in the "
+                                        "prompt-embedding delta (the paper reduces none; 1 = full gradient)")
+    face_q_grad: float = _f(0.1, "gradient fraction reaching the subject-single queries in the face-preserving loss "
+                                 "(not in the paper: the authors' released training)")
     face_feat_grad: float = _f(0.01, "gradient fraction reaching the subject-single features in the face-preserving "
-                                     "loss")
-    w_delta_attn_out: float = _f(1e-3, "weight of the delta loss on cross-attention outputs")
-    w_delta_attn_map: float = _f(1e-3, "weight of the delta loss on attention maps")
-    w_delta_prompt: float = _f(1e-4, "weight of the delta loss on prompt embeddings")
-    w_face_preserve: float = _f(1e-3, "weight of the face-preserving loss")
+                                     "loss (not in the paper: the authors' released training)")
+    w_delta_attn_out: float = _f(1e-3, "weight of the delta loss on cross-attention outputs (eq. 4 weighs the three "
+                                       "feature kinds equally; the scale is not in the paper: the authors' released "
+                                       "training used 1e-4 to 3e-3)")
+    w_delta_attn_map: float = _f(1e-3, "weight of the delta loss on the subject tokens' attention maps (eq. 4: equal "
+                                       "to the other two kinds)")
+    w_delta_prompt: float = _f(1e-3, "weight of the delta loss on the prompt embeddings (eq. 4: equal to the other "
+                                     "two kinds)")
+    w_face_preserve: float = _f(1e-3, "weight of the face-preserving loss (eq. 8; not in the paper: the authors' "
+                                      "released training used 1e-3 to 3e-3)")
     ops_backend: str = _f("auto", "adaface.ops backend of the fused losses", choices=("auto", "torch", "triton",
                                                                                      "cuda", "cpp"))
     # --- mixed stage-1 steps --------------------------------------------------------------------------------
-    stage1_p: float = _f(0.2, "probability that an optimizer step is a stage-1 face-distillation step")
+    stage1_p: float = _f(5 / 6, "probability that an optimizer step is a stage-1 face-distillation step, else a "
+                                "composition step (not in the paper: the authors' released training ran about one "
+                                "composition step in six, the stage-1 steps holding the subject's authenticity)")
     random_id_fraction: float = _f(0.4, "fraction of random Gaussian IDs in the stage-1 steps")
     denoise_steps: list[int] = _f([1, 3, 5], "stage-1 steps: choices for the number k of denoising steps")
     denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "stage-1 steps: probabilities of the DENOISE_STEPS "
@@ -134,7 +146,8 @@ def composition_config(cfg: Stage2Config) -> CompositionConfig:
         delta_layers=_selection(cfg.delta_layers), face_layers=_selection(cfg.face_layers),
         layer_weights=_layer_weights(cfg.layer_weights), pool_above=cfg.pool_above, pool_face=cfg.pool_face,
         normalize_q=cfg.normalize_q, normalize_features=cfg.normalize_features,
-        subject_single_grad=cfg.subject_single_grad, face_q_grad=cfg.face_q_grad, face_feat_grad=cfg.face_feat_grad,
+        subject_single_grad=cfg.subject_single_grad, prompt_single_grad=cfg.prompt_single_grad,
+        face_q_grad=cfg.face_q_grad, face_feat_grad=cfg.face_feat_grad,
         w_delta_attn_out=cfg.w_delta_attn_out, w_delta_attn_map=cfg.w_delta_attn_map,
         w_delta_prompt=cfg.w_delta_prompt, w_face_preserve=cfg.w_face_preserve, t_min=cfg.comp_t_min,
         t_max=cfg.comp_t_max, default_class_word=cfg.default_class_word, backend=cfg.ops_backend)
@@ -199,7 +212,7 @@ def validate_stage2(cfg: Stage2Config, world_size: int = 1) -> None:
     validate_training(cfg, world_size)
     if not 0.0 <= cfg.stage1_p <= 1.0:
         raise ConfigError(f"--stage1-p must be in [0, 1], got {cfg.stage1_p}")
-    for name in ("random_id_fraction", "subject_single_grad", "face_q_grad", "face_feat_grad"):
+    for name in ("random_id_fraction", "subject_single_grad", "prompt_single_grad", "face_q_grad", "face_feat_grad"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
     for name in ("w_delta_attn_out", "w_delta_attn_map", "w_delta_prompt", "w_face_preserve", "pool_above"):
