@@ -61,6 +61,24 @@ __device__ __forceinline__ WarpRow warp_row() {
           static_cast<int>(threadIdx.x % kWarp)};
 }
 
+// x·y, x·x and y·y of one row: each lane sums the elements lane, lane + 32, ... and the warp adds the lanes
+// (every lane gets the sums); `element(i)` gives (x_i, y_i).
+struct RowDots {
+  float xy, xx, yy;
+};
+
+template <typename Element>
+__device__ __forceinline__ RowDots warp_row_dots(int64_t C, int lane, Element element) {
+  float xy = 0.f, xx = 0.f, yy = 0.f;
+  for (int64_t i = lane; i < C; i += kWarp) {
+    const float2 e = element(i);
+    xy += e.x * e.y;
+    xx += e.x * e.x;
+    yy += e.y * e.y;
+  }
+  return {warp_sum(xy), warp_sum(xx), warp_sum(yy)};
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -92,17 +110,10 @@ __global__ void delta_fwd_kernel(const T* __restrict__ bs, const T* __restrict__
   bb_c = warp_sum(bb_c);
   const float Ds = static_cast<float>(bb_s + eps), Dc = static_cast<float>(bb_c + eps);
   const float ls = static_cast<float>(ab_s / (bb_s + eps)), lc = static_cast<float>(ab_c / (bb_c + eps));
-  float dd = 0.f, ss = 0.f, cc = 0.f;
-  for (int64_t i = lane; i < C; i += kWarp) {
-    const float ds = to_f(as[o + i]) - ls * to_f(bs[o + i]);
-    const float dc = to_f(ac[o + i]) - lc * to_f(bc[o + i]);
-    dd += ds * dc;
-    ss += ds * ds;
-    cc += dc * dc;
-  }
-  dd = warp_sum(dd);
-  ss = warp_sum(ss);
-  cc = warp_sum(cc);
+  // (Δs·Δc, Δs·Δs, Δc·Δc)
+  const auto [dd, ss, cc] = warp_row_dots(C, lane, [&](int64_t i) {
+    return make_float2(to_f(as[o + i]) - ls * to_f(bs[o + i]), to_f(ac[o + i]) - lc * to_f(bc[o + i]));
+  });
   if (lane == 0) {
     const float ns = sqrtf(ss), nc = sqrtf(cc);
     loss[row] = cosine_loss(dd, ns, nc);
@@ -319,17 +330,11 @@ __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restric
     const float inv = l > 0.f ? 1.f / l : 0.f;
     float* w = warped + orow[r];
     const T* fr = f + orow[r];
-    float ww = 0.f, ff = 0.f, wf = 0.f;
-    for (int64_t c = lane; c < C; c += kWarp) {
-      const float x = w[c] * inv, y = to_f(fr[c]);
+    const auto [wf, ww, ff] = warp_row_dots(C, lane, [&](int64_t c) {
+      const float x = w[c] * inv;
       w[c] = x;
-      ww += x * x;
-      ff += y * y;
-      wf += x * y;
-    }
-    ww = warp_sum(ww);
-    ff = warp_sum(ff);
-    wf = warp_sum(wf);
+      return make_float2(x, to_f(fr[c]));
+    });
     if (lane == 0) {
       rows_out[nrow[r]] = cosine_loss(wf, sqrtf(ww), sqrtf(ff));
       lse[nrow[r]] = l > 0.f ? m_s[r] + log2f(l) : -INFINITY;  // no keys: -inf, as the Triton kernel
@@ -346,15 +351,9 @@ __global__ void soft_warp_rows_bwd_kernel(const float* __restrict__ grad, const 
   const auto [row, lane] = warp_row();
   if (row >= rows || weights[row] == 0.f) return;
   const int64_t o = row * C;
-  float ww = 0.f, ff = 0.f, wf = 0.f;
-  for (int64_t c = lane; c < C; c += kWarp) {
-    const float x = warped[o + c], y = to_f(f[o + c]);
-    ww += x * x;
-    ff += y * y;
-    wf += x * y;
-  }
-  const float sw = sqrtf(warp_sum(ww)), sf = sqrtf(warp_sum(ff));
-  wf = warp_sum(wf);
+  const auto [wf, ww, ff] =
+      warp_row_dots(C, lane, [&](int64_t c) { return make_float2(warped[o + c], to_f(f[o + c])); });
+  const float sw = sqrtf(ww), sf = sqrtf(ff);
   const auto [alpha, beta_w, beta_f] = cosine_grad(grad[row], wf, sw, sf);
   float d = 0.f;
   for (int64_t c = lane; c < C; c += kWarp) {
