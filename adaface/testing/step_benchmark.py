@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-PAPER_MULTIPLIERS = "8,8,8,4,4,4,4,4,4,4,4,4"
+PAPER_MULTIPLIERS = (8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4)  # the inverter's final per-layer multipliers
+_PAPER_TEXT = ",".join(map(str, PAPER_MULTIPLIERS))
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class StepBenchmark:
                        help=f"timed steps (default: {self.steps[0]} full, {self.steps[1]} small)")
         p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, Triton compilation)")
         p.add_argument("--multipliers", default=None,
-                       help=f"inverter multipliers, comma-separated or one int (default: {PAPER_MULTIPLIERS} full, "
+                       help=f"inverter multipliers, comma-separated or one int (default: {_PAPER_TEXT} full, "
                             f"{self.small_multipliers} small{self.multipliers_note})")
         p.add_argument("--mixed-precision", choices=("bf16", "fp16", "no"), default="bf16")
         p.add_argument("--no-gradient-checkpointing", action="store_true")
@@ -60,7 +61,7 @@ class StepBenchmark:
             return None
         full = args.shape == "full"
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        mult_text = args.multipliers or (PAPER_MULTIPLIERS if full else self.small_multipliers)
+        mult_text = args.multipliers or (_PAPER_TEXT if full else self.small_multipliers)
         n_layers = 12 if full else 4
         mults = [int(x) for x in mult_text.split(",")]
         mults = mults * n_layers if len(mults) == 1 else mults
