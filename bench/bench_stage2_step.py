@@ -15,17 +15,16 @@ by the fused ops.
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-PAPER_MULTIPLIERS = "8,8,8,4,4,4,4,4,4,4,4,4"
+from adaface.testing.step_benchmark import StepBenchmark, StepSetting
+
+BENCH = StepBenchmark(Path(__file__), batch=(3, 2), steps=(5, 2), small_multipliers="1",
+                      batch_help="subjects per step")
 
 
 class SyntheticFaces:
@@ -49,53 +48,28 @@ class SyntheticFaces:
         pass
 
 
-def _models(shape: str, device: torch.device, weight_dtype: torch.dtype, multipliers: list[int] | None, tmp: Path,
-            gradient_checkpointing: bool, cfg):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _models(setting: StepSetting, tmp: Path, cfg):
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.models.unet_feature_capture import UNetFeatureCapture
-    from adaface.testing.tiny_models import (
-        TinyConfig,
-        save_tiny_tokenizer,
-        sd15_scheduler,
-        tiny_text_config,
-        tiny_unet,
-        tiny_vae,
-    )
+    from adaface.testing.step_benchmark import latent_size_for, prepare_models, text_config_for, unet_for, vae_for
+    from adaface.testing.tiny_models import save_tiny_tokenizer, sd15_scheduler
     from adaface.training.composition_step import CompositionModels, capture_layers
     from adaface.training.stage1 import Stage1Models
     from adaface.training.stage2 import Stage2Models, composition_config
 
+    shape, device = setting.args.shape, setting.device
     tok = CLIPTokenizer.from_pretrained(str(save_tiny_tokenizer(tmp / "tokenizer")))
     with torch.device(device):
-        if shape == "full":
-            text_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                      projection_dim=768, bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            # SD-1.5's UNet (diffusers' defaults, 768-wide cross-attention) and VAE
-            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512).eval()
-            latent = 64
-        else:
-            text_cfg = tiny_text_config(TinyConfig())
-            unet, vae = tiny_unet(TinyConfig()), tiny_vae(TinyConfig())
-            latent = TinyConfig().latent_size
+        text_cfg = text_config_for(shape, tok)
+        unet, vae = unet_for(shape), vae_for(shape)
         sd_text, a2f_text, inv_text = (CLIPTextModel(text_cfg).eval() for _ in range(3))
+    latent = latent_size_for(shape)
     teacher = Arc2Face(a2f_text, tok)
     inverter = PromptInverter(inv_text, tokenizer=tok)
-    if multipliers:
-        inverter.expand(multipliers, noise_ratio=0.1)
-    for m in (unet, sd_text, teacher, vae):
-        m.requires_grad_(False).to(device, weight_dtype)
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    inverter.to(device).train()
+    prepare_models(setting, inverter, unet, frozen=(unet, sd_text, teacher, vae))
     capture = UNetFeatureCapture(unet, capture_layers(unet, composition_config(cfg)))
     alphas = sd15_scheduler().alphas_cumprod.float().to(device)
     comp = CompositionModels(tok, sd_text, unet, capture, teacher, inverter, vae, 0.18215, alphas)
@@ -104,91 +78,42 @@ def _models(shape: str, device: torch.device, weight_dtype: torch.dtype, multipl
 
 
 def run(argv: list[str] | None = None) -> dict | None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=("full", "small"), default="full")
-    p.add_argument("--batch-size", type=int, default=None, help="subjects per step (default: 3 full, 2 small)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 full, 2 small)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, Triton compilation)")
-    p.add_argument("--multipliers", default=None,
-                   help=f"inverter multipliers, comma-separated or one int (default: {PAPER_MULTIPLIERS} full, "
-                        "1 small)")
-    p.add_argument("--mixed-precision", choices=("bf16", "fp16", "no"), default="bf16")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p = BENCH.parser(__doc__.splitlines()[0])
     p.add_argument("--ops-backend", default="auto", help="adaface.ops backend of the fused losses")
-    p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-
-    if args.shape == "full" and not torch.cuda.is_available():
-        print("bench_stage2_step: skipped, the full shape needs a CUDA device (use --shape small on the CPU)")
+    setting = BENCH.setting(args)
+    if setting is None:
         return None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from adaface.testing.device import device_name
+    from adaface.testing.step_benchmark import timed_steps
     from adaface.training.ddp import DistInfo
     from adaface.training.metrics_log import MetricsLog
     from adaface.training.stage2 import Stage2, Stage2Config
     from adaface.training.trainer import Trainer, amp_dtype_for
 
-    batch = args.batch_size or (3 if args.shape == "full" else 2)
-    steps = args.steps or (5 if args.shape == "full" else 2)
-    mult_text = args.multipliers or (PAPER_MULTIPLIERS if args.shape == "full" else "1")
-    n_layers = 12 if args.shape == "full" else 4
-    mults = [int(x) for x in mult_text.split(",")]
-    mults = mults * n_layers if len(mults) == 1 else mults
-    mults = None if all(m == 1 for m in mults) else mults
-    amp = device.type == "cuda" and args.mixed_precision != "no"
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision) if amp else torch.float32
+    device, batch, steps = setting.device, setting.batch, setting.steps
     cfg = Stage2Config(tiny=True, batch_size=batch, grad_accum=1, steps=10**6, stage1_p=0.0, device=str(device),
-                       mixed_precision=args.mixed_precision if amp else "no", warmup_steps=0,
-                       gradient_checkpointing=not args.no_gradient_checkpointing, expansions="",
+                       mixed_precision=setting.mixed_precision, warmup_steps=0,
+                       gradient_checkpointing=setting.gradient_checkpointing, expansions="",
                        ops_backend=args.ops_backend)
 
     with tempfile.TemporaryDirectory() as tmp:
-        models, resolution = _models(args.shape, device, weight_dtype, mults, Path(tmp),
-                                     not args.no_gradient_checkpointing, cfg)
+        models, resolution = _models(setting, Path(tmp), cfg)
         faces = SyntheticFaces(resolution)
         trainer = Trainer(cfg, Stage2(cfg, models, faces, faces), device, DistInfo(),
                           MetricsLog(Path(tmp) / "m.jsonl", enabled=False), amp_dtype_for(cfg, device))
-        for _ in range(args.warmup):
-            trainer.train_step()
-            trainer.state.step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        last = {}
-        for _ in range(steps):
-            last = trainer.train_step()
-            trainer.state.step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+        elapsed, last = timed_steps(trainer, setting)
         layers = len(models.composition.capture.layers)
 
     result = {
         "bench": "stage2_step", "shape": args.shape, "device": device_name(device), "batch_size": batch,
         "prompts_per_subject": 4, "resolution": resolution, "captured_layers": layers,
         "mixed_precision": cfg.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
-        "inverter_multipliers": mults or [1] * n_layers, "ops_backend": args.ops_backend, "timed_steps": steps,
-        "steps_per_s": steps / elapsed, "subjects_per_s": steps * batch / elapsed,
+        "inverter_multipliers": setting.multipliers or [1] * setting.n_layers, "ops_backend": args.ops_backend,
+        "timed_steps": steps, "steps_per_s": steps / elapsed, "subjects_per_s": steps * batch / elapsed,
         "last_losses": {k: v for k, v in last.items() if k.startswith("loss")}, "torch": torch.__version__,
     }
-    if device.type == "cuda":
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        if args.shape == "full" and args.mixed_precision in ("bf16", "fp16"):
-            # the meta-device estimate of the same step, for calibration (bench/memory_estimate.py)
-            from adaface.testing.scripts import load_script
-
-            estimator = load_script(Path(__file__).with_name("memory_estimate.py"))
-            result["estimated_peak_gib"] = estimator.estimated_peak_gib(
-                "stage2", batch, checkpointing=cfg.gradient_checkpointing, dtype=args.mixed_precision)
-    else:
-        # ru_maxrss is KiB on Linux: the process's peak resident memory, models included
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return BENCH.report(result, setting, "stage2")
 
 
 if __name__ == "__main__":

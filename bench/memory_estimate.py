@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 from adaface.testing.meta_memory import LiveBytes, fused_sdpa, module_bytes, prodigy_state_bytes, tensor_bytes
+from adaface.testing.step_benchmark import PAPER_MULTIPLIERS
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_MULTIPLIERS = (8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4)
 GIB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

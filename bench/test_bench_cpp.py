@@ -13,6 +13,8 @@ Ratios for all rows: `python bench/summarize.py <json>` (against the row marked 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ from adaface.ops import (
     soft_warp_loss,
     soft_warp_loss_reference,
 )
-from adaface.testing.benchmarking import peak_memory_bytes, record, synchronize
+from adaface.testing.benchmarking import loss_step, peak_memory_bytes, record
 from adaface.testing.delta_cosine_inputs import bytes_moved, cuda_inputs, delta_cosine_inputs
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask, soft_warp_flops
 
@@ -52,6 +54,11 @@ def _time_and_record(benchmark, device, group, variant, run, rounds, **extra):
         extra["peak_vs_eager"] = peak / base_peak if base_peak else None
     record(benchmark, device, variant=variant, peak_bytes=peak, baseline=variant == "eager", **extra)
     return median
+
+
+def _loss_fn(variant, reference, op):
+    """The eager reference, or the op on backend `variant`."""
+    return reference if variant == "eager" else functools.partial(op, backend=variant)
 
 
 def _skip_unavailable(variant, device):
@@ -92,10 +99,7 @@ def test_bench_cpu_soft_warp(benchmark, variant, backward):
     def run():
         if variant == "eager_matmuls_only":
             return _eager_matmuls(ins, backward)
-        if variant == "eager":
-            out = soft_warp_loss_reference(*ins)
-        else:
-            out = soft_warp_loss(*ins, backend="cpp")
+        out = _loss_fn(variant, soft_warp_loss_reference, soft_warp_loss)(*ins)
         return torch.autograd.grad(out, ins) if backward else out
 
     flops = soft_warp_flops(B, N, M, Dq, C, backward=backward)
@@ -113,12 +117,10 @@ def test_bench_cpu_delta_cosine_fwd_bwd(benchmark, variant):
     device = torch.device("cpu")
     xs = delta_cosine_inputs(CPU_DELTA, seed=0, parallel=1e-2, requires_grad=True)
 
+    fn = _loss_fn(variant, delta_cosine_loss_reference, delta_cosine_loss)
+
     def run():
-        if variant == "eager":
-            out = delta_cosine_loss_reference(*xs)
-        else:
-            out = delta_cosine_loss(*xs, backend="cpp")
-        return torch.autograd.grad(out, xs)
+        return torch.autograd.grad(fn(*xs), xs)
 
     moved = bytes_moved(CPU_DELTA, torch.float32, backward=True)
     median = _time_and_record(benchmark, device, "cpu delta_cosine 4x[4,4096,320] fwd+bwd", variant, run, rounds=5,
@@ -131,9 +133,14 @@ def test_bench_cpu_delta_cosine_fwd_bwd(benchmark, variant):
 # CUDA: cuda vs triton vs eager
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("variant", ["eager", "triton", "cuda"])
+def _cuda_rows(test):
+    """The CUDA rows of a test: gpu-marked, forward and forward+backward, eager vs triton vs cuda."""
+    test = pytest.mark.parametrize("variant", ["eager", "triton", "cuda"])(test)
+    test = pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])(test)
+    return pytest.mark.gpu(test)
+
+
+@_cuda_rows
 @pytest.mark.parametrize("case", range(len(CUDA_WARP)), ids=[c[0] for c in CUDA_WARP])
 def test_bench_cuda_soft_warp(benchmark, device, case, variant, backward):
     _skip_unavailable(variant, device)
@@ -142,16 +149,8 @@ def test_bench_cuda_soft_warp(benchmark, device, case, variant, backward):
     mask = make_mask(mask_kind, B, N, device, torch.Generator().manual_seed(1), p=p)
     ins = [t.clone().requires_grad_(backward) for t in x]
 
-    def run():
-        if variant == "eager":
-            out = soft_warp_loss_reference(*ins, mask)
-        else:
-            out = soft_warp_loss(*ins, mask, backend=variant)
-        if backward:
-            torch.autograd.grad(out, ins)
-        synchronize(device)
-        return out
-
+    fn = _loss_fn(variant, soft_warp_loss_reference, soft_warp_loss)
+    run = loss_step(lambda: fn(*ins, mask), ins if backward else None, device)
     rows = B * N if mask is None else int(mask.sum().item())
     flops = soft_warp_flops(1, rows, M, Dq, C, backward)
     median = _time_and_record(benchmark, device, f"cuda soft_warp {name} {'fwd+bwd' if backward else 'fwd'}",
@@ -160,25 +159,15 @@ def test_bench_cuda_soft_warp(benchmark, device, case, variant, backward):
     benchmark.extra_info["tflops"] = flops / median / 1e12
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("variant", ["eager", "triton", "cuda"])
+@_cuda_rows
 @pytest.mark.parametrize("case", range(len(CUDA_DELTA)), ids=[c[0] for c in CUDA_DELTA])
 def test_bench_cuda_delta_cosine(benchmark, device, case, variant, backward):
     _skip_unavailable(variant, device)
     name, shape = CUDA_DELTA[case]
     xs = cuda_inputs(shape, dtype=torch.bfloat16, device=device, requires_grad=backward)
 
-    def run():
-        if variant == "eager":
-            out = delta_cosine_loss_reference(*xs)
-        else:
-            out = delta_cosine_loss(*xs, backend=variant)
-        if backward:
-            torch.autograd.grad(out, xs)
-        synchronize(device)
-        return out
-
+    fn = _loss_fn(variant, delta_cosine_loss_reference, delta_cosine_loss)
+    run = loss_step(lambda: fn(*xs), xs if backward else None, device)
     moved = bytes_moved(shape, torch.bfloat16, backward=backward)
     median = _time_and_record(benchmark, device, f"cuda delta_cosine {name} {'fwd+bwd' if backward else 'fwd'}",
                               variant, run, rounds=20, dtype="bfloat16", shape=str(shape), bytes_moved=moved)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adaface.ops import delta_cosine_loss, delta_cosine_loss_reference
-from adaface.testing.benchmarking import peak_memory_bytes, record, synchronize
+from adaface.testing.benchmarking import loss_step, peak_memory_bytes, record
 from adaface.testing.delta_cosine_inputs import (
     LONG_ROW_CUDA,
     PER_TOKEN_CUDA,
@@ -82,13 +82,7 @@ def test_bench_delta_cosine(benchmark, device, case, variant, backward):
     live = [t for t in ins if t.requires_grad]
     fn = _loss_fn(variant)
 
-    def run():
-        out = fn(*ins)
-        if backward:
-            torch.autograd.grad(out, live)
-        synchronize(device)
-        return out
-
+    run = loss_step(lambda: fn(*ins), live if backward else None, device)
     run()  # warm-up: compiles / JIT outside the timing
     peak = peak_memory_bytes(run, device)
     moved = bytes_moved(shape, dtype, backward=backward, n_grads=len(live))

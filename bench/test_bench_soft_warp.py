@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adaface.ops import soft_warp_loss, soft_warp_loss_reference
-from adaface.testing.benchmarking import peak_memory_bytes, record, synchronize
+from adaface.testing.benchmarking import loss_step, peak_memory_bytes, record
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask, sdpa_soft_warp_loss, soft_warp_flops
 
 CUDA_CASES = [  # id, (B, N, M, Dq, C), mask kind, mask keep-probability
@@ -85,13 +85,7 @@ def test_bench_soft_warp(benchmark, device, case, variant, backward):
     ins = [t.clone().requires_grad_(backward) for t in x]
     fn = _loss_fn(variant)
 
-    def run():
-        out = fn(*ins, mask)
-        if backward:
-            torch.autograd.grad(out, ins)
-        synchronize(device)
-        return out
-
+    run = loss_step(lambda: fn(*ins, mask), ins if backward else None, device)
     run()  # warm-up: compiles / autotunes outside the timing
     peak = peak_memory_bytes(run, device)
     rows = N * B if mask is None else int(mask.sum().item())

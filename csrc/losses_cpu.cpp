@@ -13,6 +13,7 @@
 //   backward (5 GEMMs):  S = Q Kᵀ recomputed, P = exp2(scale·log2e·S − lse2);  dP = dW Vᵀ;
 //                        dS = scale·P·(dP − D);  dQ = dS K;  dK += dSᵀ Q;  dV += Pᵀ dW
 // The eager reference needs one GEMM fewer (it keeps P from its forward) but holds [B, N, M] matrices.
+#include "cosine.h"
 #include "losses.h"
 
 #include <ATen/Parallel.h>
@@ -144,21 +145,15 @@ ADAFACE_CLONES DeltaRowFwd delta_row_fwd(const float* bs, const float* as, const
     cc += dc * dc;
   }
   const float ns = std::sqrt(ss), nc = std::sqrt(cc);
-  const float ce = static_cast<float>(kCosineEps);
-  const float cosv = dd / (std::max(ns, ce) * std::max(nc, ce));
-  return {1.f - cosv, {ls, lc, Ds, Dc, ns, nc, dd, 0.f}};
+  return {cosine_loss(dd, ns, nc), {ls, lc, Ds, Dc, ns, nc, dd, 0.f}};
 }
 
 // Gradients of one row; any output pointer may be null (not needed).
 ADAFACE_CLONES void delta_row_bwd(float g, const float* st, const float* bs, const float* as, const float* bc,
                                   const float* ac, int64_t C, float* g_bs, float* g_as, float* g_bc, float* g_ac) {
   const float ls = st[0], lc = st[1], Ds = st[2], Dc = st[3], ns = st[4], nc = st[5], dd = st[6];
-  const float ce = static_cast<float>(kCosineEps);
-  const float n1 = std::max(ns, ce), n2 = std::max(nc, ce);
   // d(1 − cos)/dΔs = −Δc/(n1 n2) + (Δs·Δc)/(n1² n2)·Δs/|Δs|, as torch's autograd of cosine_similarity.
-  const float alpha = -g / (n1 * n2);
-  const float beta_s = ns > 0.f ? g * dd / (n1 * n1 * n2 * ns) : 0.f;
-  const float beta_c = nc > 0.f ? g * dd / (n2 * n2 * n1 * nc) : 0.f;
+  const auto [alpha, beta_s, beta_c] = cosine_grad(g, dd, ns, nc);
   float gb_s = 0.f, gb_c = 0.f;
 #pragma omp simd reduction(+ : gb_s, gb_c)
   for (int64_t i = 0; i < C; ++i) {
@@ -315,19 +310,14 @@ ADAFACE_CLONES void probs_and_dlogits_row(float* s, float* dp, int64_t M, float 
 
 // 1 − cos(w, f) as torch.nn.functional.cosine_similarity (norms clamped to kCosineEps).
 ADAFACE_CLONES float cosine_loss_row(const float* w, const float* f, int64_t C) {
-  const float ce = static_cast<float>(kCosineEps);
   const float nw = std::sqrt(dot(w, w, C)), nf = std::sqrt(dot(f, f, C));
-  return 1.f - dot(w, f, C) / (std::max(nw, ce) * std::max(nf, ce));
+  return cosine_loss(dot(w, f, C), nw, nf);
 }
 
 // dW = g·d(1 − cos)/dw into dw; returns D = dW·w; the gradient of f into gf (when given).
 ADAFACE_CLONES float cosine_row_grads(float g, const float* w, const float* fr, int64_t C, float* dw, float* gf) {
-  const float ce = static_cast<float>(kCosineEps);
   const float sw = std::sqrt(dot(w, w, C)), sf = std::sqrt(dot(fr, fr, C)), wf = dot(w, fr, C);
-  const float n1 = std::max(sw, ce), n2 = std::max(sf, ce);
-  const float alpha = -g / (n1 * n2);
-  const float beta_w = sw > 0.f ? g * wf / (n1 * n1 * n2 * sw) : 0.f;
-  const float beta_f = sf > 0.f ? g * wf / (n2 * n2 * n1 * sf) : 0.f;
+  const auto [alpha, beta_w, beta_f] = cosine_grad(g, wf, sw, sf);
   float d = 0.f;
 #pragma omp simd reduction(+ : d)
   for (int64_t c = 0; c < C; ++c) {

@@ -13,6 +13,7 @@
 //            (grid: key tiles × B) walks the selected row tiles of its batch (the saved order and count).
 //            Every fp32 accumulator has exactly one owning block. The tables of row and key tiles are loaded
 //            by load_row_tile / load_key_tile, the tiles themselves by tile_dot / tile_accumulate.
+#include "cosine.h"
 #include "losses.h"
 
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE/cuBLAS headers
@@ -49,6 +50,35 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// One warp per row (delta cosine, the soft-warp row kernel): this thread's row (maybe past the end) and lane.
+struct WarpRow {
+  int64_t row;
+  int lane;
+};
+
+__device__ __forceinline__ WarpRow warp_row() {
+  return {static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp,
+          static_cast<int>(threadIdx.x % kWarp)};
+}
+
+// x·y, x·x and y·y of one row: each lane sums the elements lane, lane + 32, ... and the warp adds the lanes
+// (every lane gets the sums); `element(i)` gives (x_i, y_i).
+struct RowDots {
+  float xy, xx, yy;
+};
+
+template <typename Element>
+__device__ __forceinline__ RowDots warp_row_dots(int64_t C, int lane, Element element) {
+  float xy = 0.f, xx = 0.f, yy = 0.f;
+  for (int64_t i = lane; i < C; i += kWarp) {
+    const float2 e = element(i);
+    xy += e.x * e.y;
+    xx += e.x * e.x;
+    yy += e.y * e.y;
+  }
+  return {warp_sum(xy), warp_sum(xx), warp_sum(yy)};
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -62,8 +92,7 @@ template <typename T>
 __global__ void delta_fwd_kernel(const T* __restrict__ bs, const T* __restrict__ as, const T* __restrict__ bc,
                                  const T* __restrict__ ac, float* __restrict__ loss, float* __restrict__ stats,
                                  int64_t rows, int64_t C, float eps) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  const auto [row, lane] = warp_row();
   if (row >= rows) return;  // uniform per warp
   const int64_t o = row * C;
   // λ = a·b / (b·b + eps) in fp64: for nearly parallel a, b an error δλ moves Δ = a − λb by δλ·|b| ≫ |Δ|·u.
@@ -81,21 +110,13 @@ __global__ void delta_fwd_kernel(const T* __restrict__ bs, const T* __restrict__
   bb_c = warp_sum(bb_c);
   const float Ds = static_cast<float>(bb_s + eps), Dc = static_cast<float>(bb_c + eps);
   const float ls = static_cast<float>(ab_s / (bb_s + eps)), lc = static_cast<float>(ab_c / (bb_c + eps));
-  float dd = 0.f, ss = 0.f, cc = 0.f;
-  for (int64_t i = lane; i < C; i += kWarp) {
-    const float ds = to_f(as[o + i]) - ls * to_f(bs[o + i]);
-    const float dc = to_f(ac[o + i]) - lc * to_f(bc[o + i]);
-    dd += ds * dc;
-    ss += ds * ds;
-    cc += dc * dc;
-  }
-  dd = warp_sum(dd);
-  ss = warp_sum(ss);
-  cc = warp_sum(cc);
+  // (Δs·Δc, Δs·Δs, Δc·Δc)
+  const auto [dd, ss, cc] = warp_row_dots(C, lane, [&](int64_t i) {
+    return make_float2(to_f(as[o + i]) - ls * to_f(bs[o + i]), to_f(ac[o + i]) - lc * to_f(bc[o + i]));
+  });
   if (lane == 0) {
     const float ns = sqrtf(ss), nc = sqrtf(cc);
-    const float ce = static_cast<float>(kCosineEps);
-    loss[row] = 1.f - dd / (fmaxf(ns, ce) * fmaxf(nc, ce));
+    loss[row] = cosine_loss(dd, ns, nc);
     float* st = stats + row * kDeltaStats;
     st[0] = ls;
     st[1] = lc;
@@ -113,18 +134,12 @@ __global__ void delta_bwd_kernel(const float* __restrict__ grad, const T* __rest
                                  const T* __restrict__ bc, const T* __restrict__ ac,
                                  const float* __restrict__ stats, T* g_bs, T* g_as, T* g_bc, T* g_ac, int64_t rows,
                                  int64_t C) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  const auto [row, lane] = warp_row();
   if (row >= rows) return;
   const int64_t o = row * C;
   const float* st = stats + row * kDeltaStats;
   const float ls = st[0], lc = st[1], Ds = st[2], Dc = st[3], ns = st[4], nc = st[5], dd = st[6];
-  const float g = grad[row];
-  const float ce = static_cast<float>(kCosineEps);
-  const float n1 = fmaxf(ns, ce), n2 = fmaxf(nc, ce);
-  const float alpha = -g / (n1 * n2);
-  const float beta_s = ns > 0.f ? g * dd / (n1 * n1 * n2 * ns) : 0.f;
-  const float beta_c = nc > 0.f ? g * dd / (n2 * n2 * n1 * nc) : 0.f;
+  const auto [alpha, beta_s, beta_c] = cosine_grad(grad[row], dd, ns, nc);
   float gb_s = 0.f, gb_c = 0.f;
   for (int64_t i = lane; i < C; i += kWarp) {
     const float xbs = to_f(bs[o + i]), xbc = to_f(bc[o + i]);
@@ -315,20 +330,13 @@ __global__ void soft_warp_fwd_kernel(const T* __restrict__ q, const T* __restric
     const float inv = l > 0.f ? 1.f / l : 0.f;
     float* w = warped + orow[r];
     const T* fr = f + orow[r];
-    float ww = 0.f, ff = 0.f, wf = 0.f;
-    for (int64_t c = lane; c < C; c += kWarp) {
-      const float x = w[c] * inv, y = to_f(fr[c]);
+    const auto [wf, ww, ff] = warp_row_dots(C, lane, [&](int64_t c) {
+      const float x = w[c] * inv;
       w[c] = x;
-      ww += x * x;
-      ff += y * y;
-      wf += x * y;
-    }
-    ww = warp_sum(ww);
-    ff = warp_sum(ff);
-    wf = warp_sum(wf);
+      return make_float2(x, to_f(fr[c]));
+    });
     if (lane == 0) {
-      const float ce = static_cast<float>(kCosineEps);
-      rows_out[nrow[r]] = 1.f - wf / (fmaxf(sqrtf(ww), ce) * fmaxf(sqrtf(ff), ce));
+      rows_out[nrow[r]] = cosine_loss(wf, sqrtf(ww), sqrtf(ff));
       lse[nrow[r]] = l > 0.f ? m_s[r] + log2f(l) : -INFINITY;  // no keys: -inf, as the Triton kernel
     }
   }
@@ -340,25 +348,13 @@ __global__ void soft_warp_rows_bwd_kernel(const float* __restrict__ grad, const 
                                           const T* __restrict__ f, const float* __restrict__ warped,
                                           float* __restrict__ dW, float* __restrict__ Dv, T* g_f, int64_t rows,
                                           int64_t C) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  const auto [row, lane] = warp_row();
   if (row >= rows || weights[row] == 0.f) return;
   const int64_t o = row * C;
-  float ww = 0.f, ff = 0.f, wf = 0.f;
-  for (int64_t c = lane; c < C; c += kWarp) {
-    const float x = warped[o + c], y = to_f(f[o + c]);
-    ww += x * x;
-    ff += y * y;
-    wf += x * y;
-  }
-  const float sw = sqrtf(warp_sum(ww)), sf = sqrtf(warp_sum(ff));
-  wf = warp_sum(wf);
-  const float g = grad[row];
-  const float ce = static_cast<float>(kCosineEps);
-  const float n1 = fmaxf(sw, ce), n2 = fmaxf(sf, ce);
-  const float alpha = -g / (n1 * n2);
-  const float beta_w = sw > 0.f ? g * wf / (n1 * n1 * n2 * sw) : 0.f;
-  const float beta_f = sf > 0.f ? g * wf / (n2 * n2 * n1 * sf) : 0.f;
+  const auto [wf, ww, ff] =
+      warp_row_dots(C, lane, [&](int64_t c) { return make_float2(warped[o + c], to_f(f[o + c])); });
+  const float sw = sqrtf(ww), sf = sqrtf(ff);
+  const auto [alpha, beta_w, beta_f] = cosine_grad(grad[row], wf, sw, sf);
   float d = 0.f;
   for (int64_t c = lane; c < C; c += kWarp) {
     const float x = warped[o + c], y = to_f(f[o + c]);

@@ -66,6 +66,37 @@ def _empty(shape, *, dtype, device) -> torch.Tensor:
 
 
 @triton.jit
+def _row_chunk(n_rows, n_cols, n_chunks, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's rows and column chunk: (rows, row mask, element mask, element offsets)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rblk = pid // n_chunks
+    chunk = pid - rblk * n_chunks
+    rows = rblk * ROWS + tl.arange(0, ROWS)
+    cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < n_rows
+    m = rmask[:, None] & (cols < n_cols)[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
+    return chunk, rows, rmask, m, offs
+
+
+@triton.jit
+def _load_inputs(ss_ptr, sc_ptr, cs_ptr, cc_ptr, offs, m):
+    """The chunk of a, b, c, d (subj_single, subj_comp, cls_single, cls_comp) in fp32."""
+    a = tl.load(ss_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(cs_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(cc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return a, b, c, d
+
+
+@triton.jit
+def _projection(dot, sq, eps):
+    """(D, coefficient) of ortho: D = sq + eps, dot / D guarded to 0 where D is not positive (ε = 0, zero row)."""
+    den = sq + eps
+    return den, tl.where(den > 0, dot / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
 def _finalize(rows, rmask, loss_ptr, stats_ptr, n1sq, n2sq, prod, alpha, beta, ab, den_a, cd, den_c, s_dot_c,
               c_dot_a, eps, cos_eps, STATS: tl.constexpr):
     n1 = tl.sqrt(tl.maximum(n1sq, 0.0))
@@ -100,26 +131,14 @@ def _dc_fwd_kernel(
     n_rows, n_cols, n_chunks, eps, cos_eps,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr, STATS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rblk = pid // n_chunks
-    chunk = pid - rblk * n_chunks
-    rows = rblk * ROWS + tl.arange(0, ROWS)
-    cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < n_rows
-    m = rmask[:, None] & (cols < n_cols)[None, :]
-    offs = rows[:, None] * n_cols + cols[None, :]
-    a = tl.load(ss_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    c = tl.load(cs_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(cc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    chunk, rows, rmask, m, offs = _row_chunk(n_rows, n_cols, n_chunks, ROWS, BLOCK_C)
+    a, b, c, d = _load_inputs(ss_ptr, sc_ptr, cs_ptr, cc_ptr, offs, m)
     aa = tl.sum(a * a, 1)
     ab = tl.sum(a * b, 1)
     cc = tl.sum(c * c, 1)
     cd = tl.sum(c * d, 1)
-    den_a = aa + eps
-    den_c = cc + eps
-    alpha = tl.where(den_a > 0, ab / tl.where(den_a > 0, den_a, 1.0), 0.0)
-    beta = tl.where(den_c > 0, cd / tl.where(den_c > 0, den_c, 1.0), 0.0)
+    den_a, alpha = _projection(ab, aa, eps)
+    den_c, beta = _projection(cd, cc, eps)
     e = b - alpha[:, None] * a  # this chunk's own rejection of b from a
     f = d - beta[:, None] * c
     ee = tl.sum(e * e, 1)
@@ -152,6 +171,12 @@ def _dc_fwd_kernel(
 
 
 @triton.jit
+def _chunk_partials(base, k0, ks, n_chunks):
+    """Chunks k0 + ks of a row in the split path's workspace: which exist, and where their 16 partials start."""
+    return (k0 + ks) < n_chunks, base + (k0 + ks) * 16
+
+
+@triton.jit
 def _dc_combine_kernel(
     part_ptr, loss_ptr, stats_ptr, n_rows, n_chunks, eps, cos_eps,
     BLOCK_K: tl.constexpr, STATS: tl.constexpr,
@@ -164,26 +189,22 @@ def _dc_combine_kernel(
     s_cc = tl.zeros([BLOCK_K], dtype=tl.float32)
     s_cd = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, n_chunks, BLOCK_K):
-        km = (k0 + ks) < n_chunks
-        p = base + (k0 + ks) * 16
+        km, p = _chunk_partials(base, k0, ks, n_chunks)
         s_aa += tl.load(p + 0, mask=km, other=0.0)
         s_ab += tl.load(p + 1, mask=km, other=0.0)
         s_cc += tl.load(p + 2, mask=km, other=0.0)
         s_cd += tl.load(p + 3, mask=km, other=0.0)
     ab = tl.sum(s_ab, 0)
     cd = tl.sum(s_cd, 0)
-    den_a = tl.sum(s_aa, 0) + eps
-    den_c = tl.sum(s_cc, 0) + eps
-    alpha = tl.where(den_a > 0, ab / tl.where(den_a > 0, den_a, 1.0), 0.0)
-    beta = tl.where(den_c > 0, cd / tl.where(den_c > 0, den_c, 1.0), 0.0)
+    den_a, alpha = _projection(ab, tl.sum(s_aa, 0), eps)
+    den_c, beta = _projection(cd, tl.sum(s_cc, 0), eps)
     n1 = tl.zeros([BLOCK_K], dtype=tl.float32)
     n2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     pr = tl.zeros([BLOCK_K], dtype=tl.float32)
     s_c = tl.zeros([BLOCK_K], dtype=tl.float32)
     c_a = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, n_chunks, BLOCK_K):
-        km = (k0 + ks) < n_chunks
-        p = base + (k0 + ks) * 16
+        km, p = _chunk_partials(base, k0, ks, n_chunks)
         aa_k = tl.load(p + 0, mask=km, other=0.0)
         cc_k = tl.load(p + 2, mask=km, other=0.0)
         dl = tl.where(km, tl.load(p + 4, mask=km, other=0.0) - alpha, 0.0)  # δ_k = α_k − α
@@ -206,6 +227,21 @@ def _dc_combine_kernel(
 
 
 @triton.jit
+def _side_grads(neg_g, q, p_ptr, r_ptr, rmask, coef, single, delta, other_delta, d_single_ptr, d_comp_ptr, offs, m,
+                NEED_SINGLE: tl.constexpr, NEED_COMP: tl.constexpr):
+    """One side's gradients (subject: single a, delta Δs, coefficient α; class: c, Δc, β), see the docstring:
+    d comp = G(p·delta + q·other_delta) − r·single,  d single = −coef·(d comp) − r·delta."""
+    p = neg_g * tl.load(p_ptr, mask=rmask, other=0.0)
+    r = neg_g * tl.load(r_ptr, mask=rmask, other=0.0)
+    d_comp = p[:, None] * delta + q[:, None] * other_delta - r[:, None] * single
+    if NEED_COMP:
+        tl.store(d_comp_ptr + offs, d_comp.to(d_comp_ptr.dtype.element_ty), mask=m)
+    if NEED_SINGLE:
+        d_single = -coef[:, None] * d_comp - r[:, None] * delta
+        tl.store(d_single_ptr + offs, d_single.to(d_single_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _dc_bwd_kernel(
     ss_ptr, sc_ptr, cs_ptr, cc_ptr, g_ptr, stats_ptr, dss_ptr, dsc_ptr, dcs_ptr, dcc_ptr,
     n_rows, n_cols, n_chunks,
@@ -213,43 +249,19 @@ def _dc_bwd_kernel(
     NEED_SS: tl.constexpr, NEED_SC: tl.constexpr, NEED_CS: tl.constexpr, NEED_CC: tl.constexpr,
     SUBJ: tl.constexpr, CLS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rblk = pid // n_chunks
-    chunk = pid - rblk * n_chunks
-    rows = rblk * ROWS + tl.arange(0, ROWS)
-    cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < n_rows
-    m = rmask[:, None] & (cols < n_cols)[None, :]
-    offs = rows[:, None] * n_cols + cols[None, :]
+    _, rows, rmask, m, offs = _row_chunk(n_rows, n_cols, n_chunks, ROWS, BLOCK_C)
     st = stats_ptr + rows * 8
     neg_g = -tl.load(g_ptr + rows, mask=rmask, other=0.0)
     alpha = tl.load(st + 0, mask=rmask, other=0.0)
     beta = tl.load(st + 1, mask=rmask, other=0.0)
     q = neg_g * tl.load(st + 4, mask=rmask, other=0.0)
-    a = tl.load(ss_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    c = tl.load(cs_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(cc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a, b, c, d = _load_inputs(ss_ptr, sc_ptr, cs_ptr, cc_ptr, offs, m)
     ds = b - alpha[:, None] * a
     dc = d - beta[:, None] * c
-    if SUBJ:  # NEED_SS or NEED_SC
-        p1 = neg_g * tl.load(st + 2, mask=rmask, other=0.0)
-        rs = neg_g * tl.load(st + 5, mask=rmask, other=0.0)
-        d_sc = p1[:, None] * ds + q[:, None] * dc - rs[:, None] * a
-        if NEED_SC:
-            tl.store(dsc_ptr + offs, d_sc.to(dsc_ptr.dtype.element_ty), mask=m)
-        if NEED_SS:
-            d_ss = -alpha[:, None] * d_sc - rs[:, None] * ds
-            tl.store(dss_ptr + offs, d_ss.to(dss_ptr.dtype.element_ty), mask=m)
-    if CLS:  # NEED_CS or NEED_CC
-        p2 = neg_g * tl.load(st + 3, mask=rmask, other=0.0)
-        rc = neg_g * tl.load(st + 6, mask=rmask, other=0.0)
-        d_cc = p2[:, None] * dc + q[:, None] * ds - rc[:, None] * c
-        if NEED_CC:
-            tl.store(dcc_ptr + offs, d_cc.to(dcc_ptr.dtype.element_ty), mask=m)
-        if NEED_CS:
-            d_cs = -beta[:, None] * d_cc - rc[:, None] * dc
-            tl.store(dcs_ptr + offs, d_cs.to(dcs_ptr.dtype.element_ty), mask=m)
+    if SUBJ:  # NEED_SS or NEED_SC: p1 and r_s/G at slots 2 and 5
+        _side_grads(neg_g, q, st + 2, st + 5, rmask, alpha, a, ds, dc, dss_ptr, dsc_ptr, offs, m, NEED_SS, NEED_SC)
+    if CLS:  # NEED_CS or NEED_CC: p2 and r_c/G at slots 3 and 6
+        _side_grads(neg_g, q, st + 3, st + 6, rmask, beta, c, dc, ds, dcs_ptr, dcc_ptr, offs, m, NEED_CS, NEED_CC)
 
 
 def gpu_tiles(n_rows: int, n_cols: int) -> dict[str, int]:

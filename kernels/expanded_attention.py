@@ -70,6 +70,30 @@ def _load_operand(ptrs, mask, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _query_block(H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward's and dQ's program: its (b·h, b, h), query block index, row and head-dim offsets and masks."""
+    bh = tl.program_id(0).to(tl.int64)  # b·h on axis 0: no 65535 limit
+    pid_l = tl.program_id(1)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    return bh, bh // H, bh % H, pid_l, offs_l, offs_d, offs_l < L, offs_d < D
+
+
+@triton.jit
+def _key_bases(K, V, BIAS, b, h, skb, skh, svb, svh, sbb, sbh):
+    """Where head (b, h) starts in k, v and the bias."""
+    return K + b * skb + h * skh, V + b * svb + h * svh, BIAS + b * sbb + h * sbh
+
+
+@triton.jit
+def _key_end(S, pid_l, BLOCK_L: tl.constexpr, CAUSAL: tl.constexpr):
+    """The keys a query block reads stop at S, or with causal at the block's diagonal."""
+    if CAUSAL:
+        return tl.minimum(S, (pid_l + 1) * BLOCK_L)
+    return S
+
+
+@triton.jit
 def _key_block(
     s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base,
     sks, skd, svs, svd, sbl, sbs,
@@ -114,19 +138,10 @@ def _fwd_kernel(
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)  # b·h on axis 0: no 65535 limit
-    pid_l = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    lmask = offs_l < L
-    dmask = offs_d < D
+    bh, b, h, pid_l, offs_l, offs_d, lmask, dmask = _query_block(H, L, D, BLOCK_L, BLOCK_D)
     q_ptrs = Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd
     qmask = lmask[:, None] & dmask[None, :]
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    bias_base = BIAS + b * sbb + h * sbh
+    k_base, v_base, bias_base = _key_bases(K, V, BIAS, b, h, skb, skh, svb, svh, sbb, sbh)
 
     if not Q_EXP:
         q = _load_operand(q_ptrs, qmask, DOT_F32)
@@ -135,11 +150,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_L], dtype=tl.float32)
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_l + 1) * BLOCK_L)
-    else:
-        hi = S
-    for s0 in range(0, hi, BLOCK_S):
+    for s0 in range(0, _key_end(S, pid_l, BLOCK_L, CAUSAL), BLOCK_S):
         valid, bias, kvmask, k_ptrs, v_ptrs = _key_block(
             s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base, sks, skd, svs, svd, sbl, sbs,
             HAS_BIAS, CAUSAL, BLOCK_L, BLOCK_S,
@@ -186,15 +197,8 @@ def _bwd_dq_kernel(
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)  # b·h on axis 0: no 65535 limit
-    pid_l = tl.program_id(1)
+    bh, b, h, pid_l, offs_l, offs_d, lmask, dmask = _query_block(H, L, D, BLOCK_L, BLOCK_D)
     pid_e = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    lmask = offs_l < L
-    dmask = offs_d < D
     rmask = lmask[:, None] & dmask[None, :]
 
     # Δ = rowsum(dO ∘ O) in fp32, for this program's rows; the e = 0 program stores it for the dK/dV kernel.
@@ -210,16 +214,10 @@ def _bwd_dq_kernel(
     q_ptrs = Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd
     if not Q_EXP:
         q = _load_operand(q_ptrs, rmask, DOT_F32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    bias_base = BIAS + b * sbb + h * sbh
+    k_base, v_base, bias_base = _key_bases(K, V, BIAS, b, h, skb, skh, svb, svh, sbb, sbh)
     dq = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_l + 1) * BLOCK_L)
-    else:
-        hi = S
-    for s0 in range(0, hi, BLOCK_S):
+    for s0 in range(0, _key_end(S, pid_l, BLOCK_L, CAUSAL), BLOCK_S):
         valid, bias, kvmask, k_ptrs, v_ptrs = _key_block(
             s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base, sks, skd, svs, svd, sbl, sbs,
             HAS_BIAS, CAUSAL, BLOCK_L, BLOCK_S,

@@ -21,20 +21,26 @@ TILE_KEYS = {"BLOCK": 16}
 
 
 @triton.jit
-def _ortho_fwd_kernel(a_ptr, b_ptr, out_ptr, coef_ptr, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * n_cols
-    b_row = b_ptr + row * n_cols
-    acc_ab = tl.zeros([BLOCK], dtype=tl.float32)
+def _ratio_to_b(x_row, b_row, n_cols, eps, BLOCK: tl.constexpr):
+    """(x·b) / (b·b + eps) of one row, in fp32: the reducing pass both directions start with."""
+    acc_xb = tl.zeros([BLOCK], dtype=tl.float32)
     acc_bb = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n_cols
-        a = tl.load(a_row + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_row + offs, mask=m, other=0.0).to(tl.float32)
-        acc_ab += a * b
+        acc_xb += x * b
         acc_bb += b * b
-    coef = tl.sum(acc_ab, 0) / (tl.sum(acc_bb, 0) + eps)
+    return tl.sum(acc_xb, 0) / (tl.sum(acc_bb, 0) + eps)
+
+
+@triton.jit
+def _ortho_fwd_kernel(a_ptr, b_ptr, out_ptr, coef_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * n_cols
+    b_row = b_ptr + row * n_cols
+    coef = _ratio_to_b(a_row, b_row, n_cols, eps, BLOCK)
     tl.store(coef_ptr + row, coef)
     out_row = out_ptr + row * n_cols
     for start in range(0, n_cols, BLOCK):
@@ -54,16 +60,7 @@ def _ortho_bwd_kernel(
     g_row = g_ptr + row * n_cols
     a_row = a_ptr + row * n_cols
     b_row = b_ptr + row * n_cols
-    acc_gb = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_bb = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n_cols
-        g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_row + offs, mask=m, other=0.0).to(tl.float32)
-        acc_gb += g * b
-        acc_bb += b * b
-    r = tl.sum(acc_gb, 0) / (tl.sum(acc_bb, 0) + eps)
+    r = _ratio_to_b(g_row, b_row, n_cols, eps, BLOCK)
     coef = tl.load(coef_ptr + row)
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)

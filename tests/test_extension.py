@@ -33,7 +33,7 @@ from adaface.ops import (
     soft_warp_loss_reference,
 )
 from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
-from adaface.testing.grads import input_grads
+from adaface.testing.grads import assert_grads_close, input_grads
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
@@ -93,12 +93,7 @@ def _check_delta(xs, backend, *, eps=1e-6, seed=1, grad_atol=None):
         lp_in = _leaves(xs)
         lp_out = delta_cosine_loss_reference(*lp_in, eps=eps, reduction="none", upcast=False)
         lgrads = input_grads(lp_out, lp_in, weight)
-    for name, g, r, lp in zip(DELTA_NAMES, grads, rgrads, lgrads):
-        if r is None:
-            assert g is None, name
-            continue
-        assert g.dtype == dtype and g.shape == r.shape, name
-        assert_close(g, r, lp, name=f"grad {name}", atol=grad_atol)
+    assert_grads_close(DELTA_NAMES, grads, rgrads, lgrads, dtype=dtype, atol=grad_atol)
     return out, grads
 
 
@@ -402,15 +397,22 @@ def _check_compiled(f, args, *, fullgraph):
         assert_close(g, w, name=f"compiled grad {name}")
 
 
+def _check_one_graph(f):
+    """`f` over `_compile_inputs()` traces into one graph (no break), and compiled it matches the references."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    args = _compile_inputs()
+    explain = torch._dynamo.explain(f)(*args)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    _check_compiled(f, args, fullgraph=True)
+
+
 @needs_ext
 def test_torch_compile_traces_the_ops_without_graph_break():
     """The extension ops (fake impls + register_autograd) trace into one graph, forward and backward."""
-    import torch._dynamo
-
     from adaface.ops._extension import delta_cosine_rows_ext, soft_warp_rows_ext
     from adaface.ops.soft_warp import masked_row_mean
-
-    torch._dynamo.reset()
 
     def f(a, b, c, d, qs, qc, fs, fc, mask):
         w = mask.float()
@@ -418,26 +420,17 @@ def test_torch_compile_traces_the_ops_without_graph_break():
             soft_warp_rows_ext(qs, qc, fs, fc, w, 1.0), w
         )
 
-    args = _compile_inputs()
-    explain = torch._dynamo.explain(f)(*args)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    _check_compiled(f, args, fullgraph=True)
+    _check_one_graph(f)
 
 
 @needs_ext
 def test_torch_compile_public_ops():
     """The public ops, dispatch included, trace into one graph (the extension is probed at import, not here)."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
 
     def f(a, b, c, d, qs, qc, fs, fc, mask):
         return delta_cosine_loss(a, b, c, d, backend="cpp") + soft_warp_loss(qs, qc, fs, fc, mask, backend="cpp")
 
-    args = _compile_inputs()
-    explain = torch._dynamo.explain(f)(*args)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    _check_compiled(f, args, fullgraph=True)
+    _check_one_graph(f)
 
 
 @needs_ext

@@ -13,7 +13,8 @@ Ops, named adaface::{op}_{backend}_{fwd|bwd} (rows = the input shape without the
         -> (rows [B, N], warped [B, N, C], lse2 [B, N], order [B, N] int32, count [B] int32)
     soft_warp_ext_bwd(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse2, order, count, scale,
                       need_qs, need_qc, need_fs, need_fc) -> (d q_subj, d q_comp, d feat_subj, d feat_comp)
-The soft-warp pair has the schema of the Triton pair: one saved state for every backend (adaface.ops.soft_warp).
+The soft-warp pair has the schema of the Triton pair: one saved state for every backend
+(adaface.ops._soft_warp_autograd).
 A gradient that is not needed comes back as an empty tensor (shape [0]) and is returned to autograd as None.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import load_extension
-from .soft_warp import register_soft_warp_autograd, soft_warp_fwd_fake
+from ._soft_warp_autograd import register_soft_warp_autograd, soft_warp_fwd_fake
 
 load_extension()  # registers the schemas and kernels of torch.ops.adaface.*_ext_* (raises with build hints)
 

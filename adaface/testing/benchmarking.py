@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,22 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def loss_step(
+    loss: Callable[[], torch.Tensor], grad_of: Sequence[torch.Tensor] | None, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """What a loss benchmark times: `loss()`, its gradients w.r.t. `grad_of` (forward only when None), and a
+    device sync, so that the time covers the kernels; returns the loss."""
+
+    def run() -> torch.Tensor:
+        out = loss()
+        if grad_of is not None:
+            torch.autograd.grad(out, grad_of)
+        synchronize(device)
+        return out
+
+    return run
 
 
 def record(benchmark: Any, device: torch.device, **extra: Any) -> None:

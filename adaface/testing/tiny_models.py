@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,12 +261,15 @@ def tiny_arcface_onnx(seed: int = 0):
     return _onnx_model(nodes, [inp], [out], [weight], "tiny_arcface")
 
 
-def tiny_scrfd_onnx():
-    """An SCRFD-shaped detector (9 batched outputs: scores, boxes, 5 keypoints at strides 8/16/32, 2 anchors).
+def scrfd_onnx(name: str, consts: list, heads: Callable[[int, str], list]):
+    """The SCRFD layout insightface reads (9 batched outputs: scores, boxes, 5 keypoints at strides 8/16/32, two
+    anchors per location) around a brightness probe of the 128×128 input.
 
-    It "detects" bright regions: an anchor's score is sigmoid(10 · (mean brightness of its stride cell − 0.5))
-    on insightface's normalised input, its box spans one stride around the anchor and its keypoints sit at fixed
-    face-like offsets. A dark image has no face; a bright square on a dark background is one.
+    Per stride, tensor `{t}_p` (t = f"s{stride}") is each anchor's sigmoid(10 · (mean brightness of its stride
+    cell − 0.5)) on insightface's normalised input, shaped [1, h·w·2, 1]. `heads(stride, t)` returns the nodes
+    that make `score_{stride}`, `bbox_{stride}` and `kps_{stride}` from it; `consts` are their initializers (the
+    per-stride shape `{t}_shape1` and tile counts `{t}_tile4`, `{t}_tile10` are provided, as are `gain` and
+    `offset`).
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -274,10 +278,7 @@ def tiny_scrfd_onnx():
     consts = [
         numpy_helper.from_array(np.array([10.0], np.float32), "gain"),
         numpy_helper.from_array(np.array([0.5], np.float32), "offset"),
-        numpy_helper.from_array(np.array([0.5, 0.5, 0.5, 0.5], np.float32), "box_dist"),
-        numpy_helper.from_array(
-            np.array([-0.2, -0.2, 0.2, -0.2, 0.0, 0.0, -0.15, 0.2, 0.15, 0.2], np.float32), "kps_dist"
-        ),
+        *consts,
     ]
     nodes = [helper.make_node("ReduceMean", ["input.1"], ["gray"], name="gray", axes=[1], keepdims=1)]
     scores, boxes, kpss = [], [], []
@@ -295,7 +296,37 @@ def tiny_scrfd_onnx():
             # [1, 1, h, w] → [1, h, w, 1] → two anchors per location → [1, h·w·2, 1]
             helper.make_node("Transpose", [f"{t}_prob"], [f"{t}_hw"], name=f"{t}_t", perm=[0, 2, 3, 1]),
             helper.make_node("Concat", [f"{t}_hw", f"{t}_hw"], [f"{t}_anchors"], name=f"{t}_cat", axis=3),
-            helper.make_node("Reshape", [f"{t}_anchors", f"{t}_shape1"], [f"score_{stride}"], name=f"{t}_score"),
+            helper.make_node("Reshape", [f"{t}_anchors", f"{t}_shape1"], [f"{t}_p"], name=f"{t}_reshape"),
+            *heads(stride, t),
+        ]
+        n = (s // stride) ** 2 * 2
+        scores.append(helper.make_tensor_value_info(f"score_{stride}", TensorProto.FLOAT, [1, n, 1]))
+        boxes.append(helper.make_tensor_value_info(f"bbox_{stride}", TensorProto.FLOAT, [1, n, 4]))
+        kpss.append(helper.make_tensor_value_info(f"kps_{stride}", TensorProto.FLOAT, [1, n, 10]))
+    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, s, s])
+    return _onnx_model(nodes, [inp], scores + boxes + kpss, consts, name)
+
+
+def tiny_scrfd_onnx():
+    """An SCRFD-shaped detector (`scrfd_onnx`) that "detects" bright regions.
+
+    An anchor's score is sigmoid(10 · (mean brightness of its stride cell − 0.5)) on insightface's normalised
+    input at every stride, its box spans one stride around the anchor and its keypoints sit at fixed face-like
+    offsets. A dark image has no face; a bright square on a dark background is one.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    consts = [
+        numpy_helper.from_array(np.array([0.5, 0.5, 0.5, 0.5], np.float32), "box_dist"),
+        numpy_helper.from_array(
+            np.array([-0.2, -0.2, 0.2, -0.2, 0.0, 0.0, -0.15, 0.2, 0.15, 0.2], np.float32), "kps_dist"
+        ),
+    ]
+
+    def heads(stride: int, t: str) -> list:
+        return [
+            helper.make_node("Identity", [f"{t}_p"], [f"score_{stride}"], name=f"{t}_score"),
             helper.make_node("Mul", [f"score_{stride}", "offset"], [f"{t}_zero0"], name=f"{t}_z0"),
             helper.make_node("Sub", [f"{t}_zero0", f"{t}_zero0"], [f"{t}_zero"], name=f"{t}_z"),
             helper.make_node("Tile", [f"{t}_zero", f"{t}_tile4"], [f"{t}_z4"], name=f"{t}_z4"),
@@ -303,12 +334,8 @@ def tiny_scrfd_onnx():
             helper.make_node("Tile", [f"{t}_zero", f"{t}_tile10"], [f"{t}_z10"], name=f"{t}_z10"),
             helper.make_node("Add", [f"{t}_z10", "kps_dist"], [f"kps_{stride}"], name=f"{t}_kps"),
         ]
-        n = (s // stride) ** 2 * 2
-        scores.append(helper.make_tensor_value_info(f"score_{stride}", TensorProto.FLOAT, [1, n, 1]))
-        boxes.append(helper.make_tensor_value_info(f"bbox_{stride}", TensorProto.FLOAT, [1, n, 4]))
-        kpss.append(helper.make_tensor_value_info(f"kps_{stride}", TensorProto.FLOAT, [1, n, 10]))
-    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, s, s])
-    return _onnx_model(nodes, [inp], scores + boxes + kpss, consts, "tiny_scrfd")
+
+    return scrfd_onnx("tiny_scrfd", consts, heads)
 
 
 def save_tiny_antelopev2(root: str | os.PathLike, *, with_detector: bool = True, seed: int = 0) -> Path:

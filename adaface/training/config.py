@@ -16,15 +16,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .expansion import parse_expansions
+from .face_files import EMBEDDINGS_FILE, IMAGE_SUFFIXES, list_face_images  # noqa: F401 (re-exported)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDINGS_FILE = "arcface.safetensors"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any model is loaded; the message names the option."""
 
 
 def _opt(name: str) -> str:
@@ -341,10 +337,6 @@ def check_model_dimensions(sd_model: str, arc2face: str, inverter_init: str | No
         if dims is not None and dims != {hidden}:
             raise ConfigError(f"{opt}: the UNet's cross_attention_dim {sorted(dims)} ({path}) does not match the text "
                               f"encoders' hidden size {hidden} (--sd-model/--arc2face/--inverter-init)")
-
-
-def list_face_images(data_dir: Path) -> list[str]:
-    return sorted(p.name for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def validate_training(cfg: TrainingConfig, world_size: int = 1) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import EMBEDDINGS_FILE, ConfigError, list_face_images
 from .ddp import DistInfo, mix_seed, shard
+from .errors import ConfigError
+from .face_files import EMBEDDINGS_FILE, list_face_images
 
 ARCFACE_DIM = 512
 MANIFEST = "manifest.jsonl"
