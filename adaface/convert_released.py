@@ -287,9 +287,9 @@ def _check_declared_size(in_path: Path, gen: Any, vocab: int, hidden: int, posit
     is copied from a distinct stored element of at least 16 bits, so the inverter can have at most one
     parameter per BYTES_PER_PARAMETER bytes of the generator's tensor data.
     """
-    linear = hidden * hidden + hidden
-    params = (vocab + positions) * hidden + 2 * hidden + 3 + sum(
-        4 * linear + 2 * (m - 1) * linear + 4 * hidden + 2 * hidden * inter + inter + hidden for m in multipliers)
+    from .models.prompt_inverter import inverter_parameters
+
+    params = inverter_parameters(vocab, hidden, positions, inter, multipliers)
     stored: dict[int, int] = {}
     for _, t in su.named_tensors(gen):
         storage = t.untyped_storage()
