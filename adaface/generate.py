@@ -25,6 +25,7 @@ pipeline, which gives the same prompt embeddings.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -280,24 +281,40 @@ def check_frames(args: argparse.Namespace) -> None:
 def earlier_run(out: Path) -> list[Path] | None:
     """What an earlier `generate` run wrote into `out` (its settings, identity, outputs, frames, contact sheet,
     evaluation report, a textual-inversion file saved inside it); None if `out` holds no generate run."""
+    from .models._io import read_json
+
     settings_path = out / SETTINGS_NAME
-    try:
-        settings = json.loads(settings_path.read_text())
+    try:  # a regular file within the JSON limits (a FIFO or a huge file is no earlier run)
+        settings = read_json(settings_path, what=SETTINGS_NAME)
     except (OSError, ValueError):
         return None
     if not isinstance(settings, dict) or settings.get("tool") != "adaface.generate":
         return None
     files = {settings_path, out / ARCFACE_NAME, out / CONTACT_SHEET_NAME, out / REPORT_NAME}
+    # Names come from a file anyone can plant: only outputs' own names, or a file this run recorded byte for byte.
     for entry in settings.get("outputs") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and OUTPUT_PATTERN.match(entry["file"]):
             files.add(out / entry["file"])
     # An interrupted run wrote an output it had not listed yet: its names follow the pattern.
     files.update(f for f in out.iterdir() if OUTPUT_PATTERN.match(f.name))
     embeddings = (settings.get("subject") or {}).get("embeddings_file")
     if isinstance(embeddings, str) and Path(embeddings).parent == out.resolve():
-        files.add(out / Path(embeddings).name)
+        recorded = (settings.get("written") or {}).get(Path(embeddings).name)
+        if recorded is not None and recorded == fingerprint(out / Path(embeddings).name):
+            files.add(out / Path(embeddings).name)
     root = out.resolve()
     return sorted(f for f in files if (f.exists() or f.is_symlink()) and f.resolve().parent == root)
+
+
+def fingerprint(path: Path) -> dict | None:
+    """Size and SHA-256 of a regular file (None otherwise): what --overwrite checks before deleting a named file."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -467,6 +484,9 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     pipe = load_pipeline(args, device, dtype)
     settings = run_settings(args, prompts, seed, device, dtype, pipe, identity)
     settings["recognizer"] = recognizer
+    if args.save_embeddings and Path(args.save_embeddings).expanduser().resolve().parent == out.resolve():
+        name = Path(args.save_embeddings).name  # a file inside --out that --overwrite may delete: recorded
+        settings["written"] = {name: fingerprint(out / name)}
     negative = None
     if args.free_noise:
         pipe.load_textual_inversion({FREE_NOISE_TOKEN: subject.to(device, dtype)})

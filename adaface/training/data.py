@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..faces.prepared_folder import file_inside
 from .config import EMBEDDINGS_FILE, ConfigError, list_face_images
 from .ddp import DistInfo, mix_seed, shard
 
@@ -87,11 +88,11 @@ def read_manifest(folder: Path) -> tuple[list[FaceEntry], list[str]]:
         rec = latest[key]
         if rec.get("status") != "ok":
             continue
-        image = folder / str(rec.get("image", f"images/{key}.png"))
-        mask = folder / str(rec.get("mask", f"masks/{key}.png"))
-        missing = [p.relative_to(folder).as_posix() for p in (image, mask) if not p.is_file()]
-        if missing:
-            problems.append(f"{key}: missing {', '.join(missing)}")
+        # Paths read from the manifest: regular files inside the folder only (no `..`, absolute paths, links out).
+        (image, bad_image), (mask, bad_mask) = (file_inside(folder, rec.get(f, default)) for f, default in (
+            ("image", f"images/{key}.png"), ("mask", f"masks/{key}.png")))
+        if image is None or mask is None:
+            problems.append(f"{key}: {'; '.join(w for w in (bad_image, bad_mask) if w)}")
             continue
         word = rec.get("class_word")
         entries.append(FaceEntry(key, image, mask, word if isinstance(word, str) and word else None))
@@ -103,7 +104,14 @@ def list_entries(folder: str | Path) -> tuple[list[FaceEntry], list[str]]:
     folder = Path(folder)
     if is_prepared(folder):
         return read_manifest(folder)
-    return [FaceEntry(n, folder / n, None, None) for n in list_face_images(folder)], []
+    entries, problems = [], []
+    for name in list_face_images(folder):
+        path, why = file_inside(folder, name)
+        if path is None:
+            problems.append(f"{name}: {why}")
+        else:
+            entries.append(FaceEntry(name, folder / name, None, None))
+    return entries, problems
 
 
 def embedding_problem(value: torch.Tensor) -> str | None:
