@@ -50,6 +50,7 @@ from ._cli import (
 )
 
 SETTINGS_NAME = "settings.json"
+MAX_PROMPTS_FILE_BYTES = 2**20  # --prompts-file: a megabyte of prompts is thousands of runs
 ARCFACE_NAME = "subject_arcface.npy"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 REPORT_NAME = "eval_report.json"  # written into a run folder by `python -m adaface.evaluate`
@@ -150,7 +151,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = check_file(args.prompts_file, "--prompts-file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+            raise OptionError(f"--prompts-file {args.prompts_file}: {path.stat().st_size:,} bytes, over the limit "
+                              f"of {MAX_PROMPTS_FILE_BYTES:,} (one prompt a line)")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise OptionError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason} at byte "
+                              f"{e.start})") from e
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise OptionError(f"--prompts-file {args.prompts_file}: no prompts in it")
     return prompts or [f"a photo of {args.placeholder}"]
