@@ -244,10 +244,12 @@ def motion_window(source: str) -> int:
     """The motion adapter's `motion_max_seq_length` from its config (a local file or the hub's config only)."""
     path = Path(source) / "config.json"
     if path.is_file():
+        from .models._io import read_json
+
         try:
-            config = json.loads(path.read_text())
-        except ValueError as e:
-            raise OptionError(f"--motion-adapter {source}: config.json is not valid JSON ({e})") from e
+            config = read_json(path, what="config")
+        except OSError as e:
+            raise OptionError(f"--motion-adapter {source}: {e}") from e
     else:
         from diffusers import MotionAdapter
 

@@ -252,8 +252,7 @@ def _convert(cases: list, root: Path, case_id: str, content: bytes | dict) -> No
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict:
     from safetensors.torch import save_file
-
-    from adaface.testing.tiny_models import save_tiny_arc2face
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("untrusted")
     cases: list[dict] = []
@@ -267,7 +266,10 @@ def outcomes(tmp_path_factory) -> dict:
     _convert(cases, root, "repeated-layer", repeated_layer())
 
     # Model configs that would fetch code or a kernel from the hub.
-    arc2face = save_tiny_arc2face(root / "arc2face-src")
+    arc2face = root / "arc2face-src"
+    tiny = CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=16)
+    CLIPTextModel(tiny).save_pretrained(arc2face / "encoder")
     config = json.loads((arc2face / "encoder" / "config.json").read_text())
     for case_id, extra in {"hub-kernel": {"attn_implementation": "kernels-community/flash-attn"},
                            "flash-fallback": {"_attn_implementation": "flash_attention_2"},
@@ -342,7 +344,7 @@ def outcomes(tmp_path_factory) -> dict:
         "subject": {"embeddings_file": str((folder / "ti.safetensors").resolve())},
         "written": {"ti.safetensors": {"size": 1, "sha256": "0" * 64}}}))
     (folder / "p00_000.png").write_bytes(b"an output")
-    _case(cases, folder, "planted-settings", call="adaface.generate:earlier_run", args=[str(folder)])
+    _case(cases, folder, "planted-settings", call="adaface.generate:earlier_run", args=[{"path": str(folder)}])
     folder = root / "recorded"
     folder.mkdir()
     (folder / "ti.safetensors").write_bytes(b"written by the run")
@@ -352,7 +354,7 @@ def outcomes(tmp_path_factory) -> dict:
         "tool": "adaface.generate", "outputs": [],
         "subject": {"embeddings_file": str((folder / "ti.safetensors").resolve())},
         "written": {"ti.safetensors": fingerprint(folder / "ti.safetensors")}}))
-    _case(cases, folder, "recorded-settings", call="adaface.generate:earlier_run", args=[str(folder)])
+    _case(cases, folder, "recorded-settings", call="adaface.generate:earlier_run", args=[{"path": str(folder)}])
 
     spec = root / "cases.json"
     spec.write_text(json.dumps(cases))
