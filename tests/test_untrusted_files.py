@@ -33,8 +33,12 @@ HARNESS = r'''
 import contextlib, dataclasses, importlib, io, json, os, pathlib, resource, sys, time, traceback
 
 import torch, transformers  # noqa: F401 (imported once, before the children fork)
+from PIL import Image, ImageOps  # noqa: F401
+from safetensors.torch import load_file  # noqa: F401
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
 for name in ("adaface.convert_released", "adaface.models._io", "adaface.models.prompt_inverter",
-             "adaface.models.arc2face", "adaface.training.data", "adaface.prepare_data", "adaface.generate"):
+             "adaface.models.arc2face", "adaface.training.data", "adaface.prepare_data", "adaface.generate",
+    "adaface.subject"):
     importlib.import_module(name)
 
 SOCKETS = []
@@ -109,9 +113,10 @@ for case in json.loads(open(sys.argv[1]).read()):
         limit = start["VmSize"] + (1 << 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         before = tree(case["folder"])
-        cpu = time.process_time()
+        cpu, wall = time.process_time(), time.monotonic()
         result = run(case)
         result["cpu_s"] = time.process_time() - cpu
+        result["wall_s"] = time.monotonic() - wall
         result["memory_growth"] = status()["VmHWM"] - start["VmRSS"]
         result["sockets"] = SOCKETS
         after = tree(case["folder"])
@@ -124,6 +129,7 @@ for case in json.loads(open(sys.argv[1]).read()):
         text = f.read()
     _, code = os.waitpid(pid, 0)
     results[case["id"]] = json.loads(text) if text else {"died": code}
+    print(case["id"], results[case["id"]].get("wall_s"), file=sys.stderr)
 print(json.dumps(results))
 '''
 
@@ -312,6 +318,23 @@ def outcomes(tmp_path_factory) -> dict:
         _case(cases, folder, f"bad-safetensors-{name}", call="adaface.models._io:safetensors_elements",
               args=[str(folder / f"{name}.safetensors")])
 
+    # An ArcFace .npy whose header declares 20 GB over 2 KB of data, and one whose header is not a dict.
+    import numpy as np
+
+    folder = root / "npy"
+    folder.mkdir()
+    for name, header in (("huge", {"descr": "<f4", "fortran_order": False, "shape": (10**7, 512)}),
+                         ("garbled", None)):
+        buf = io.BytesIO()
+        if header is None:
+            buf.write(b"\x93NUMPY\x01\x00" + (118).to_bytes(2, "little") + b"[" * 117 + b"\n")
+        else:
+            np.lib.format.write_array_header_1_0(buf, header)
+        buf.write(bytes(2048))
+        (folder / f"{name}.npy").write_bytes(buf.getvalue())
+        _case(cases, folder, f"npy-{name}", call="adaface.subject:load_arcface_embedding",
+              args=[str(folder / f"{name}.npy")])
+
     # A prepared folder whose manifest points outside it, and at a FIFO inside it.
     outside = root / "outside.png"
     outside.write_bytes(b"not read")
@@ -448,6 +471,11 @@ def test_declared_size_larger_than_the_weights_is_refused_before_allocation(outc
     ("bad-safetensors-short", "not a valid safetensors file")])
 def test_malformed_structured_files_get_one_line(outcomes, case, fragment):
     _refused_by_loader(outcomes["results"][case], "UnsafeFileError", fragment)
+
+
+@pytest.mark.parametrize("case", ["npy-huge", "npy-garbled"])
+def test_npy_headers_are_checked_against_the_file(outcomes, case):
+    _refused_by_loader(outcomes["results"][case], "ValueError", "not a plain numeric .npy array")
 
 
 def test_manifest_paths_stay_inside_the_folder(outcomes):

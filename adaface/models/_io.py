@@ -35,6 +35,12 @@ class UnsafeFileError(OSError):
     """
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line (its type name when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def json_depth(obj: Any) -> int:
     depth, stack = 0, [(obj, 1)]
     while stack:
@@ -58,7 +64,7 @@ def read_json(path: PathLike, *, what: str = "JSON file", max_bytes: int = MAX_J
     except RecursionError:
         raise UnsafeFileError(f"{what} {path}: nested deeper than MAX_JSON_DEPTH = {MAX_JSON_DEPTH}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise UnsafeFileError(f"{what} {path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        raise UnsafeFileError(f"{what} {path}: not valid JSON ({first_line(e)})") from None
     if json_depth(obj) > MAX_JSON_DEPTH:
         raise UnsafeFileError(f"{what} {path}: nested deeper than MAX_JSON_DEPTH = {MAX_JSON_DEPTH}")
     return obj
@@ -109,7 +115,7 @@ def safetensors_elements(path: PathLike) -> int:
                 total += n
         return total
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a malformed header
-        raise UnsafeFileError(f"weights {path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+        raise UnsafeFileError(f"weights {path}: not a valid safetensors file ({first_line(e)})") from None
 
 
 def is_local(source: object) -> bool:
