@@ -326,8 +326,6 @@ def _scan_globals(pickle_bytes: bytes, path: Path) -> list[tuple[str, str]]:
         raise
     except Exception as e:  # pickletools raises ValueError / struct.error on a damaged stream
         raise CheckpointError(f"{path}: data.pkl is not a readable pickle ({type(e).__name__}: {e})") from None
-    if not found and not pickle_bytes.rstrip().endswith(b"."):
-        raise CheckpointError(f"{path}: data.pkl is empty or truncated")
     return found
 
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file  # noqa: F401
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
 for name in ("adaface.convert_released", "adaface.models._io", "adaface.models.prompt_inverter",
              "adaface.models.arc2face", "adaface.training.data", "adaface.prepare_data", "adaface.generate",
-    "adaface.subject"):
+    "adaface.subject", "adaface.faces.class_words"):
     importlib.import_module(name)
 
 SOCKETS = []
@@ -348,8 +348,16 @@ def outcomes(tmp_path_factory) -> dict:
              {"key": "link", "image": "images/link.png"}, {"key": "fifo", "image": "images/fifo.png"},
              {"key": "proc", "image": "/proc/self/environ"}]
     (folder / "manifest.jsonl").write_text("".join(json.dumps({**e, "status": "ok", "mask": "masks/m.png"}) + "\n"
-                                                   for e in lines))
+                                                   for e in lines) + "[" * 100_000 + "\n")
     _case(cases, folder, "manifest-paths", call="adaface.training.data:list_entries", args=[str(folder)])
+    # Class-word tables with a NUL byte and with bytes that are not UTF-8.
+    folder = root / "csv"
+    folder.mkdir()
+    (folder / "nul.csv").write_bytes(b"path,class_word\nalice,wo\x00man\n")
+    (folder / "codec.csv").write_bytes(b"path,class_word\nalice,\xff\xfeman\n")
+    for name in ("nul", "codec"):
+        _case(cases, folder, f"csv-{name}", call="adaface.faces.class_words:ClassWords.from_csv",
+              args=[str(folder / f"{name}.csv")])
     # A FIFO among the photos prepare_data reads.
     folder = root / "photos"
     folder.mkdir()
@@ -478,6 +486,11 @@ def test_npy_headers_are_checked_against_the_file(outcomes, case):
     _refused_by_loader(outcomes["results"][case], "ValueError", "not a plain numeric .npy array")
 
 
+@pytest.mark.parametrize("case", ["csv-nul", "csv-codec"])
+def test_malformed_csv_gets_one_line_naming_the_line(outcomes, case):
+    _refused_by_loader(outcomes["results"][case], "ValueError", f"{case[4:]}.csv line 2: not a UTF-8 CSV row")
+
+
 def test_manifest_paths_stay_inside_the_folder(outcomes):
     r = outcomes["results"]["manifest-paths"]
     _bounded(r)
@@ -487,6 +500,7 @@ def test_manifest_paths_stay_inside_the_folder(outcomes):
     for key, why in (("abs", "leads outside"), ("up", "leads outside"), ("link", "leads outside"),
                      ("fifo", "not a regular file"), ("proc", "leads outside")):
         assert any(p.startswith(f"{key}:") and why in p for p in problems), (key, text)
+    assert "manifest.jsonl line 6: not JSON" in problems  # nested 100,000 deep
 
 
 def test_a_fifo_among_the_photos_gets_a_status(outcomes):

@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from pathlib import Path
+
+MAX_CSV_BYTES = 64 * 2**20  # one row per photo or folder: a million rows fit
 
 
 class ClassWords:
@@ -19,8 +22,18 @@ class ClassWords:
     def from_csv(cls, path: str | os.PathLike) -> ClassWords:
         """Read the CSV; ValueError naming the file and line for a malformed row."""
         words: dict[str, str] = {}
+        size = os.stat(path).st_size
+        if size > MAX_CSV_BYTES:
+            raise ValueError(f"{path}: {size:,} bytes, over the limit of {MAX_CSV_BYTES:,} for a class-word table")
         with open(path, newline="", encoding="utf-8") as f:
-            for line_no, row in enumerate(csv.reader(f), start=1):
+            rows = csv.reader(f)
+            for line_no in itertools.count(1):
+                try:
+                    row = next(rows, None)
+                except (csv.Error, UnicodeDecodeError) as e:  # a NUL byte, an over-long field, not UTF-8
+                    raise ValueError(f"{path} line {line_no}: not a UTF-8 CSV row ({e})") from None
+                if row is None:
+                    break
                 if not row or all(not cell.strip() for cell in row):
                     continue
                 if len(row) != 2 or not row[0].strip() or not row[1].strip():

@@ -90,7 +90,7 @@ def read_manifest(path: Path) -> tuple[dict[str, dict], bool]:
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             clean = False
             continue
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):

@@ -32,6 +32,7 @@ from .ddp import DistInfo, mix_seed, shard
 
 ARCFACE_DIM = 512
 MANIFEST = "manifest.jsonl"
+MAX_MANIFEST_BYTES = 2**30  # about four million lines of prepare_data's manifest
 AFFINE_SCALE = (0.4, 1.0)  # the paper's random affine scale range for prepared crops
 _SHOWN = 20  # bad files named one per line in a report; the rest are counted
 
@@ -71,12 +72,16 @@ def read_manifest(folder: Path) -> tuple[list[FaceEntry], list[str]]:
     files)."""
     latest: dict[str, dict] = {}
     problems: list[str] = []
-    for n, line in enumerate((folder / MANIFEST).read_text().splitlines(), 1):
+    size = (folder / MANIFEST).stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise DataError(f"{folder / MANIFEST}: {size:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,}")
+    text = (folder / MANIFEST).read_bytes().decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep to be a manifest line
             problems.append(f"{MANIFEST} line {n}: not JSON")
             continue
         if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
