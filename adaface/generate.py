@@ -371,12 +371,15 @@ def make_scheduler(name: str, config: Any, video: bool) -> Any:
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """StableDiffusionPipeline, or AnimateDiffPipeline with the MotionAdapter for --video."""
+    from .models._io import check_model_folder
+
     if args.video:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
         with loading("--motion-adapter", args.motion_adapter):
             adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
         with loading("--base", args.base):
+            check_model_folder(args.base)
             pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype)
         if args.free_noise:
             pipe.enable_free_noise(context_length=args.context_length, context_stride=args.context_stride)
@@ -384,6 +387,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         from diffusers import StableDiffusionPipeline
 
         with loading("--base", args.base):
+            check_model_folder(args.base)
             pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.video)
     if scheduler is not None:

@@ -288,6 +288,9 @@ def outcomes(tmp_path_factory) -> dict:
         (folder / "encoder" / "config.json").write_text(json.dumps({**config, **extra}))
         _case(cases, folder, case_id, call="adaface.models._io:load_clip_text_model", args=[str(folder)],
               kwargs={"subfolder": "encoder", "what": "Arc2Face encoder"})
+        if case_id == "hub-kernel":  # the same file inside a pipeline folder (generate --base)
+            _case(cases, folder, "pipeline-hub-kernel", call="adaface.models._io:check_model_folder",
+                  args=[str(folder)])
         if case_id == "sdpa-config":  # the control: a config naming a built-in attention loads
             cases[-1]["call"] = "adaface.models._io:read_model_config"
             cases[-1]["args"] = [str(folder / "encoder" / "config.json")]
@@ -458,7 +461,8 @@ def test_the_crafted_checkpoints_are_what_they_claim():
 
 
 @pytest.mark.parametrize("case, fragment", [
-    ("hub-kernel", "kernels-community/flash-attn"), ("flash-fallback", "flash_attention_2"), ("auto-map", "auto_map")])
+    ("hub-kernel", "kernels-community/flash-attn"), ("flash-fallback", "flash_attention_2"), ("auto-map", "auto_map"),
+    ("pipeline-hub-kernel", "kernels-community/flash-attn")])
 def test_configs_that_would_load_from_the_hub_are_refused(outcomes, case, fragment):
     _refused_by_loader(outcomes["results"][case], "UnsafeFileError", fragment, "config.json")
 

@@ -93,6 +93,17 @@ def read_model_config(path: PathLike) -> dict:
     return check_model_config(read_json(path, what="model config"), path)
 
 
+def check_model_folder(source: object) -> None:
+    """Check every transformers/diffusers `config.json` of a local model or pipeline folder (a hub id is left to
+    the loader); raises UnsafeFileError naming the first file that would load code or a hub kernel."""
+    if not is_local(source):
+        return
+    root = Path(source).expanduser()
+    for path in sorted([root / "config.json", *root.glob("*/config.json")]):
+        if path.is_file():
+            read_model_config(path)
+
+
 def safetensors_elements(path: PathLike) -> int:
     """The number of tensor elements a safetensors file's header declares (header and offsets checked)."""
     from safetensors import safe_open
