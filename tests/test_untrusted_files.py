@@ -490,9 +490,10 @@ def test_npy_headers_are_checked_against_the_file(outcomes, case):
     _refused_by_loader(outcomes["results"][case], "ValueError", "not a plain numeric .npy array")
 
 
-@pytest.mark.parametrize("case", ["csv-nul", "csv-codec"])
-def test_malformed_csv_gets_one_line_naming_the_line(outcomes, case):
-    _refused_by_loader(outcomes["results"][case], "ValueError", f"{case[4:]}.csv line 2: not a UTF-8 CSV row")
+@pytest.mark.parametrize("case, fragment", [("csv-nul", "nul.csv line 2: holds a NUL byte"),
+                                            ("csv-codec", "codec.csv: not UTF-8 text (invalid start byte at byte 22)")])
+def test_malformed_csv_gets_one_line_naming_where(outcomes, case, fragment):
+    _refused_by_loader(outcomes["results"][case], "ValueError", fragment)
 
 
 def test_manifest_paths_stay_inside_the_folder(outcomes):
