@@ -3,10 +3,10 @@
 Every crafted file is built here from bytes (no binary fixtures). They are opened by one harness process
 (`HARNESS`) that imports the package once, turns on a socket audit hook (any socket use is recorded and
 refused; the hub is offline too), then forks one child per case under an address-space limit (`resource.
-setrlimit(RLIMIT_AS)` at its start + 1 GiB). Each child reports the outcome (exit status and stderr of a
-command, or what a loader returned or raised), its CPU time, its peak memory growth, the sockets it tried and
-the files that appeared or changed in its case folder. The acceptance bound for a refusal is 1 GiB of memory
-and 10 s of CPU; each refusal here is expected in well under a second.
+setrlimit(RLIMIT_AS)` at its start + 1 GiB) and a CPU limit (60 s: a case that hangs is killed and fails). Each
+child reports the outcome (exit status and stderr of a command, or what a loader returned or raised), its CPU
+time, its peak memory growth, the sockets it tried and the files that appeared or changed in its case folder.
+The acceptance bound for a refusal is 1 GiB of memory and 10 s of CPU; each one here takes well under a second.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ for case in json.loads(open(sys.argv[1]).read()):
         start = status()
         limit = start["VmSize"] + (1 << 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CPU, (60, 60))  # a case that hangs is killed (and fails), not waited for
         before = tree(case["folder"])
         cpu, wall = time.process_time(), time.monotonic()
         result = run(case)
