@@ -103,9 +103,11 @@ def model_type(source: str, option: str) -> str | None:
     """`model_type` from a model's config.json: read from a local folder, or the hub's config alone."""
     path = Path(source) / "config.json"
     if path.is_file():
+        from .models._io import read_model_config
+
         try:
-            return json.loads(path.read_text()).get("model_type")
-        except (ValueError, AttributeError) as e:
+            return read_model_config(path).get("model_type")
+        except OSError as e:
             raise OptionError(f"{option} {source}: config.json is not a model config ({e})") from e
     from transformers import AutoConfig
 

@@ -41,6 +41,7 @@ GENERATORS_KEY = "string_to_subj_basis_generator_dict"
 NUM_ID_TOKENS = 16
 TEMPLATE = "photo of a"
 SLOT_START = 4  # the authors' code writes the 16 ID tokens over positions 4..19
+BYTES_PER_PARAMETER = 2  # every inverter parameter is copied from its own stored fp16/bf16/fp32 element
 
 _KEYS_2024_05 = {"string_to_token", "string_to_static_embedder", "emb_global_scale_scores", "do_zero_shot",
                  "use_conv_attn_kernel_size"}
@@ -104,6 +105,7 @@ def _tensor_summary(t: torch.Tensor) -> dict:
 
 
 def _value_summary(v: Any) -> str:
+    """A short description of a top-level value (never its repr: a pickled value may be nested arbitrarily)."""
     if isinstance(v, torch.Tensor):
         return f"tensor {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
     if isinstance(v, su.StandIn):
@@ -113,7 +115,17 @@ def _value_summary(v: Any) -> str:
         return f"dict of {len(v)}"
     if isinstance(v, (list, tuple)):
         return f"{type(v).__name__} of {len(v)}"
-    return repr(v)[:80]
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return repr(v)[:80]
+    return type(v).__name__
+
+
+def _plain(v: Any) -> Any:
+    """A pickled attribute for the JSON report: a number or a flat list of numbers, else its summary."""
+    if isinstance(v, (int, float, type(None))) or (
+            isinstance(v, (list, tuple)) and len(v) <= 1024 and all(isinstance(x, (int, float)) for x in v)):
+        return list(v) if isinstance(v, tuple) else v
+    return _value_summary(v)
 
 
 def _pick_face_generator(ckpt: dict, report: dict) -> tuple[str, Any]:
@@ -267,6 +279,29 @@ def _template(gen: Any, tokenizer: str | os.PathLike | None, length: int, vocab:
     return ids
 
 
+def _check_declared_size(in_path: Path, gen: Any, vocab: int, hidden: int, positions: int, inter: int,
+                         multipliers: list[int]) -> None:
+    """Refuse, before allocating it, an inverter larger than the tensors the file stores could fill.
+
+    The shapes come from the file; a small file can name the same layer a thousand times. Every parameter
+    is copied from a distinct stored element of at least 16 bits, so the inverter can have at most one
+    parameter per BYTES_PER_PARAMETER bytes of the generator's tensor data.
+    """
+    from .models.prompt_inverter import inverter_parameters
+
+    params = inverter_parameters(vocab, hidden, positions, inter, multipliers)
+    stored: dict[int, int] = {}
+    for _, t in su.named_tensors(gen):
+        storage = t.untyped_storage()
+        stored[storage.data_ptr()] = storage.nbytes()
+    available = sum(stored.values())
+    if params * BYTES_PER_PARAMETER > available:
+        raise ConversionError(
+            f"{in_path}: its shapes declare an inverter of {params:,} parameters but the generator stores only "
+            f"{available:,} bytes of tensors (limit BYTES_PER_PARAMETER = {BYTES_PER_PARAMETER}); refused"
+        )
+
+
 def convert_released(
     in_path: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None
 ) -> dict:
@@ -326,6 +361,7 @@ def build_inverter(in_path: str | os.PathLike, *, tokenizer: str | os.PathLike |
         max_position_embeddings=pos_table.shape[0], hidden_act=cfg.get("hidden_act", "quick_gelu"),
         layer_norm_eps=float(eps), attention_dropout=0.0, **special,
     )
+    _check_declared_size(in_path, gen, vocab, hidden, pos_table.shape[0], fc1.shape[0], multipliers)
     layer_weights = _layer_weights(gen, hidden, report)
     ids = _template(gen, tokenizer, pos_table.shape[0], vocab, report)
 
@@ -398,8 +434,8 @@ def build_inverter(in_path: str | os.PathLike, *, tokenizer: str | os.PathLike |
     report["converted"] = {
         "path": f"{where}.prompt2token_proj",
         "multipliers": multipliers,
-        "pickled_multiplier_attributes": su.attr(gen, "prompt2token_proj_attention_multipliers",
-                                                 su.attr(gen, "prompt2token_proj_attention_multiplier")),
+        "pickled_multiplier_attributes": _plain(su.attr(gen, "prompt2token_proj_attention_multipliers",
+                                                        su.attr(gen, "prompt2token_proj_attention_multiplier"))),
         "mode": "kv",
         "hidden_size": hidden, "num_layers": len(layers), "num_heads": heads, "vocab_size": vocab,
         "layer_weights": layer_weights.tolist(),
@@ -439,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         report = convert_released(Path(args.checkpoint).expanduser(), out, tokenizer=args.tokenizer)
     except (su.CheckpointError, ConversionError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError, RecursionError, MemoryError) as e:
+        # A pickled attribute of an unexpected type met code that expected the released files' type.
+        print(f"{parser.prog}: error: {args.checkpoint}: not a released checkpoint this converter can read "
+              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
         return 2
     c = report["converted"]
     print(f"converted {c['path']} ({report['generation']} file): {c['num_layers']} layers, width "

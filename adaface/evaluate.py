@@ -25,7 +25,6 @@ frames (mean and minimum of the cosine of frame t and frame t + 1).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -115,10 +114,12 @@ def read_run(args: argparse.Namespace) -> tuple[list[Item], dict]:
         raise OptionError(f"RUN_DIR {args.run_dir}: folder not found")
     settings_path = run / SETTINGS_NAME
     if settings_path.is_file():
+        from .models._io import read_json
+
         try:
-            settings = json.loads(settings_path.read_text())
+            settings = read_json(settings_path, what=SETTINGS_NAME)
             outputs = settings["outputs"]
-        except (ValueError, KeyError) as e:
+        except (OSError, KeyError, TypeError) as e:
             raise OptionError(f"RUN_DIR {args.run_dir}: {SETTINGS_NAME} is not a generate settings file ({e})") from e
         items = []
         for out in outputs:

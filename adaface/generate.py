@@ -25,6 +25,7 @@ pipeline, which gives the same prompt embeddings.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -49,6 +50,7 @@ from ._cli import (
 )
 
 SETTINGS_NAME = "settings.json"
+MAX_PROMPTS_FILE_BYTES = 2**20  # --prompts-file: a megabyte of prompts is thousands of runs
 ARCFACE_NAME = "subject_arcface.npy"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 REPORT_NAME = "eval_report.json"  # written into a run folder by `python -m adaface.evaluate`
@@ -149,7 +151,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = check_file(args.prompts_file, "--prompts-file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+            raise OptionError(f"--prompts-file {args.prompts_file}: {path.stat().st_size:,} bytes, over the limit "
+                              f"of {MAX_PROMPTS_FILE_BYTES:,} (one prompt a line)")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise OptionError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason} at byte "
+                              f"{e.start})") from e
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise OptionError(f"--prompts-file {args.prompts_file}: no prompts in it")
     return prompts or [f"a photo of {args.placeholder}"]
@@ -234,10 +244,12 @@ def motion_window(source: str) -> int:
     """The motion adapter's `motion_max_seq_length` from its config (a local file or the hub's config only)."""
     path = Path(source) / "config.json"
     if path.is_file():
+        from .models._io import read_json
+
         try:
-            config = json.loads(path.read_text())
-        except ValueError as e:
-            raise OptionError(f"--motion-adapter {source}: config.json is not valid JSON ({e})") from e
+            config = read_json(path, what="config")
+        except OSError as e:
+            raise OptionError(f"--motion-adapter {source}: {e}") from e
     else:
         from diffusers import MotionAdapter
 
@@ -280,24 +292,40 @@ def check_frames(args: argparse.Namespace) -> None:
 def earlier_run(out: Path) -> list[Path] | None:
     """What an earlier `generate` run wrote into `out` (its settings, identity, outputs, frames, contact sheet,
     evaluation report, a textual-inversion file saved inside it); None if `out` holds no generate run."""
+    from .models._io import read_json
+
     settings_path = out / SETTINGS_NAME
-    try:
-        settings = json.loads(settings_path.read_text())
+    try:  # a regular file within the JSON limits (a FIFO or a huge file is no earlier run)
+        settings = read_json(settings_path, what=SETTINGS_NAME)
     except (OSError, ValueError):
         return None
     if not isinstance(settings, dict) or settings.get("tool") != "adaface.generate":
         return None
     files = {settings_path, out / ARCFACE_NAME, out / CONTACT_SHEET_NAME, out / REPORT_NAME}
+    # Names come from a file anyone can plant: only outputs' own names, or a file this run recorded byte for byte.
     for entry in settings.get("outputs") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and OUTPUT_PATTERN.match(entry["file"]):
             files.add(out / entry["file"])
     # An interrupted run wrote an output it had not listed yet: its names follow the pattern.
     files.update(f for f in out.iterdir() if OUTPUT_PATTERN.match(f.name))
     embeddings = (settings.get("subject") or {}).get("embeddings_file")
     if isinstance(embeddings, str) and Path(embeddings).parent == out.resolve():
-        files.add(out / Path(embeddings).name)
+        recorded = (settings.get("written") or {}).get(Path(embeddings).name)
+        if recorded is not None and recorded == fingerprint(out / Path(embeddings).name):
+            files.add(out / Path(embeddings).name)
     root = out.resolve()
     return sorted(f for f in files if (f.exists() or f.is_symlink()) and f.resolve().parent == root)
+
+
+def fingerprint(path: Path) -> dict | None:
+    """Size and SHA-256 of a regular file (None otherwise): what --overwrite checks before deleting a named file."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -343,12 +371,15 @@ def make_scheduler(name: str, config: Any, video: bool) -> Any:
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """StableDiffusionPipeline, or AnimateDiffPipeline with the MotionAdapter for --video."""
+    from .models._io import check_model_folder
+
     if args.video:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
         with loading("--motion-adapter", args.motion_adapter):
             adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
         with loading("--base", args.base):
+            check_model_folder(args.base)
             pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype)
         if args.free_noise:
             pipe.enable_free_noise(context_length=args.context_length, context_stride=args.context_stride)
@@ -356,6 +387,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         from diffusers import StableDiffusionPipeline
 
         with loading("--base", args.base):
+            check_model_folder(args.base)
             pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.video)
     if scheduler is not None:
@@ -467,6 +499,9 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     pipe = load_pipeline(args, device, dtype)
     settings = run_settings(args, prompts, seed, device, dtype, pipe, identity)
     settings["recognizer"] = recognizer
+    if args.save_embeddings and Path(args.save_embeddings).expanduser().resolve().parent == out.resolve():
+        name = Path(args.save_embeddings).name  # a file inside --out that --overwrite may delete: recorded
+        settings["written"] = {name: fingerprint(out / name)}
     negative = None
     if args.free_noise:
         pipe.load_textual_inversion({FREE_NOISE_TOKEN: subject.to(device, dtype)})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -161,6 +162,9 @@ def decode(item: tuple[str, Path]) -> Decoded:
     except OSError as e:
         return Decoded(key, path, -1, -1, status="unreadable", error=f"{type(e).__name__}: {e}")
     out = Decoded(key, path, st.st_size, st.st_mtime_ns)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never end
+        out.status, out.error = "not_a_file", "not a regular file (a FIFO, device or socket)"
+        return out
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .models._io import first_line
+
 PathLike = str | os.PathLike
 ARCFACE_DIM = 512
 EMBEDDING_SUFFIXES = (".npy", ".safetensors")
@@ -48,15 +50,19 @@ def load_arcface_embedding(path: PathLike) -> torch.Tensor:
     if path.suffix == ".npy":
         import numpy as np
 
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as e:  # object arrays need unpickling, which is never done here
-            raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from e
-        rows = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        try:  # memory-mapped: a header declaring more than the file holds is refused, not allocated
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+            rows = torch.from_numpy(np.array(array, dtype=np.float32))
+        except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
+            # (object arrays need unpickling, which is never done here)
+            raise ValueError(f"{path}: not a plain numeric .npy array ({first_line(e)})") from e
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors' own SafetensorError on a malformed header
+            raise ValueError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
         if len(tensors) != 1:
             raise ValueError(f"{path}: expected one tensor (the ArcFace embedding), found keys {sorted(tensors)}")
         rows = next(iter(tensors.values())).float()

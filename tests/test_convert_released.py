@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -304,6 +305,19 @@ def _write_not_checkpoints(tmp_path: Path) -> dict[str, Path]:
     files["pickle"].write_bytes(b"\x80\x02}q\x00.")
     files["plain"] = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, files["plain"])
+    valid = files["plain"].read_bytes()
+    files["trailing"] = tmp_path / "trailing.pt"
+    files["trailing"].write_bytes(valid + b"more bytes")
+    with zipfile.ZipFile(files["plain"]) as src:
+        records = [(i.filename, src.read(i)) for i in src.infolist()]
+    pkl = next(n for n, _ in records if n.endswith("/data.pkl"))
+    for kind, name in (("duplicate", pkl), ("two-folders", "other/data.pkl")):
+        files[kind] = tmp_path / f"{kind}.pt"
+        with zipfile.ZipFile(files[kind], "w") as zf, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+            for record, data in records:
+                zf.writestr(record, data)
+            zf.writestr(name, dict(records)[pkl])
     return files
 
 
@@ -314,6 +328,9 @@ def _write_not_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("pickle", "a bare pickle or a legacy"),
     ("missing", "file not found"),
     ("plain", "not a released AdaFace checkpoint"),
+    ("trailing", "bytes follow the zip archive's end record"),
+    ("duplicate", "appears twice"),
+    ("two-folders", "more than one top-level folder"),
 ])
 def test_files_that_are_not_checkpoints_get_one_line(tmp_path, capsys, kind, message):
     files = _write_not_checkpoints(tmp_path)

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def read_manifest(path: Path) -> tuple[dict[str, dict], bool]:
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             clean = False
             continue
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):
@@ -97,6 +98,30 @@ def read_manifest(path: Path) -> tuple[dict[str, dict], bool]:
         else:
             clean = False
     return entries, clean
+
+
+def file_inside(folder: Path, relative: object) -> tuple[Path | None, str | None]:
+    """`folder / relative` when it is a regular file inside `folder` (links resolved), else (None, why not).
+
+    For paths read from a file in the folder (the manifest's): absolute paths, `..` and links leading out,
+    FIFOs and devices are refused, so a shared folder cannot make a reader open anything else.
+    """
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        return None, f"path {relative!r} is not a relative path"
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None, f"path {relative!r} leads outside the folder"
+    root = folder.resolve()
+    target = (folder / rel).resolve()
+    if not target.is_relative_to(root):
+        return None, f"path {relative!r} leads outside the folder (to {target})"
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return None, f"missing {relative}"
+    if not stat.S_ISREG(mode):
+        return None, f"{relative} is not a regular file (a FIFO, device or folder)"
+    return target, None
 
 
 def output_paths(key: str) -> tuple[str, str]:
@@ -147,7 +172,9 @@ class PreparedFolder:
             return False
         if entry.get("status") != "ok":
             return True
-        return key in self.embeddings and all((self.out / entry[f]).is_file() for f in ("image", "mask"))
+        expected = output_paths(key)  # a manifest naming other paths was not written by this folder's runs
+        return key in self.embeddings and all(entry.get(f) == rel and file_inside(self.out, rel)[0] is not None
+                                              for f, rel in zip(("image", "mask"), expected))
 
     def write_outputs(self, key: str, crop: Any, mask: Any) -> tuple[str, str]:
         """Write a key's crop and mask (PNG); returns their paths relative to the folder."""

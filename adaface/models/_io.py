@@ -2,6 +2,12 @@
 
 Checkpoints written by this package are safetensors + JSON, each written to a temporary file in the target
 folder and moved into place with `os.replace`, so a crash never leaves a half-written file under the final name.
+
+Files read from elsewhere are checked before use (`read_json`, `read_model_config`, `safetensors_elements`):
+regular files within size and nesting limits, and model configs that cannot load code (`auto_map`) or a
+hub kernel (an `attn_implementation` other than eager / sdpa; transformers fetches a kernel from the hub for
+kernel names and, where flash-attn is not installed, for `flash_attention_*`). A refusal is an
+`UnsafeFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +22,111 @@ from typing import Any
 import torch
 
 PathLike = str | os.PathLike
+MAX_JSON_BYTES = 16 * 2**20  # config.json / settings.json / state files: ours are a few KB
+MAX_JSON_DEPTH = 64  # nesting of a JSON file (configs nest 3 deep)
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on its JSON header
+FILE_ATTENTION = (None, "eager", "sdpa")  # attn_implementation values a config file may name
+
+
+class UnsafeFileError(OSError):
+    """A file refused before use: malformed, over a size limit, or able to load code or reach the network.
+
+    An OSError, so the commands' loaders report it as a one-line error naming the option and the file.
+    """
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line (its type name when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def json_depth(obj: Any) -> int:
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            depth = max(depth, d)
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return depth
+
+
+def read_json(path: PathLike, *, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file from a regular file within MAX_JSON_BYTES and MAX_JSON_DEPTH, or a one-line UnsafeFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnsafeFileError(f"{what} {path}: not a regular file" if path.exists() else f"{what} {path}: not found")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UnsafeFileError(f"{what} {path}: {size:,} bytes, over the limit of {max_bytes:,}")
+    try:
+        obj = json.loads(path.read_bytes())
+    except RecursionError:
+        raise UnsafeFileError(f"{what} {path}: nested deeper than MAX_JSON_DEPTH = {MAX_JSON_DEPTH}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnsafeFileError(f"{what} {path}: not valid JSON ({first_line(e)})") from None
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise UnsafeFileError(f"{what} {path}: nested deeper than MAX_JSON_DEPTH = {MAX_JSON_DEPTH}")
+    return obj
+
+
+def check_model_config(cfg: Any, path: PathLike) -> dict:
+    """`cfg` (a config.json's content) unless it would have transformers load code or a kernel from the hub."""
+    if not isinstance(cfg, dict):
+        raise UnsafeFileError(f"model config {path}: expected a JSON object, got {type(cfg).__name__}")
+    stack = [cfg]
+    while stack:
+        d = stack.pop()
+        if "auto_map" in d:
+            raise UnsafeFileError(f"model config {path}: names auto_map (code to download and run); refused")
+        for key in ("attn_implementation", "_attn_implementation"):
+            if d.get(key) not in FILE_ATTENTION:
+                raise UnsafeFileError(
+                    f"model config {path}: {key} {d.get(key)!r} could load a kernel from the hub; a config file may "
+                    "name only 'eager' or 'sdpa'")
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+    return cfg
+
+
+def read_model_config(path: PathLike) -> dict:
+    """A model's config.json, read within the JSON limits and checked by `check_model_config`."""
+    return check_model_config(read_json(path, what="model config"), path)
+
+
+def check_model_folder(source: object) -> None:
+    """Check every transformers/diffusers `config.json` of a local model or pipeline folder (a hub id is left to
+    the loader); raises UnsafeFileError naming the first file that would load code or a hub kernel."""
+    if not is_local(source):
+        return
+    root = Path(source).expanduser()
+    for path in sorted([root / "config.json", *root.glob("*/config.json")]):
+        if path.is_file():
+            read_model_config(path)
+
+
+def safetensors_elements(path: PathLike) -> int:
+    """The number of tensor elements a safetensors file's header declares (header and offsets checked)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnsafeFileError(f"weights {path}: not a regular file" if path.exists() else f"weights {path}: not found")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or int.from_bytes(head, "little") > MAX_SAFETENSORS_HEADER_BYTES:
+        raise UnsafeFileError(f"weights {path}: not a safetensors file (header length missing or over "
+                              f"{MAX_SAFETENSORS_HEADER_BYTES:,} bytes)")
+    try:
+        total = 0
+        with safe_open(str(path), framework="pt") as f:  # validates the header against the file's size
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+        return total
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a malformed header
+        raise UnsafeFileError(f"weights {path}: not a valid safetensors file ({first_line(e)})") from None
 
 
 def is_local(source: object) -> bool:
@@ -89,8 +200,11 @@ def load_clip_text_model(source: PathLike, *, subfolder: str | None = None, what
                 f"{what}: no CLIP text encoder in {folder} (expected config.json + model.safetensors or "
                 "pytorch_model.bin, or a pipeline folder with text_encoder/)"
             )
+        read_model_config(folder / "config.json")
         return CLIPTextModel.from_pretrained(str(folder), weights_only=True).eval()
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what} must be a folder, a hub id or a CLIPTextModel, got {type(source).__name__}")
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    # A hub repo: its config.json alone is fetched and checked before the model is built from it.
+    check_model_config(CLIPTextModel.config_class.get_config_dict(str(source), **kwargs)[0], f"{source}/config.json")
     return CLIPTextModel.from_pretrained(str(source), weights_only=True, **kwargs).eval()

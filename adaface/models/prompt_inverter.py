@@ -19,7 +19,6 @@ For the stage-1 trainer:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,17 @@ import torch
 from torch import nn
 
 from ._clip_text import clip_text_parts, run_clip_text
-from ._io import PathLike, atomic_save_json, atomic_save_safetensors, is_local, load_clip_text_model, load_tokenizer
+from ._io import (
+    PathLike,
+    UnsafeFileError,
+    atomic_save_json,
+    atomic_save_safetensors,
+    is_local,
+    load_clip_text_model,
+    load_tokenizer,
+    read_model_config,
+    safetensors_elements,
+)
 from .expanded_clip_attention import _check_mode, clip_attention_multipliers, expand_clip_attention_with_params
 
 CONFIG_NAME = "config.json"
@@ -35,6 +44,31 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "adaface-prompt-inverter"
 DEFAULT_TEMPLATE = "photo of a"
 LAYER_WEIGHTS_INIT = (1.0, 2.0, 4.0)
+
+
+def inverter_parameters(vocab: int, hidden: int, positions: int, intermediate: int, multipliers: Sequence[int]) -> int:
+    """The parameter count of a PromptInverter of these sizes (known before anything is allocated).
+
+    Per layer: q, k, v, out projections (weight + bias), (m - 1) extra copies of the two expanded ones, two
+    layer norms and the MLP; plus the token and position tables, the final layer norm and the 3 layer weights.
+    """
+    linear = hidden * hidden + hidden
+    per_layer = [4 * linear + 2 * (m - 1) * linear + 4 * hidden + 2 * hidden * intermediate + intermediate + hidden
+                 for m in multipliers]
+    return (vocab + positions) * hidden + 2 * hidden + len(LAYER_WEIGHTS_INIT) + sum(per_layer)
+
+
+def _declared_parameters(cfg: dict, path: Path) -> int:
+    """inverter_parameters for a config.json's sizes, each checked to be a positive int first."""
+    tc = cfg.get("text_config")
+    keys = ("vocab_size", "hidden_size", "max_position_embeddings", "intermediate_size", "num_hidden_layers")
+    mult = cfg.get("multipliers")
+    if not isinstance(tc, dict) or not all(type(tc.get(k)) is int and tc[k] > 0 for k in keys) or not (
+            isinstance(mult, list) and len(mult) == tc["num_hidden_layers"]
+            and all(type(m) is int and m > 0 for m in mult)):
+        raise UnsafeFileError(f"{path}: text_config needs positive integers {', '.join(keys)} and multipliers one "
+                              "positive integer per layer")
+    return inverter_parameters(*(tc[k] for k in keys[:4]), mult)
 
 
 def template_input_ids(tokenizer: object, template: str, num_slots: int, length: int) -> tuple[list[int], int]:
@@ -171,9 +205,14 @@ class PromptInverter(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"PromptInverter.from_pretrained: {p} not found (written by save_pretrained)")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_model_config(cfg_path)
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_path} is not a PromptInverter config (format {cfg.get('format')!r})")
+        # The sizes the config declares are allocated below: the weights file must hold that many elements.
+        declared, stored = _declared_parameters(cfg, cfg_path), safetensors_elements(w_path)
+        if declared != stored:
+            raise UnsafeFileError(f"{cfg_path}: declares a model of {declared:,} parameters but {w_path} holds "
+                                  f"{stored:,}; refused before allocating it")
         text_config = CLIPTextConfig.from_dict(cfg["text_config"])
         model = cls(
             CLIPTextModel(text_config).eval(),

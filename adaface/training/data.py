@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..faces.prepared_folder import file_inside
 from .ddp import DistInfo, mix_seed, shard
 from .errors import ConfigError
 from .face_files import EMBEDDINGS_FILE, list_face_images
 
 ARCFACE_DIM = 512
 MANIFEST = "manifest.jsonl"
+MAX_MANIFEST_BYTES = 2**30  # about four million lines of prepare_data's manifest
 AFFINE_SCALE = (0.4, 1.0)  # the paper's random affine scale range for prepared crops
 _SHOWN = 20  # bad files named one per line in a report; the rest are counted
 
@@ -71,12 +73,16 @@ def read_manifest(folder: Path) -> tuple[list[FaceEntry], list[str]]:
     files)."""
     latest: dict[str, dict] = {}
     problems: list[str] = []
-    for n, line in enumerate((folder / MANIFEST).read_text().splitlines(), 1):
+    size = (folder / MANIFEST).stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise DataError(f"{folder / MANIFEST}: {size:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,}")
+    text = (folder / MANIFEST).read_bytes().decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep to be a manifest line
             problems.append(f"{MANIFEST} line {n}: not JSON")
             continue
         if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
@@ -88,11 +94,11 @@ def read_manifest(folder: Path) -> tuple[list[FaceEntry], list[str]]:
         rec = latest[key]
         if rec.get("status") != "ok":
             continue
-        image = folder / str(rec.get("image", f"images/{key}.png"))
-        mask = folder / str(rec.get("mask", f"masks/{key}.png"))
-        missing = [p.relative_to(folder).as_posix() for p in (image, mask) if not p.is_file()]
-        if missing:
-            problems.append(f"{key}: missing {', '.join(missing)}")
+        # Paths read from the manifest: regular files inside the folder only (no `..`, absolute paths, links out).
+        (image, bad_image), (mask, bad_mask) = (file_inside(folder, rec.get(f, default)) for f, default in (
+            ("image", f"images/{key}.png"), ("mask", f"masks/{key}.png")))
+        if image is None or mask is None:
+            problems.append(f"{key}: {'; '.join(w for w in (bad_image, bad_mask) if w)}")
             continue
         word = rec.get("class_word")
         entries.append(FaceEntry(key, image, mask, word if isinstance(word, str) and word else None))
@@ -104,7 +110,14 @@ def list_entries(folder: str | Path) -> tuple[list[FaceEntry], list[str]]:
     folder = Path(folder)
     if is_prepared(folder):
         return read_manifest(folder)
-    return [FaceEntry(n, folder / n, None, None) for n in list_face_images(folder)], []
+    entries, problems = [], []
+    for name in list_face_images(folder):
+        path, why = file_inside(folder, name)
+        if path is None:
+            problems.append(f"{name}: {why}")
+        else:
+            entries.append(FaceEntry(name, folder / name, None, None))
+    return entries, problems
 
 
 def embedding_problem(value: torch.Tensor) -> str | None:
