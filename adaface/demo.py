@@ -339,7 +339,7 @@ class Studio:
         pipe = self.video_pipe if args.video else self.pipe
         # photos without a face are refused here (on_no_face="error"), so no random vector stands in for one
         identity = Identity(arcface, num_photos=len(args.images or []))
-        settings = generate.run_settings(args, args.prompt, seed, self.device, self.dtype, pipe, identity)
+        settings = generate.run_settings(args, args.prompt, seed, self.device, self.dtype, pipe, [identity])
         settings["tool"] = "adaface.demo"
         # which ArcFace model embedded the photos, as generate records it
         settings["recognizer"] = self.subject_encoder.face_encoder.recognizer_file if args.images else None

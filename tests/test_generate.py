@@ -311,7 +311,7 @@ def test_subject_sources_need_exactly_one(models, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate.main([*model_args(models), "--out", "o"])
-    assert "one of the arguments --images --embedding --random-id is required" in capsys.readouterr().err
+    assert "a subject is needed: --images, --embedding or --random-id" in capsys.readouterr().err
 
 
 def test_embedding_files(tmp_path):
