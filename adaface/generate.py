@@ -192,6 +192,9 @@ def subject_specs(args: argparse.Namespace) -> list:
                             random_id=args.random_id)]
     specs = []
     for text in args.subject:
+        if isinstance(text, SubjectSpec):  # built by a caller (the demo), not typed
+            specs.append(text)
+            continue
         try:
             specs.append(SubjectSpec.parse(text))
         except ValueError as e:
