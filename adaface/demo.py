@@ -638,12 +638,21 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
                         second_use_random=second_use_random, second_random_id=second_random_id,
                         second_placeholder=second_placeholder, left_right=left_right)
 
-        def images(*values, progress=progress_bar):
-            return respond(studio, fields(*values))
+        # explicit parameters: Gradio places the progress tracker by its position in the signature
+        def images(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                   second, second_photos, second_use_random, second_random_id, second_placeholder, left_right,
+                   progress=progress_bar):
+            return respond(studio, fields(photos, use_random, random_id, prompts, negative, seed, steps, guidance,
+                                          count, height, width, second, second_photos, second_use_random,
+                                          second_random_id, second_placeholder, left_right))
 
-        def video(*values, progress=progress_bar):
-            *shared_values, frames, fps = values
-            return respond(studio, dict(fields(*shared_values), video=True, num_frames=frames, fps=fps))
+        def video(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                  second, second_photos, second_use_random, second_random_id, second_placeholder, left_right,
+                  frames, fps, progress=progress_bar):
+            values = fields(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height,
+                            width, second, second_photos, second_use_random, second_random_id, second_placeholder,
+                            left_right)
+            return respond(studio, dict(values, video=True, num_frames=frames, fps=fps))
 
         # one concurrency group for both buttons: the models serve one request at a time
         image_button.click(images, shared, [gallery, status, downloads], concurrency_id="models")
