@@ -136,3 +136,19 @@ def test_regions_must_be_regions_and_installed_once():
         RegionalAttention(unet, REGIONS)
     regional.remove()
     regional.remove()  # twice is harmless
+
+
+def test_benchmark_script_runs_and_reports_zero_out_of_region_mass(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from adaface.testing.scripts import load_script
+
+    bench = load_script(Path(__file__).resolve().parents[1] / "bench" / "bench_regional_attention.py")
+    out = tmp_path / "regional.json"
+    assert bench.main(["--runs", "1", "--steps", "1", "--size", "16", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["out_of_region_mass_max"] == 0.0 and result["in_region_mass_min"] > 0
+    assert result["layers"] == 4 and result["row_sum_error_max"] < 1e-5
+    assert all(v > 0 for v in result["median_seconds"].values())
+    assert "out-of-region attention mass" in capsys.readouterr().out
