@@ -268,6 +268,26 @@ def check_subject_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
             raise OptionError(f"{option}: the placeholder {placeholder!r} appears in no prompt")
 
 
+def check_prompt_lengths(args: argparse.Namespace, prompts: list[str]) -> None:
+    """With a local --base, its tokenizer says now whether a prompt's words push a subject's slots past 77 tokens
+    (a hub id's tokenizer is only fetched with the pipeline; encoding raises the same error then)."""
+    folder = Path(args.base) / "tokenizer"
+    if not folder.is_dir():
+        return
+    from transformers import CLIPTokenizer
+
+    from .models.subject_prompt import subject_slots
+
+    with loading("--base", args.base):
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    slots = {s.placeholder: SLOTS_PER_SUBJECT for s in args.subjects}
+    for prompt in prompts:
+        try:
+            subject_slots(tokenizer, prompt, slots, min(77, tokenizer.model_max_length))
+        except ValueError as e:
+            raise OptionError(f"--prompt: {e}") from e
+
+
 def embeddings_files(args: argparse.Namespace) -> list[tuple[Path, str]] | None:
     """(textual-inversion file, its token) per subject for --save-embeddings: the path and --ti-token for one
     subject; PATH's name plus _PLACEHOLDER and token <PLACEHOLDER> for each of several."""
@@ -321,6 +341,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
                               f"{SEED_MAX}, got {spec.random_id}")
 
     args.base = check_source(args.base, "--base", ["model_index.json"], "an SD-1.5 pipeline folder")
+    check_prompt_lengths(args, prompts)
     args.arc2face = check_source(args.arc2face, "--arc2face", ["encoder/config.json"], "an Arc2Face folder")
     inverter = Path(args.inverter).expanduser()
     if not (inverter / "config.json").is_file() or not (inverter / "model.safetensors").is_file():

@@ -635,3 +635,12 @@ def test_overlap_is_allowed_when_asked(models, tmp_path):
     assert generate.check_args(single) == ["a photo of z"] and [s.placeholder for s in single.subjects] == ["z"]
     pair = generate.build_parser().parse_args([*model_args(models), *SUBJECTS, "--out", "o"])
     assert generate.check_args(pair) == ["a photo of z and y"]
+
+
+def test_a_prompt_that_would_cut_a_subjects_slots_is_refused_before_any_model(models, tmp_path, capsys, no_models):
+    long = "hat " * 45 + "z and y"  # z fits; y's 16 slots would run past the 77 tokens
+    with pytest.raises(SystemExit):
+        generate.main([*model_args(models), *SUBJECTS, "--prompt", long, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--prompt: prompt 'hat" in err and "the 16 tokens of subject 'y' would be truncated" in err
+    assert not (tmp_path / "out").exists()
