@@ -31,6 +31,7 @@ against the blending of identities that attend over the whole image. Their ident
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -649,57 +650,54 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
         pipe.load_textual_inversion([{tokens[p]: e.to(device, dtype)} for p, e in subjects.items()])
     elif args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
         negative, _ = pipe.encode_prompt(args.negative_prompt, device, 1, False)
-    regional = None
+    # the regional processors are installed here and removed when the loop ends, however it ends
+    regional: Any = contextlib.nullcontext()
     if args.regions:
         from .models.regional_attention import RegionalAttention
 
         regional = RegionalAttention(pipe.unet, args.regions)
     index = 0
     sheet: list[list[Any]] = []
-    try:
-        with torch.no_grad():
-            for p, prompt in enumerate(prompts):
-                if args.free_noise:
-                    text = dict(prompt=free_noise_prompt(prompt, tokens), negative_prompt=args.negative_prompt)
-                    _, slots = subject_slots(pipe.tokenizer, prompt, {w: e.shape[0] for w, e in subjects.items()},
-                                             pipe.tokenizer.model_max_length)
+    with torch.no_grad(), regional:
+        for p, prompt in enumerate(prompts):
+            if args.free_noise:
+                text = dict(prompt=free_noise_prompt(prompt, tokens), negative_prompt=args.negative_prompt)
+                _, slots = subject_slots(pipe.tokenizer, prompt, {w: e.shape[0] for w, e in subjects.items()},
+                                         pipe.tokenizer.model_max_length)
+            else:
+                embeds, slots = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
+                                                       {w: e.to(device) for w, e in subjects.items()})
+                text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+            if args.regions:
+                latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+                # diffusers' pipelines stack the negative prompt first when they guide (guidance > 1)
+                regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent,
+                                   guided=args.guidance > 1.0)
+            sheet.append([])
+            for i in range(args.num_images):
+                item_seed = seed + index
+                index += 1
+                common = dict(
+                    **text, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                    width=args.width, generator=torch.Generator().manual_seed(item_seed),
+                )
+                name = f"p{p:02d}_{i:03d}"
+                entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
+                if args.video:
+                    frames = pipe(num_frames=args.num_frames, **common).frames[0]
+                    entry["file"] = f"{name}.gif"
+                    entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
+                    sheet[-1].append(frames[0])
                 else:
-                    embeds, slots = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
-                                                           {w: e.to(device) for w, e in subjects.items()})
-                    text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
-                if regional is not None:
-                    latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-                    # diffusers' pipelines stack the negative prompt first when they guide (guidance > 1)
-                    regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent,
-                                       guided=args.guidance > 1.0)
-                sheet.append([])
-                for i in range(args.num_images):
-                    item_seed = seed + index
-                    index += 1
-                    common = dict(
-                        **text, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                        width=args.width, generator=torch.Generator().manual_seed(item_seed),
-                    )
-                    name = f"p{p:02d}_{i:03d}"
-                    entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
-                    if args.video:
-                        frames = pipe(num_frames=args.num_frames, **common).frames[0]
-                        entry["file"] = f"{name}.gif"
-                        entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
-                        sheet[-1].append(frames[0])
-                    else:
-                        result = pipe(**common)
-                        result.images[0].save(out / f"{name}.png")
-                        entry["file"] = f"{name}.png"
-                        nsfw = getattr(result, "nsfw_content_detected", None)
-                        entry["nsfw"] = bool(nsfw[0]) if nsfw else None
-                        sheet[-1].append(result.images[0])
-                    settings["outputs"].append(entry)
-                    # Rewritten after every output, so an interrupted run can still be evaluated.
-                    save_strict_json(settings, out / SETTINGS_NAME)
-    finally:
-        if regional is not None:
-            regional.remove()
+                    result = pipe(**common)
+                    result.images[0].save(out / f"{name}.png")
+                    entry["file"] = f"{name}.png"
+                    nsfw = getattr(result, "nsfw_content_detected", None)
+                    entry["nsfw"] = bool(nsfw[0]) if nsfw else None
+                    sheet[-1].append(result.images[0])
+                settings["outputs"].append(entry)
+                # Rewritten after every output, so an interrupted run can still be evaluated.
+                save_strict_json(settings, out / SETTINGS_NAME)
     contact_sheet(sheet).save(out / CONTACT_SHEET_NAME)
     settings["contact_sheet"] = CONTACT_SHEET_NAME
     save_strict_json(settings, out / SETTINGS_NAME)
