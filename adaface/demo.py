@@ -9,6 +9,10 @@ random identity for a random ID): the best detected face's mean cosine to the re
 computes it; for a clip, the mean over the frames with a face. Bad input (no face, an unreadable file, a prompt
 without the placeholder) is reported in the page.
 
+A second person is optional: photos or a random ID, their own placeholder (`y` by default) and, with the
+left / right layout, each person's tokens confined to their half of the picture (`--region z=left --region y=right`
+of generate). Each output then shows a score per person and which detected face (its number and box) it refers to.
+
 `--tiny` serves tiny random models of the real classes (built once into `--tiny-dir`) for a try-out without
 weights: the page works end to end, the pictures are noise.
 """
@@ -180,6 +184,16 @@ class Request:
     video: bool = False
     num_frames: int = 16
     fps: float = 8.0
+    # an optional second person: photos or a random ID, their placeholder, and whether the two are placed
+    # left (the first) and right (the second)
+    second_photos: list[str] = field(default_factory=list)
+    second_random_id: int | None = None
+    second_placeholder: str = "y"
+    left_right: bool = False
+
+    @property
+    def has_second(self) -> bool:
+        return bool(self.second_photos) or self.second_random_id is not None
 
 
 @dataclass
@@ -190,8 +204,13 @@ class Output:
     scored: bool  # False: no face model to score with
     similarity: float | None  # None: no face found
     face_fraction: float | None = None  # clips: the share of frames with a face
+    # two people: {placeholder: {"arcface", "face", "box"}} (images) or {"arcface", "face_fraction"} (clips)
+    subjects: dict | None = None
 
     def caption(self) -> str:
+        if self.subjects is not None and self.scored:
+            return f"{self.prompt} · seed {self.seed} · " + "; ".join(
+                f"{name}: {_subject_score(m)}" for name, m in self.subjects.items())
         if not self.scored:
             score = "not scored"
         elif self.similarity is None:
@@ -207,21 +226,32 @@ class Output:
 class Result:
     folder: Path
     outputs: list[Output]
-    embeddings_file: Path
+    embeddings_file: Path | list[Path]  # one textual-inversion file per person
     settings_file: Path
     note: str = ""
 
 
-def parse_prompts(text: str, placeholder: str) -> list[str]:
-    """One prompt per non-empty line, each with the placeholder exactly once."""
-    from .models.subject_prompt import split_on_placeholder
+def _subject_score(match: dict) -> str:
+    if match["arcface"] is None:
+        return "face not found"
+    if "box" in match:
+        box = ",".join(f"{v:.0f}" for v in match["box"])
+        return f"ArcFace {match['arcface']:.3f} (face #{match['face']} at {box})"
+    return f"ArcFace {match['arcface']:.3f} (face in {match['face_fraction']:.0%} of frames)"
 
+
+def parse_prompts(text: str, placeholder: str | list[str]) -> list[str]:
+    """One prompt per non-empty line, each with the placeholder exactly once (with several: each at most once,
+    at least one of them)."""
+    from .models.subject_prompt import find_placeholders
+
+    placeholders = [placeholder] if isinstance(placeholder, str) else list(placeholder)
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not prompts:
-        raise DemoError(f"write at least one prompt, e.g. 'a photo of {placeholder} in the forest'")
+        raise DemoError(f"write at least one prompt, e.g. 'a photo of {' and '.join(placeholders)} in the forest'")
     for k, prompt in enumerate(prompts, 1):
         try:
-            split_on_placeholder(prompt, placeholder)
+            find_placeholders(prompt, placeholders)
         except ValueError as e:
             raise DemoError(f"prompt {k}: {e}") from e
     return prompts
@@ -275,7 +305,21 @@ class Studio:
         return args
 
     def _check(self, req: Request) -> argparse.Namespace:
-        prompts = parse_prompts("\n".join(req.prompts), self.placeholder)
+        placeholders = [self.placeholder]
+        if req.has_second:
+            second = (req.second_placeholder or "").strip()
+            if not second or any(c.isspace() or c in ",=" for c in second):
+                raise DemoError(f"the second person's placeholder must be one word, got {second!r}")
+            if second == self.placeholder:
+                raise DemoError(f"the second person needs a placeholder other than {self.placeholder!r}")
+            if req.second_photos and req.second_random_id is not None:
+                raise DemoError("second person: use either photos or a random ID, not both")
+            if req.second_photos and not self.has_faces:
+                raise DemoError("photos need a face model: start the demo with --face-root (or use a random ID)")
+            placeholders.append(second)
+        elif req.left_right:
+            raise DemoError("the left / right layout needs a second person (photos or a random ID)")
+        prompts = parse_prompts("\n".join(req.prompts), placeholders)
         if req.photos and req.random_id is not None:
             raise DemoError("use either photos or a random ID, not both")
         if not req.photos and req.random_id is None:
@@ -294,63 +338,106 @@ class Studio:
             prompts_file=None, negative_prompt=req.negative_prompt or "", seed=req.seed, steps=int(req.steps),
             guidance=float(req.guidance), num_images=int(req.num_images), height=int(req.height),
             width=int(req.width), num_frames=int(req.num_frames), fps=float(req.fps), out=str(folder),
-            save_embeddings=str(folder / EMBEDDINGS_NAME), on_no_face="error",
+            save_embeddings=str(folder / EMBEDDINGS_NAME), on_no_face="error", subject=None, region=None,
+            allow_overlap=False,
         )
+        if req.has_second:
+            from .subject import SubjectSpec
+
+            first = SubjectSpec(self.placeholder, images=args.images, random_id=args.random_id)
+            other = SubjectSpec(placeholders[1], images=list(req.second_photos) or None,
+                                random_id=req.second_random_id)
+            args.images = args.random_id = None
+            args.subject = [first, other]
+            if req.left_right:
+                args.region = [f"{self.placeholder}=left", f"{placeholders[1]}=right"]
         try:
             generate.check_args(args)  # ranges, seeds, sizes and files exactly as the command line checks them
         except OptionError as e:
             raise DemoError(str(e)) from e
         return args
 
-    def subject(self, args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any]:
-        """(identity [512], subject embeddings [16, H], ArcFace references [R, 512] or None)."""
+    def subject(self, spec: Any, seed: int) -> tuple[Any, Any, Any]:
+        """(identity [512], subject embeddings [16, H], ArcFace references [R, 512] or None) of one subject."""
         import torch
 
         from .subject import random_arcface
 
         try:
-            arcface = self.subject_encoder.arcface(images=args.images, random_id=args.random_id,
+            arcface = self.subject_encoder.arcface(images=spec.images, random_id=spec.random_id,
                                                    on_no_face="error", generator=torch.Generator().manual_seed(seed))
         except (ValueError, FileNotFoundError, TypeError) as e:  # no face, unreadable or missing photo
-            raise DemoError(_short_paths(str(e), args.images or [])) from e
+            raise DemoError(_short_paths(str(e), spec.images or [])) from e
         refs = None
-        if args.images:
-            refs = self.subject_encoder.face_encoder.embed_each(args.images)
+        if spec.images:
+            refs = self.subject_encoder.face_encoder.embed_each(spec.images)
         elif self.has_faces:
-            refs = random_arcface(args.random_id)[None]
+            refs = random_arcface(spec.random_id)[None]
         return arcface, self.subject_encoder(arcface).float(), refs
 
     def run(self, req: Request) -> Result:
         import numpy as np
-        import torch
 
         from .models._io import atomic_save_json
-        from .models.subject_prompt import encode_prompt, save_textual_inversion
+        from .models.regional_attention import RegionalAttention
+        from .models.subject_prompt import save_textual_inversion
         from .subject import Identity
 
         args = self._check(req)
         seed = args.seed if args.seed is not None else random.randrange(2**31)
-        arcface, subject, refs = self.subject(args, seed)
+        identities, subjects, refs = [], {}, {}
+        for k, spec in enumerate(args.subjects):
+            arcface, subjects[spec.placeholder], refs[spec.placeholder] = self.subject(spec, seed + k)
+            # photos without a face are refused here (on_no_face="error"), so no random vector stands in for one
+            identities.append(Identity(arcface, num_photos=len(spec.images or [])))
+        several = len(subjects) > 1
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / generate.ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
-        save_textual_inversion(subject, folder / EMBEDDINGS_NAME, token=args.ti_token)
+        for k, identity in enumerate(identities):
+            np.save(folder / generate.arcface_file(args, k), identity.arcface.cpu().numpy().astype(np.float32))
+        ti_files = generate.embeddings_files(args)
+        for (path, token), embeds in zip(ti_files, subjects.values()):
+            save_textual_inversion(embeds, path, token=token)
 
         pipe = self.video_pipe if args.video else self.pipe
-        # photos without a face are refused here (on_no_face="error"), so no random vector stands in for one
-        identity = Identity(arcface, num_photos=len(args.images or []))
-        settings = generate.run_settings(args, args.prompt, seed, self.device, self.dtype, pipe, identity)
+        settings = generate.run_settings(args, args.prompt, seed, self.device, self.dtype, pipe, identities)
         settings["tool"] = "adaface.demo"
         # which ArcFace model embedded the photos, as generate records it
-        settings["recognizer"] = self.subject_encoder.face_encoder.recognizer_file if args.images else None
+        settings["recognizer"] = self.subject_encoder.face_encoder.recognizer_file \
+            if any(s.images for s in args.subjects) else None
         negative = None
         if args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
             negative, _ = pipe.encode_prompt(args.negative_prompt, self.device, 1, False)
-        outputs, index = [], 0
+        outputs: list[Output] = []
+        scored = all(r is not None for r in refs.values())
+        regional = RegionalAttention(pipe.unet, args.regions) if args.regions else None
+        try:
+            self._generate(args, pipe, subjects, refs if scored else None, regional, seed, negative, folder,
+                           settings, outputs)
+        finally:
+            if regional is not None:
+                regional.remove()
+        atomic_save_json(settings, folder / generate.SETTINGS_NAME)
+        note = "" if scored else "no ArcFace similarity: start the demo with --face-root to see it"
+        files = [path for path, _ in ti_files]
+        return Result(folder, outputs, files[0] if not several else files, folder / generate.SETTINGS_NAME, note)
+
+    def _generate(self, args: argparse.Namespace, pipe: Any, subjects: dict, refs: dict | None, regional: Any,
+                  seed: int, negative: Any, folder: Path, settings: dict, outputs: list) -> None:
+        import torch
+
+        from .models.subject_prompt import encode_subjects_prompt
+
+        several = len(subjects) > 1
+        index = 0
         with torch.no_grad():
             for p, prompt in enumerate(args.prompt):
-                embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt, subject.to(self.device),
-                                       placeholder=args.placeholder)
+                embeds, slots = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
+                                                       {w: e.to(self.device) for w, e in subjects.items()})
+                if regional is not None:
+                    latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+                    regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent,
+                                       guided=args.guidance > 1.0)
                 for i in range(args.num_images):
                     item_seed = seed + index
                     index += 1
@@ -370,16 +457,37 @@ class Studio:
                         entry["file"] = f"{name}.png"
                         nsfw = getattr(result, "nsfw_content_detected", None)
                         entry["nsfw"] = bool(nsfw[0]) if nsfw else None
-                    out = Output(folder / entry["file"], prompt, item_seed, refs is not None,
-                                 *self.similarity(folder, entry, refs))
-                    entry["arcface_similarity"] = out.similarity
-                    if args.video:
-                        entry["face_fraction"] = out.face_fraction
+                    if several:
+                        matches = self.subject_similarity(folder, entry, refs) if refs is not None else None
+                        out = Output(folder / entry["file"], prompt, item_seed, refs is not None, None,
+                                     subjects=matches)
+                        entry["subjects_similarity"] = matches
+                    else:
+                        ref = None if refs is None else next(iter(refs.values()))
+                        out = Output(folder / entry["file"], prompt, item_seed, refs is not None,
+                                     *self.similarity(folder, entry, ref))
+                        entry["arcface_similarity"] = out.similarity
+                        if args.video:
+                            entry["face_fraction"] = out.face_fraction
                     settings["outputs"].append(entry)
                     outputs.append(out)
-        atomic_save_json(settings, folder / generate.SETTINGS_NAME)
-        note = "" if refs is not None else "no ArcFace similarity: start the demo with --face-root to see it"
-        return Result(folder, outputs, folder / EMBEDDINGS_NAME, folder / generate.SETTINGS_NAME, note)
+
+    def subject_similarity(self, folder: Path, entry: dict, refs: dict) -> dict:
+        """Per subject of the output's prompt: for an image, its score and the detected face it refers to (by
+        the evaluation's one-to-one matching); for a clip, the mean over frames where its face was found."""
+        from .evaluate import Item, subject_scores
+
+        files = entry.get("frames") or [entry["file"]]
+        items = [Item(folder / f, entry["prompt"], entry["file"]) for f in files]
+        rows = [m for m, _ in subject_scores(self.subject_encoder.face_encoder, items, refs)]
+        if "frames" not in entry:
+            return rows[0]
+        result = {}
+        for name in rows[0]:
+            found = [r[name]["arcface"] for r in rows if r[name]["arcface"] is not None]
+            result[name] = {"arcface": sum(found) / len(found) if found else None,
+                            "face_fraction": len(found) / len(rows)}
+        return result
 
     def similarity(self, folder: Path, entry: dict, refs: Any) -> tuple[float | None, float | None]:
         """(ArcFace similarity, share of frames with a face for clips) of one output, by the evaluation's rule."""
@@ -424,6 +532,18 @@ def respond(studio: Studio, req_fields: dict) -> tuple[list, str, list[str] | No
         use_random = bool(req_fields.pop("use_random"))
         random_id = req_fields.pop("random_id")
         photos = _files(req_fields.pop("photos"))
+        if req_fields.pop("second", False):  # the page's optional second person
+            second_random = bool(req_fields.pop("second_use_random"))
+            second_id = req_fields.pop("second_random_id")
+            second_photos = _files(req_fields.pop("second_photos"))
+            req_fields["second_photos"] = [] if second_random else second_photos
+            req_fields["second_random_id"] = int(second_id or 0) if second_random else None
+            if not second_random and not second_photos:
+                raise DemoError("second person: upload at least one face photo, or choose a random ID")
+        else:
+            for key in ("second_use_random", "second_random_id", "second_photos", "second_placeholder",
+                        "left_right"):
+                req_fields.pop(key, None)
         req = Request(
             prompts=(req_fields.pop("prompts") or "").splitlines(),
             photos=[] if use_random else photos,
@@ -439,7 +559,8 @@ def respond(studio: Studio, req_fields: dict) -> tuple[list, str, list[str] | No
     lines += [f"- {o.file.name}: {o.caption()}" for o in result.outputs]
     if result.note:
         lines.append(result.note)
-    return gallery, "\n".join(lines), [str(result.embeddings_file), str(result.settings_file)]
+    ti = result.embeddings_file if isinstance(result.embeddings_file, list) else [result.embeddings_file]
+    return gallery, "\n".join(lines), [*map(str, ti), str(result.settings_file)]
 
 
 def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None = None) -> Any:
@@ -461,6 +582,21 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
                     random_id = gr.Number(label="Random ID", value=0, precision=0, elem_id="random-id")
                 prompts = gr.Textbox(label=f"Prompts, one per line ({ph} stands for the subject)",
                                      value=f"a photo of {ph}", lines=3, elem_id="prompts")
+                with gr.Accordion("Second person (optional)", open=False):
+                    second = gr.Checkbox(label="Add a second person", value=False, elem_id="second")
+                    second_photos = gr.File(label="Their face photo(s)", file_count="multiple",
+                                            file_types=["image"], elem_id="second-photos",
+                                            interactive=studio.has_faces)
+                    with gr.Row():
+                        second_use_random = gr.Checkbox(label="Random ID instead of photos",
+                                                        value=not studio.has_faces, elem_id="second-use-random")
+                        second_random_id = gr.Number(label="Random ID", value=1, precision=0,
+                                                     elem_id="second-random-id")
+                    with gr.Row():
+                        second_placeholder = gr.Textbox(label="Their placeholder", value="y",
+                                                        elem_id="second-placeholder")
+                        left_right = gr.Checkbox(label=f"{ph} on the left, the second person on the right",
+                                                 value=True, elem_id="left-right")
                 negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
@@ -490,20 +626,33 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
                                     interactive=False, elem_id="downloads")
 
         progress_bar = gr.Progress(track_tqdm=True)  # Gradio shows the pipelines' tqdm bars in the page
-        shared = [photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width]
+        shared = [photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                  second, second_photos, second_use_random, second_random_id, second_placeholder, left_right]
 
+        def fields(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                   second, second_photos, second_use_random, second_random_id, second_placeholder,
+                   left_right) -> dict:
+            return dict(photos=photos, use_random=use_random, random_id=random_id, prompts=prompts,
+                        negative_prompt=negative, seed=seed, steps=steps, guidance=guidance, num_images=count,
+                        height=height, width=width, second=second, second_photos=second_photos,
+                        second_use_random=second_use_random, second_random_id=second_random_id,
+                        second_placeholder=second_placeholder, left_right=left_right)
+
+        # explicit parameters: Gradio places the progress tracker by its position in the signature
         def images(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                   second, second_photos, second_use_random, second_random_id, second_placeholder, left_right,
                    progress=progress_bar):
-            return respond(studio, dict(photos=photos, use_random=use_random, random_id=random_id, prompts=prompts,
-                                        negative_prompt=negative, seed=seed, steps=steps, guidance=guidance,
-                                        num_images=count, height=height, width=width))
+            return respond(studio, fields(photos, use_random, random_id, prompts, negative, seed, steps, guidance,
+                                          count, height, width, second, second_photos, second_use_random,
+                                          second_random_id, second_placeholder, left_right))
 
         def video(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height, width,
+                  second, second_photos, second_use_random, second_random_id, second_placeholder, left_right,
                   frames, fps, progress=progress_bar):
-            return respond(studio, dict(photos=photos, use_random=use_random, random_id=random_id, prompts=prompts,
-                                        negative_prompt=negative, seed=seed, steps=steps, guidance=guidance,
-                                        num_images=count, height=height, width=width, video=True,
-                                        num_frames=frames, fps=fps))
+            values = fields(photos, use_random, random_id, prompts, negative, seed, steps, guidance, count, height,
+                            width, second, second_photos, second_use_random, second_random_id, second_placeholder,
+                            left_right)
+            return respond(studio, dict(values, video=True, num_frames=frames, fps=fps))
 
         # one concurrency group for both buttons: the models serve one request at a time
         image_button.click(images, shared, [gallery, status, downloads], concurrency_id="models")

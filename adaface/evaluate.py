@@ -16,6 +16,14 @@ placeholder and the subject's reference photos, or the saved identity for embedd
 photos in which no face was found). Any folder of images works too, with `--prompt` and `--references` /
 `--embedding`.
 
+Several subjects (a run of `generate --subject z=... --subject y=...`): each subject is scored in the images whose
+prompt names it, against its own recorded identity (its reference photos, else its saved ArcFace vector). The
+detected faces are matched to the image's subjects one to one, best-matching pair first (the highest mean cosine to
+a subject's references); a subject left without a face is "not found" in that image. Each image records, per
+subject, the score and which detected face it refers to (its index and box); the summary has a line per subject.
+CLIP-T replaces every placeholder with the class word; CLIP-I and DINO are left out (one reference set per image
+would mix the subjects).
+
 Videos: every frame is scored as an image, and each clip gets identity-consistency figures (`per_video`, and
 their means over clips in the summary): the mean, minimum and standard deviation of its frames' ArcFace
 similarity (frames with a face), the fraction of frames with a detected face, and CLIP-I between consecutive
@@ -150,7 +158,11 @@ def reference_source(args: argparse.Namespace, settings: dict) -> dict:
         from .subject import EMBEDDING_SUFFIXES
 
         return {"embedding": str(check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES))}
-    subject = settings.get("subject", {})
+    return recorded_reference(args, settings.get("subject") or {})
+
+
+def recorded_reference(args: argparse.Namespace, subject: dict, name: str = "") -> dict:
+    """A subject's references as the run recorded them: its photos with a face, else its identity file."""
     # Photos in which generate found no face (a random vector stood in) are no reference for the identity.
     stand_ins = set(subject.get("random_stand_ins") or [])
     images = [i for i in subject.get("images") or [] if i not in stand_ins]
@@ -162,9 +174,26 @@ def reference_source(args: argparse.Namespace, settings: dict) -> dict:
             path = Path(args.run_dir).expanduser() / value  # an absolute value stays absolute
             if path.is_file():
                 return {"embedding": str(path)}
+    if name:
+        raise OptionError(f"RUN_DIR {args.run_dir}: subject {name!r} has no reference photos or identity file that "
+                          "still exist")
     raise OptionError(
         "--references or --embedding is needed: the run records no reference photos or identity that still exist"
     )
+
+
+def subject_references(args: argparse.Namespace, settings: dict) -> dict[str, dict] | None:
+    """{placeholder: reference source} of a run with several subjects; None for a one-subject run."""
+    subjects = [s for s in settings.get("subjects") or [] if isinstance(s, dict)]
+    if len(subjects) < 2:
+        return None
+    if args.references or args.embedding:
+        option = "--references" if args.references else "--embedding"
+        raise OptionError(f"{option}: the run has {len(subjects)} subjects, each scored against its own recorded "
+                          "identity; drop the option")
+    if args.placeholder:
+        raise OptionError("--placeholder: the run names its subjects' placeholders itself")
+    return {s["placeholder"]: recorded_reference(args, s, s["placeholder"]) for s in subjects}
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[Item], dict, dict, str]:
@@ -174,7 +203,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[Item], dict, dict, str]:
     if not args.class_word.strip():
         raise OptionError("--class-word must not be empty")
     items, settings = read_run(args)
-    refs = reference_source(args, settings)
+    several = subject_references(args, settings)
+    refs = {"subjects": several} if several else reference_source(args, settings)
     placeholder = args.placeholder or settings.get("placeholder") or "z"
     from .models.face_encoder import find_model_pack
 
@@ -220,25 +250,56 @@ def reference_arcface(encoder: Any, refs: dict) -> torch.Tensor:
         raise OptionError(f"--embedding {e}") from e
 
 
-def arcface_scores(encoder: Any, items: list[Item], refs: torch.Tensor) -> list[tuple[float | None, int]]:
-    """(score or None when no face, number of faces) per item; score = max over faces of mean cosine to refs."""
+def detect_faces(encoder: Any, item: Item) -> tuple[torch.Tensor, list[list[float]]]:
+    """Every detected face of an image: unit ArcFace embeddings `[F, 512]` and boxes `[x0, y0, x1, y1]` (pixels)."""
     import numpy as np
 
     from .models.face_encoder import load_rgb
 
     if not encoder.has_detector:
         raise OptionError(f"--face-root: the pack in {encoder.pack} has no face detector (scrfd_*.onnx)")
+    bgr = np.ascontiguousarray(load_rgb(item.file)[:, :, ::-1])
+    faces = [f for f in encoder.app.get(bgr) if getattr(f, "embedding", None) is not None]
+    if not faces:
+        return torch.zeros(0, 512), []
+    emb = F.normalize(torch.from_numpy(np.stack([np.asarray(f.embedding, np.float32) for f in faces])), dim=-1)
+    return emb, [[round(float(v), 1) for v in f.bbox[:4]] for f in faces]
+
+
+def arcface_scores(encoder: Any, items: list[Item], refs: torch.Tensor) -> list[tuple[float | None, int]]:
+    """(score or None when no face, number of faces) per item; score = max over faces of mean cosine to refs."""
     refs = F.normalize(refs.float(), dim=-1)
     scores = []
     for item in items:
-        bgr = np.ascontiguousarray(load_rgb(item.file)[:, :, ::-1])
-        faces = [f for f in encoder.app.get(bgr) if getattr(f, "embedding", None) is not None]
-        if not faces:
-            scores.append((None, 0))
-            continue
-        emb = F.normalize(torch.from_numpy(np.stack([np.asarray(f.embedding, np.float32) for f in faces])), dim=-1)
-        scores.append(((emb @ refs.T).mean(1).max().item(), len(faces)))
+        emb, _ = detect_faces(encoder, item)
+        scores.append(((emb @ refs.T).mean(1).max().item() if len(emb) else None, len(emb)))
     return scores
+
+
+def match_subjects(emb: torch.Tensor, boxes: list, refs: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Detected faces matched to subjects one to one, the most similar pair first; per subject its score (mean
+    cosine of the face to the subject's references), the face's index and box, or None for all three."""
+    sims = {name: (emb @ F.normalize(r.float(), dim=-1).T).mean(1) for name, r in refs.items()}
+    pairs = sorted(((sims[name][k].item(), name, k) for name in refs for k in range(len(emb))), reverse=True)
+    result = {name: {"arcface": None, "face": None, "box": None} for name in refs}
+    taken: set[int] = set()
+    for score, name, k in pairs:
+        if result[name]["face"] is None and k not in taken:
+            result[name] = {"arcface": score, "face": k, "box": boxes[k]}
+            taken.add(k)
+    return result
+
+
+def subject_scores(encoder: Any, items: list[Item], refs: dict[str, torch.Tensor]) -> list[tuple[dict, int]]:
+    """Per item: ({placeholder: match} for the subjects its prompt names, number of faces)."""
+    from .models.subject_prompt import placeholder_pattern
+
+    rows = []
+    for item in items:
+        emb, boxes = detect_faces(encoder, item)
+        present = {name: r for name, r in refs.items() if placeholder_pattern(name).search(item.prompt)}
+        rows.append((match_subjects(emb, boxes, present), len(emb)))
+    return rows
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -341,14 +402,31 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
     if args.dino and not Path(args.dino).is_dir():
         check_model_type(args.dino, "--dino", DINO_TYPES, "a DINO ViT (e.g. facebook/dino-vits16)")
     encoder = FaceEncoder(args.face_root)
-    ref_arcface = reference_arcface(encoder, refs)
-    arc = arcface_scores(encoder, items, ref_arcface)
+    several = refs.get("subjects")
+    per_subject = None
+    if several:
+        ref_arcface = {name: reference_arcface(encoder, r) for name, r in several.items()}
+        per_subject = subject_scores(encoder, items, ref_arcface)
+        # an image's identity score: the mean over its subjects whose faces were found
+        arc = []
+        for matches, num_faces in per_subject:
+            found = [m["arcface"] for m in matches.values() if m["arcface"] is not None]
+            arc.append((sum(found) / len(found) if found else None, num_faces))
+    else:
+        ref_arcface = reference_arcface(encoder, refs)
+        arc = arcface_scores(encoder, items, ref_arcface)
 
     with loading("--clip", args.clip):
         clip = CLIPModel.from_pretrained(args.clip).eval().to(device)
         processor = CLIPProcessor.from_pretrained(args.clip)
     files = [i.file for i in items]
-    eval_prompts = [class_prompt(i.prompt, placeholder, args.class_word) for i in items]
+    placeholders = list(several) if several else [placeholder]
+    eval_prompts = []
+    for item in items:
+        text = item.prompt
+        for word in placeholders:
+            text = class_prompt(text, word, args.class_word)
+        eval_prompts.append(text)
     img = clip_image_features(clip, processor, files, device, args.batch_size)
     unique = sorted(set(eval_prompts))
     txt = clip_text_features(clip, processor, unique, device)
@@ -373,6 +451,9 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
          "clip_i": None if clip_i is None else clip_i[k].item(), "dino": None if dino is None else dino[k].item()}
         for k, it in enumerate(items)
     ]
+    if per_subject is not None:
+        for row, (matches, _) in zip(per_image, per_subject):
+            row["subjects"] = matches
     details = {
         "arcface": _stats(with_face),
         "clip_t": _stats(clip_t),
@@ -389,6 +470,8 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         "clip_i": details["clip_i"]["mean"] if clip_i is not None else None,
         "dino": details["dino"]["mean"] if dino is not None else None,
     }
+    if per_subject is not None:
+        summary["subjects"] = subjects_summary(per_image, list(several))
     per_video = video_consistency(items, arc, img)
     if per_video:
         summary["video"] = video_summary(per_video)
@@ -398,12 +481,42 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         "run_dir": str(Path(args.run_dir).expanduser().resolve()),
         "summary": summary,
         "details": details,
-        "references": {**refs, "count": int(ref_arcface.shape[0])},
+        "references": {"subjects": {name: {**r, "count": int(ref_arcface[name].shape[0])}
+                                    for name, r in several.items()}}
+        if several else {**refs, "count": int(ref_arcface.shape[0])},
         "options": {"clip": args.clip, "dino": args.dino, "face_root": args.face_root, "class_word": args.class_word,
                     "placeholder": placeholder, "device": str(device)},
         "per_image": per_image,
         **({"per_video": per_video} if per_video else {}),
     }
+
+
+def subjects_summary(per_image: list[dict], names: list[str]) -> dict[str, dict]:
+    """Per subject: its mean ArcFace over the images that name it and show its face, and where it was not found."""
+    summary = {}
+    for name in names:
+        rows = [r for r in per_image if name in r["subjects"]]
+        scores = [r["subjects"][name]["arcface"] for r in rows if r["subjects"][name]["arcface"] is not None]
+        summary[name] = {
+            "arcface": sum(scores) / len(scores) if scores else None,
+            "num_images": len(rows),
+            "num_found": len(scores),
+            "not_found": [r["file"] for r in rows if r["subjects"][name]["arcface"] is None],
+        }
+    return summary
+
+
+def subject_lines(report: dict) -> list[str]:
+    """A line per subject of a several-subject run: its score and the images where its face was not found."""
+    lines = []
+    for name, s in (report["summary"].get("subjects") or {}).items():
+        score = "n/a" if s["arcface"] is None else f"{s['arcface']:.3f}"
+        line = f"subject {name}: arcface {score} (its face found in {s['num_found']}/{s['num_images']} images)"
+        if s["not_found"]:
+            shown = ", ".join(s["not_found"][:3]) + (", ..." if len(s["not_found"]) > 3 else "")
+            line += f"; face not found in {shown}"
+        lines.append(line)
+    return lines
 
 
 def summary_line(report: dict) -> str:
@@ -437,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a non-finite score: a broken model or image, not a number to report
         parser.error(f"--out {out}: {e}")
     print(summary_line(report))
+    for line in subject_lines(report):
+        print(line)
     return 0
 
 

@@ -20,11 +20,18 @@ Videos longer than the motion module's window (`--context-length`, by default th
 frames apart, with their noise re-used and their outputs blended. diffusers' FreeNoise encodes the prompt
 itself (it accepts no `prompt_embeds`), so there the subject goes in as a textual inversion loaded into the
 pipeline, which gives the same prompt embeddings.
+
+Several subjects (`--subject z=alice.jpg --subject y=random:7`) each get their own placeholder; a prompt may use
+any of them, each once, and each placeholder becomes its subject's 16 embeddings. `--region z=left` confines a
+subject's tokens to a part of the image in every cross-attention layer (`adaface.models.regional_attention`),
+against the blending of identities that attend over the whole image. Their identities go to `subject{k}_arcface.npy`
+(k in --subject order) and `--save-embeddings` writes one textual-inversion file per subject.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -32,6 +39,7 @@ import random
 import re
 import shutil
 import sys
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,8 @@ from ._cli import (
 SETTINGS_NAME = "settings.json"
 MAX_PROMPTS_FILE_BYTES = 2**20  # --prompts-file: a megabyte of prompts is thousands of runs
 ARCFACE_NAME = "subject_arcface.npy"
+# the identity files a run writes: ARCFACE_NAME for one subject, subject{k}_arcface.npy for several
+ARCFACE_PATTERN = re.compile(r"^(subject_arcface|subject\d{1,3}_arcface)\.npy$")
 CONTACT_SHEET_NAME = "contact_sheet.png"
 REPORT_NAME = "eval_report.json"  # written into a run folder by `python -m adaface.evaluate`
 OUTPUT_PATTERN = re.compile(r"^p\d{2,}_\d{3,}(\.png|\.gif)?$")  # every image, GIF and frame folder of a run
@@ -63,6 +73,8 @@ CPU_SLOW_PIXELS = 512 * 512
 SCHEDULERS = ("auto", "ddim", "dpm", "euler", "pndm")
 # Seeds are int64 values: every output's seed (--seed + its index) and --random-id must fit, on any torch.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+SLOTS_PER_SUBJECT = 16  # Arc2Face's ID tokens, which the Prompt Inverter turns into 16 prompt embeddings (§2.1)
+PROMPT_POSITIONS = 75  # a 77-token prompt less its start and end tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --images, refuse a face recognizer other than Arc2Face's arcface.onnx "
                         "(default: warn)")
 
-    subject = p.add_argument_group("subject (exactly one)")
-    src = subject.add_mutually_exclusive_group(required=True)
+    subject = p.add_argument_group("subject: one with --images, --embedding or --random-id, or one or more "
+                                   "with --subject")
+    src = subject.add_mutually_exclusive_group()
     src.add_argument("--images", nargs="+", metavar="PHOTO",
                      help="face photo(s) of the subject; several are averaged into one identity")
     src.add_argument("--embedding", metavar="FILE",
@@ -96,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-id", type=int, metavar="SEED", help="a random identity from this seed")
     subject.add_argument("--on-no-face", choices=("error", "random"), default="error",
                          help="what to do with a photo in which no face is found")
+    subject.add_argument("--subject", action="append", metavar="PLACEHOLDER=SOURCE",
+                         help="a subject and the word that stands for it in the prompts; SOURCE is face photos "
+                         "(z=alice1.jpg,alice2.jpg), random:SEED (y=random:7) or embedding:FILE (y=embedding:bob.npy); "
+                         "repeat for several people in one picture")
+    subject.add_argument("--region", action="append", metavar="PLACEHOLDER=REGION",
+                         help="confine a subject to a part of the image: left, right, top, bottom or a box "
+                         "x0,y0,x1,y1 in fractions of the width and height (z=left, y=0.5,0,1,1)")
+    subject.add_argument("--allow-overlap", action="store_true", help="let --region boxes overlap")
 
     prompts = p.add_argument_group("prompts")
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
@@ -103,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "for several prompts (default: 'a photo of z' when no --prompts-file)")
     prompts.add_argument("--prompts-file", metavar="FILE",
                          help="text file with one prompt per line (added to --prompt)")
-    prompts.add_argument("--placeholder", default="z", help="the word that stands for the subject in the prompts")
+    prompts.add_argument("--placeholder", default="z",
+                         help="the word that stands for the subject in the prompts (with --images, --embedding or "
+                         "--random-id; --subject names its own)")
     prompts.add_argument("--negative-prompt", default="",
                          help="negative prompt, encoded by the same text encoder (used when --guidance > 1)")
 
@@ -140,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--out holds an earlier run: delete its outputs first, then write this run there")
     out.add_argument("--save-embeddings", metavar="PATH.safetensors",
                      help="also write the subject as a textual-inversion file; A1111 and ComfyUI use the file's "
-                          "name as the trigger word, so name it after the person (alice.safetensors)")
+                          "name as the trigger word, so name it after the person (alice.safetensors); with several "
+                          "subjects, one file each, PATH's name plus _PLACEHOLDER, with token <PLACEHOLDER>")
     out.add_argument("--ti-token", default="<z>",
                      help="token under which --save-embeddings writes the subject: pipelines that load the file "
                           "with load_textual_inversion say this token; this command's prompts use --placeholder")
@@ -162,13 +186,145 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise OptionError(f"--prompts-file {args.prompts_file}: no prompts in it")
-    return prompts or [f"a photo of {args.placeholder}"]
+    return prompts or [f"a photo of {' and '.join(s.placeholder for s in args.subjects)}"]
+
+
+def subject_specs(args: argparse.Namespace) -> list:
+    """The subjects: each --subject, or the one subject of --images / --embedding / --random-id."""
+    from .subject import SubjectSpec
+
+    single = args.images or args.embedding or args.random_id is not None
+    if args.subject and single:
+        raise OptionError("--subject: name every subject with --subject, or the one subject with --images, "
+                          "--embedding or --random-id, not both")
+    if not args.subject:
+        if not single:
+            raise OptionError("a subject is needed: --images, --embedding or --random-id (one subject), or "
+                              "--subject PLACEHOLDER=SOURCE (one or more)")
+        return [SubjectSpec(args.placeholder, images=args.images, embedding=args.embedding,
+                            random_id=args.random_id)]
+    specs = []
+    for text in args.subject:
+        if isinstance(text, SubjectSpec):  # built by a caller (the demo), not typed
+            specs.append(text)
+            continue
+        try:
+            specs.append(SubjectSpec.parse(text))
+        except ValueError as e:
+            raise OptionError(f"--subject {e}") from e
+    placeholders = [s.placeholder for s in specs]
+    for placeholder in placeholders:
+        if placeholders.count(placeholder) > 1:
+            raise OptionError(f"--subject: {placeholders.count(placeholder)} subjects use the placeholder "
+                              f"{placeholder!r}; each subject needs its own")
+    return specs
+
+
+def subject_option(args: argparse.Namespace, spec: Any, kind: str) -> str:
+    """The option that named a subject's source of `kind` (images, embedding, random_id), for messages."""
+    if not args.subject:
+        return f"--{kind.replace('_', '-')}"
+    return f"--subject {spec.placeholder}=" + {"images": "PHOTOS", "embedding": "embedding:FILE",
+                                                "random_id": "random:SEED"}[kind]
+
+
+def check_regions(args: argparse.Namespace) -> dict:
+    """--region PLACEHOLDER=REGION for existing subjects, inside the image, not empty, not overlapping."""
+    from .models.regional_attention import NAMED_REGIONS, Region
+
+    placeholders = [s.placeholder for s in args.subjects]
+    regions: dict[str, Region] = {}
+    for text in args.region or []:
+        placeholder, sep, spec = text.partition("=")
+        placeholder = placeholder.strip()
+        if not sep:
+            raise OptionError(f"--region {text}: expected PLACEHOLDER=REGION, REGION one of "
+                              f"{', '.join(NAMED_REGIONS)} or x0,y0,x1,y1")
+        if placeholder not in placeholders:
+            raise OptionError(f"--region {text}: no subject has the placeholder {placeholder!r} (subjects: "
+                              f"{', '.join(placeholders)})")
+        if placeholder in regions:
+            raise OptionError(f"--region {text}: subject {placeholder!r} already has a region")
+        try:
+            regions[placeholder] = Region.parse(spec)
+        except ValueError as e:
+            raise OptionError(f"--region {text}: {e}") from e
+    if not args.allow_overlap:
+        for (a, ra), (b, rb) in combinations(regions.items(), 2):
+            if ra.overlaps(rb):
+                raise OptionError(f"--region: the regions of {a!r} ({ra.spec()}) and {b!r} ({rb.spec()}) overlap; "
+                                  "pass --allow-overlap to allow it")
+    return regions
+
+
+def check_subject_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Each prompt uses its subjects once each and has room for their slots; each subject is in some prompt."""
+    from .models.subject_prompt import find_placeholders
+
+    placeholders = [s.placeholder for s in args.subjects]
+    used: set[str] = set()
+    for prompt in prompts:
+        try:
+            found = find_placeholders(prompt, placeholders)
+        except ValueError as e:
+            raise OptionError(f"--prompt: {e}") from e
+        if len(found) * SLOTS_PER_SUBJECT > PROMPT_POSITIONS:
+            raise OptionError(
+                f"--subject: the prompt {prompt!r} uses {len(found)} subjects, whose {len(found)} x "
+                f"{SLOTS_PER_SUBJECT} slots exceed the {PROMPT_POSITIONS} positions of a 77-token prompt; use at "
+                f"most {PROMPT_POSITIONS // SLOTS_PER_SUBJECT} subjects per prompt"
+            )
+        used.update(f[0] for f in found)
+    for placeholder in placeholders:
+        if placeholder not in used:
+            option = f"--subject {placeholder}" if args.subject else "--placeholder"
+            raise OptionError(f"{option}: the placeholder {placeholder!r} appears in no prompt")
+
+
+def check_prompt_lengths(args: argparse.Namespace, prompts: list[str]) -> None:
+    """With a local --base, its tokenizer says now whether a prompt's words push a subject's slots past 77 tokens
+    (a hub id's tokenizer is only fetched with the pipeline; encoding raises the same error then)."""
+    folder = Path(args.base) / "tokenizer"
+    if not folder.is_dir():
+        return
+    from transformers import CLIPTokenizer
+
+    from .models.subject_prompt import subject_slots
+
+    with loading("--base", args.base):
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    slots = {s.placeholder: SLOTS_PER_SUBJECT for s in args.subjects}
+    for prompt in prompts:
+        try:
+            subject_slots(tokenizer, prompt, slots, min(77, tokenizer.model_max_length))
+        except ValueError as e:
+            raise OptionError(f"--prompt: {e}") from e
+
+
+def embeddings_files(args: argparse.Namespace) -> list[tuple[Path, str]] | None:
+    """(textual-inversion file, its token) per subject for --save-embeddings: the path and --ti-token for one
+    subject; PATH's name plus _PLACEHOLDER and token <PLACEHOLDER> for each of several."""
+    if not args.save_embeddings:
+        return None
+    path = Path(args.save_embeddings).expanduser()
+    if len(args.subjects) == 1:
+        return [(path, args.ti_token)]
+    files = []
+    for spec in args.subjects:
+        word = spec.placeholder.strip("<>")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", word)
+        token = spec.placeholder if spec.placeholder.startswith("<") and spec.placeholder.endswith(">") \
+            else f"<{word}>"
+        files.append((path.with_name(f"{path.stem}_{name}{path.suffix}"), token))
+    return files
+
+
+def arcface_file(args: argparse.Namespace, k: int) -> str:
+    return ARCFACE_NAME if len(args.subjects) == 1 else f"subject{k}_arcface.npy"
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
     """Every check that needs no model; returns the prompts. Raises OptionError naming the option."""
-    from .models.subject_prompt import split_on_placeholder
-
     for name in ("num_images", "steps", "num_frames"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -182,33 +338,36 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise OptionError(f"--fps must be a number in (0, {MAX_FPS:g}] (GIF delays are 1/100 s steps), got {args.fps}")
     if not args.placeholder.strip() or any(c.isspace() for c in args.placeholder):
         raise OptionError(f"--placeholder must be one word, got {args.placeholder!r}")
+    args.subjects = subject_specs(args)
+    args.regions = check_regions(args)
     prompts = read_prompts(args)
-    for prompt in prompts:
-        try:
-            split_on_placeholder(prompt, args.placeholder)
-        except ValueError as e:
-            raise OptionError(f"--prompt: {e}") from e
+    check_subject_prompts(args, prompts)
     count = len(prompts) * args.num_images
     if args.seed is not None and not SEED_MIN <= args.seed <= SEED_MAX - (count - 1):
         raise OptionError(
             f"--seed must be between {SEED_MIN} and {SEED_MAX - (count - 1)}, got {args.seed}: the {count} outputs "
             f"use --seed + 0 ... --seed + {count - 1}, and each must fit in a 64-bit signed integer"
         )
-    if args.random_id is not None and not SEED_MIN <= args.random_id <= SEED_MAX:
-        raise OptionError(f"--random-id must be between {SEED_MIN} and {SEED_MAX}, got {args.random_id}")
+    for spec in args.subjects:
+        if spec.random_id is not None and not SEED_MIN <= spec.random_id <= SEED_MAX:
+            raise OptionError(f"{subject_option(args, spec, 'random_id')} must be between {SEED_MIN} and "
+                              f"{SEED_MAX}, got {spec.random_id}")
 
     args.base = check_source(args.base, "--base", ["model_index.json"], "an SD-1.5 pipeline folder")
+    check_prompt_lengths(args, prompts)
     args.arc2face = check_source(args.arc2face, "--arc2face", ["encoder/config.json"], "an Arc2Face folder")
     inverter = Path(args.inverter).expanduser()
     if not (inverter / "config.json").is_file() or not (inverter / "model.safetensors").is_file():
         raise OptionError(
             f"--inverter {args.inverter}: not a Prompt Inverter folder (needs config.json + model.safetensors)"
         )
-    if args.images:
-        if not args.face_root:
-            raise OptionError("--face-root is needed with --images (the insightface root with antelopev2)")
-        for image in args.images:
-            check_file(image, "--images")
+    for spec in args.subjects:
+        if spec.images:
+            option = subject_option(args, spec, "images")
+            if not args.face_root:
+                raise OptionError(f"--face-root is needed with {option} (the insightface root with antelopev2)")
+            for image in spec.images:
+                check_file(image, option)
     if args.face_root:
         from .models.face_encoder import find_model_pack
 
@@ -216,14 +375,16 @@ def check_args(args: argparse.Namespace) -> list[str]:
             find_model_pack(args.face_root)
         except FileNotFoundError as e:
             raise OptionError(f"--face-root {args.face_root}: {e}") from e
-    if args.embedding:
-        from .subject import EMBEDDING_SUFFIXES, load_arcface_embedding
+    for spec in args.subjects:
+        if spec.embedding:
+            from .subject import EMBEDDING_SUFFIXES, load_arcface_embedding
 
-        path = check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES)
-        try:
-            load_arcface_embedding(path)
-        except ValueError as e:
-            raise OptionError(f"--embedding {e}") from e
+            option = subject_option(args, spec, "embedding")
+            path = check_file(spec.embedding, option, EMBEDDING_SUFFIXES)
+            try:
+                load_arcface_embedding(path)
+            except ValueError as e:
+                raise OptionError(f"{option} {e}") from e
     if args.video and not args.motion_adapter:
         raise OptionError("--video needs --motion-adapter (an AnimateDiff MotionAdapter folder or hub id)")
     if args.motion_adapter and not args.video:
@@ -236,6 +397,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise OptionError(f"--save-embeddings {args.save_embeddings}: the file name must end in .safetensors")
     if not args.ti_token.strip() or any(c.isspace() for c in args.ti_token):
         raise OptionError(f"--ti-token must be one word without spaces, got {args.ti_token!r}")
+    files = embeddings_files(args)
+    if files and len({f for f, _ in files}) < len(files):
+        raise OptionError(f"--save-embeddings {args.save_embeddings}: the subjects' placeholders give the same "
+                          "file name twice; choose placeholders that differ in letters or digits")
     check_out(args)
     return prompts
 
@@ -308,11 +473,18 @@ def earlier_run(out: Path) -> list[Path] | None:
             files.add(out / entry["file"])
     # An interrupted run wrote an output it had not listed yet: its names follow the pattern.
     files.update(f for f in out.iterdir() if OUTPUT_PATTERN.match(f.name))
-    embeddings = (settings.get("subject") or {}).get("embeddings_file")
-    if isinstance(embeddings, str) and Path(embeddings).parent == out.resolve():
-        recorded = (settings.get("written") or {}).get(Path(embeddings).name)
-        if recorded is not None and recorded == fingerprint(out / Path(embeddings).name):
-            files.add(out / Path(embeddings).name)
+    written = settings.get("written") or {}
+    entries = [settings.get("subject") or {}, *[e for e in settings.get("subjects") or [] if isinstance(e, dict)]]
+    for entry in entries:
+        # a textual-inversion file inside --out only when this run recorded it byte for byte
+        embeddings = entry.get("embeddings_file")
+        if isinstance(embeddings, str) and Path(embeddings).parent == out.resolve():
+            name = Path(embeddings).name
+            if isinstance(written, dict) and written.get(name) is not None and written[name] == fingerprint(out / name):
+                files.add(out / name)
+        arcface = entry.get("arcface_file")
+        if isinstance(arcface, str) and ARCFACE_PATTERN.match(arcface):
+            files.add(out / arcface)
     root = out.resolve()
     return sorted(f for f in files if (f.exists() or f.is_symlink()) and f.resolve().parent == root)
 
@@ -412,14 +584,6 @@ def load_subject_encoder(args: argparse.Namespace, device: torch.device, dtype: 
         raise OptionError(f"--inverter {args.inverter} does not fit --arc2face {args.arc2face}: {e}") from e
 
 
-def subject_source(args: argparse.Namespace) -> dict:
-    if args.images:
-        return {"images": [str(Path(i).expanduser().resolve()) for i in args.images]}
-    if args.embedding:
-        return {"embedding": str(Path(args.embedding).expanduser().resolve())}
-    return {"random_id": args.random_id}
-
-
 def save_frames(frames: list, folder: Path, gif: Path, fps: float) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -439,27 +603,40 @@ def warn_if_slow_on_cpu(args: argparse.Namespace, prompts: list[str], device: to
           "try-out pass e.g. --height 64 --width 64 --steps 4 --num-images 1", file=sys.stderr)
 
 
-def report_stand_ins(args: argparse.Namespace, subject: Any) -> None:
+def report_stand_ins(args: argparse.Namespace, subject: Any, placeholder: str | None = None) -> None:
     if not subject.random_stand_ins:
         return
     whose = "the whole identity is random" if subject.all_random else "averaged in with the other photos"
-    print(f"--on-no-face random: no face found in {', '.join(subject.random_stand_ins)}; a random identity stands in "
-          f"for {'it' if len(subject.random_stand_ins) == 1 else 'them'} ({whose}; recorded in {SETTINGS_NAME})",
+    of = f" (subject {placeholder})" if placeholder else ""
+    print(f"--on-no-face random{of}: no face found in {', '.join(subject.random_stand_ins)}; a random identity "
+          f"stands in for {'it' if len(subject.random_stand_ins) == 1 else 'them'} ({whose}; recorded in "
+          f"{SETTINGS_NAME})",
           file=sys.stderr)
 
 
-def free_noise_prompt(prompt: str, placeholder: str) -> str:
-    """The prompt with the subject as the pipeline's textual-inversion token (FreeNoise encodes prompts itself)."""
+def free_noise_tokens(placeholders: list[str]) -> dict[str, str]:
+    """Each subject's textual-inversion token inside a FreeNoise pipeline."""
+    if len(placeholders) == 1:
+        return {placeholders[0]: FREE_NOISE_TOKEN}
+    return {p: f"{FREE_NOISE_TOKEN[:-1]}-{k}>" for k, p in enumerate(placeholders)}
+
+
+def free_noise_prompt(prompt: str, placeholder: str | dict[str, str]) -> str:
+    """The prompt with each subject as its textual-inversion token (FreeNoise encodes prompts itself); `placeholder`
+    is the one subject's placeholder, or {placeholder: token} for several."""
     from .models.subject_prompt import placeholder_pattern
 
-    return placeholder_pattern(placeholder).sub(lambda _: FREE_NOISE_TOKEN, prompt)
+    tokens = {placeholder: FREE_NOISE_TOKEN} if isinstance(placeholder, str) else placeholder
+    for word, token in tokens.items():
+        prompt = placeholder_pattern(word).sub(lambda _, t=token: t, prompt)
+    return prompt
 
 
 def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     """Load the models, encode the subject, run the pipeline; returns the settings written to settings.json."""
     import numpy as np
 
-    from .models.subject_prompt import encode_prompt, save_textual_inversion
+    from .models.subject_prompt import encode_subjects_prompt, save_textual_inversion, subject_slots
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -468,7 +645,8 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
 
     subject_encoder = load_subject_encoder(args, device, dtype)
     recognizer = None
-    if args.images:  # Arc2Face was conditioned on its own arcface.onnx: record (and check) what embeds the photos
+    if any(spec.images for spec in args.subjects):
+        # Arc2Face was conditioned on its own arcface.onnx: record (and check) what embeds the photos
         from .models.face_encoder import RecognizerMismatch, check_recognizer
 
         recognizer = subject_encoder.face_encoder.recognizer_file
@@ -478,46 +656,66 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
             raise OptionError(f"--strict: {e}") from e
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    try:
-        identity = subject_encoder.resolve_identity(
-            images=args.images, embedding=args.embedding, random_id=args.random_id, on_no_face=args.on_no_face,
-            generator=torch.Generator().manual_seed(seed))
-    except ValueError as e:  # no face in a photo, unreadable photo
-        raise OptionError(f"--images: {e}") from e
-    report_stand_ins(args, identity)
-    arcface = identity.arcface
-    subject = subject_encoder(arcface).float()
+    several = len(args.subjects) > 1
+    identities, subjects = [], {}
+    for k, spec in enumerate(args.subjects):
+        try:
+            identity = subject_encoder.resolve_identity(
+                images=spec.images, embedding=spec.embedding, random_id=spec.random_id, on_no_face=args.on_no_face,
+                generator=torch.Generator().manual_seed(seed + k))
+        except ValueError as e:  # no face in a photo, unreadable photo
+            raise OptionError(f"{subject_option(args, spec, 'images')}: {e}") from e
+        report_stand_ins(args, identity, spec.placeholder if several else None)
+        identities.append(identity)
+        subjects[spec.placeholder] = subject_encoder(identity.arcface).float()
     del subject_encoder  # the pipeline needs the memory more
 
     out = Path(args.out).expanduser()
     clear_earlier_run(args.clear)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
-    if args.save_embeddings:
-        save_textual_inversion(subject, Path(args.save_embeddings).expanduser(), token=args.ti_token)
+    for k, identity in enumerate(identities):
+        np.save(out / arcface_file(args, k), identity.arcface.cpu().numpy().astype(np.float32))
+    for (path, token), embeds in zip(embeddings_files(args) or [], subjects.values()):
+        save_textual_inversion(embeds, path, token=token)
 
     pipe = load_pipeline(args, device, dtype)
-    settings = run_settings(args, prompts, seed, device, dtype, pipe, identity)
+    settings = run_settings(args, prompts, seed, device, dtype, pipe, identities)
     settings["recognizer"] = recognizer
-    if args.save_embeddings and Path(args.save_embeddings).expanduser().resolve().parent == out.resolve():
-        name = Path(args.save_embeddings).name  # a file inside --out that --overwrite may delete: recorded
-        settings["written"] = {name: fingerprint(out / name)}
+    # textual-inversion files inside --out, which --overwrite may delete: recorded byte for byte
+    settings["written"] = {
+        path.name: fingerprint(path)
+        for path, _ in embeddings_files(args) or []
+        if path.expanduser().resolve().parent == out.resolve()
+    }
     negative = None
+    tokens = free_noise_tokens(list(subjects))
     if args.free_noise:
-        pipe.load_textual_inversion({FREE_NOISE_TOKEN: subject.to(device, dtype)})
+        pipe.load_textual_inversion([{tokens[p]: e.to(device, dtype)} for p, e in subjects.items()])
     elif args.guidance > 1.0:  # diffusers only uses negative embeddings under classifier-free guidance
         negative, _ = pipe.encode_prompt(args.negative_prompt, device, 1, False)
+    # the regional processors are installed here and removed when the loop ends, however it ends
+    regional: Any = contextlib.nullcontext()
+    if args.regions:
+        from .models.regional_attention import RegionalAttention
+
+        regional = RegionalAttention(pipe.unet, args.regions)
     index = 0
     sheet: list[list[Any]] = []
-    with torch.no_grad():
+    with torch.no_grad(), regional:
         for p, prompt in enumerate(prompts):
             if args.free_noise:
-                text = dict(prompt=free_noise_prompt(prompt, args.placeholder),
-                            negative_prompt=args.negative_prompt)
+                text = dict(prompt=free_noise_prompt(prompt, tokens), negative_prompt=args.negative_prompt)
+                _, slots = subject_slots(pipe.tokenizer, prompt, {w: e.shape[0] for w, e in subjects.items()},
+                                         pipe.tokenizer.model_max_length)
             else:
-                text = dict(prompt_embeds=encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
-                                                        subject.to(device), placeholder=args.placeholder),
-                            negative_prompt_embeds=negative)
+                embeds, slots = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
+                                                       {w: e.to(device) for w, e in subjects.items()})
+                text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+            if args.regions:
+                latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+                # diffusers' pipelines stack the negative prompt first when they guide (guidance > 1)
+                regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent,
+                                   guided=args.guidance > 1.0)
             sheet.append([])
             for i in range(args.num_images):
                 item_seed = seed + index
@@ -561,8 +759,25 @@ def contact_sheet(rows: list[list[Any]]) -> Any:
     return sheet
 
 
+def subject_entries(args: argparse.Namespace, seed: int, identities: list) -> list[dict]:
+    """What settings.json records of each subject: placeholder, source, region, files and seeds."""
+    files = embeddings_files(args) or [(None, None)] * len(args.subjects)
+    entries = []
+    for k, (spec, identity, (path, token)) in enumerate(zip(args.subjects, identities, files)):
+        region = args.regions.get(spec.placeholder)
+        entries.append({
+            "placeholder": spec.placeholder, **spec.source(), "arcface_file": arcface_file(args, k),
+            "region": None if region is None else [region.x0, region.y0, region.x1, region.y1],
+            "embeddings_file": str(path.resolve()) if path else None, "ti_token": token,
+            # the random identity's seed, or the seed of the random vectors standing in for faceless photos
+            "seed": spec.random_id if spec.random_id is not None else seed + k,
+            "random_stand_ins": identity.random_stand_ins, "all_random": identity.all_random,
+        })
+    return entries
+
+
 def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device: torch.device,
-                 dtype: torch.dtype, pipe: Any, identity: Any) -> dict:
+                 dtype: torch.dtype, pipe: Any, identities: list) -> dict:
     import diffusers
     import transformers
 
@@ -573,22 +788,23 @@ def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device
         "adaface_version": __version__,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
-        "options": {k: v for k, v in vars(args).items() if k not in ("clear", "free_noise")},
+        "options": {k: v for k, v in vars(args).items() if k not in ("clear", "free_noise", "subjects", "regions")},
         "prompts": prompts,
-        "placeholder": args.placeholder,
+        "placeholder": args.subjects[0].placeholder,
         "seed": seed,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "pipeline": type(pipe).__name__,
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
-        "subject": {**subject_source(args), "arcface_file": ARCFACE_NAME,
-                    "embeddings_file": str(Path(args.save_embeddings).expanduser().resolve())
-                    if args.save_embeddings else None,
-                    # photos without a face for which a random vector stood in (--on-no-face random)
-                    "random_stand_ins": identity.random_stand_ins, "all_random": identity.all_random},
+        # per subject; photos without a face for which a random vector stood in (--on-no-face random) are listed
+        # under random_stand_ins
+        "subjects": subject_entries(args, seed, identities),
         "kind": "video" if args.video else "image",
         "outputs": [],
     }
+    if len(args.subjects) == 1:  # the one subject, where single-subject readers look for it
+        settings["subject"] = {k: v for k, v in settings["subjects"][0].items()
+                               if k not in ("placeholder", "region", "ti_token", "seed")}
     if args.video:
         settings["video"] = {"num_frames": args.num_frames, "free_noise": args.free_noise,
                              "context_length": args.context_length, "context_stride": args.context_stride}

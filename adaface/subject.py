@@ -9,6 +9,10 @@ Three ways to name an identity, each giving one L2-normalised 512-d ArcFace vect
   `[N, 512]`, never a pickle);
 - a random ID (`random_arcface(seed)`), as stage 1 trains on.
 
+Several subjects in one picture: `SubjectSpec.parse("z=alice1.jpg,alice2.jpg")` (or `y=random:7`,
+`y=embedding:bob.npy`) names one subject by its placeholder and source, as `python -m adaface.generate --subject`
+takes it.
+
 `SubjectEncoder` then runs Arc2Face's ID encoder (`id_tokens`, 16 image-space tokens) and the Prompt Inverter
 (16 text-space embeddings `[16, H]`), which `encode_prompt` writes into any prompt and `save_textual_inversion`
 writes as an ordinary textual-inversion file.
@@ -88,6 +92,50 @@ class Identity:
     @property
     def all_random(self) -> bool:
         return self.num_photos > 0 and len(self.random_stand_ins) == self.num_photos
+
+
+@dataclass
+class SubjectSpec:
+    """One subject of a multi-subject prompt: its placeholder word and exactly one identity source."""
+
+    placeholder: str
+    images: list[str] | None = None
+    embedding: str | None = None
+    random_id: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SubjectSpec:
+        """`PLACEHOLDER=photo.jpg[,photo2.jpg...]`, `PLACEHOLDER=random:SEED` or `PLACEHOLDER=embedding:FILE`."""
+        placeholder, sep, source = text.partition("=")
+        placeholder, source = placeholder.strip(), source.strip()
+        if not sep or not placeholder or not source:
+            raise ValueError(f"{text!r}: expected PLACEHOLDER=SOURCE, e.g. z=alice.jpg, y=random:7 or "
+                             "y=embedding:bob.npy")
+        if any(c.isspace() or c in ",=" for c in placeholder):
+            raise ValueError(f"{text!r}: the placeholder must be one word (no spaces, commas or '='), "
+                             f"got {placeholder!r}")
+        kind, colon, value = source.partition(":")
+        if colon and kind == "random":
+            try:
+                return cls(placeholder, random_id=int(value))
+            except ValueError:
+                raise ValueError(f"{text!r}: random:SEED needs an integer seed, got {value!r}") from None
+        if colon and kind == "embedding":
+            if not value.strip():
+                raise ValueError(f"{text!r}: embedding:FILE needs a file")
+            return cls(placeholder, embedding=value.strip())
+        images = [i.strip() for i in source.split(",")]
+        if not all(images):
+            raise ValueError(f"{text!r}: an empty photo path in the comma-separated list")
+        return cls(placeholder, images=images)
+
+    def source(self) -> dict:
+        """What settings.json records: {'images': [absolute paths]}, {'embedding': path} or {'random_id': seed}."""
+        if self.images is not None:
+            return {"images": [str(Path(i).expanduser().resolve()) for i in self.images]}
+        if self.embedding is not None:
+            return {"embedding": str(Path(self.embedding).expanduser().resolve())}
+        return {"random_id": self.random_id}
 
 
 NO_FACE_MESSAGE = "no face found"  # how FaceEncoder starts its ValueError for a photo without a face

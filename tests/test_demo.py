@@ -231,3 +231,47 @@ def test_help_documents_every_option():
         for flag in action.option_strings:
             assert flag in res.stdout
         assert action.help, action.option_strings
+
+
+def test_a_second_person_left_and_right(studio, photos):
+    from safetensors.torch import load_file
+
+    req = demo.Request(prompts=["z and y in the forest", "y at night"], photos=[photos["face"]], seed=4,
+                       second_random_id=9, second_placeholder="y", left_right=True, **SMALL)
+    result = studio.run(req)
+    settings = json.loads(result.settings_file.read_text())
+    z, y = settings["subjects"]
+    assert (z["placeholder"], z["region"], y["placeholder"], y["region"], y["random_id"]) == \
+        ("z", [0.0, 0.0, 0.5, 1.0], "y", [0.5, 0.0, 1.0, 1.0], 9)
+    assert [p.name for p in result.embeddings_file] == ["subject_z.safetensors", "subject_y.safetensors"]
+    assert list(load_file(str(result.embeddings_file[1]))) == ["<y>"]
+    first, second = result.outputs
+    assert set(first.subjects) == {"z", "y"} and set(second.subjects) == {"y"}  # scored where the prompt names them
+    for out in result.outputs:
+        for name, match in out.subjects.items():
+            if match["arcface"] is None:
+                assert f"{name}: face not found" in out.caption()
+            else:
+                assert f"{name}: ArcFace {match['arcface']:.3f} (face #{match['face']} at " in out.caption()
+    # the pipeline's processors are the stock ones again after a regional request
+    assert not any(type(p).__name__ == "RegionalProcessor" for p in studio.pipe.unet.attn_processors.values())
+
+    page = dict(photos=None, use_random=True, random_id=1, prompts="a photo of z and y", negative_prompt="",
+                seed=0, num_images=1, second=True, second_photos=None, second_use_random=True, second_random_id=2,
+                second_placeholder="y", left_right=True, **SMALL)
+    gallery, status, files = demo.respond(studio, dict(page))
+    assert len(gallery) == 1 and "z: " in status and "y: " in status and len(files) == 3
+    _, status, _ = demo.respond(studio, {**page, "second_placeholder": "z"})
+    assert status == "**Error:** the second person needs a placeholder other than 'z'"
+    _, status, _ = demo.respond(studio, {**page, "prompts": "a photo of z"})
+    assert "--subject y: the placeholder 'y' appears in no prompt" in status
+    _, status, _ = demo.respond(studio, {**page, "second_use_random": False})
+    assert status == "**Error:** second person: upload at least one face photo, or choose a random ID"
+
+
+def test_the_page_builds_with_the_second_person_fields(studio):
+    pytest.importorskip("gradio")
+    app = demo.build_app(studio, max_images=2, default_size=16)
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    assert {"second", "second-photos", "second-use-random", "second-random-id", "second-placeholder",
+            "left-right"} <= ids

@@ -358,3 +358,59 @@ def test_video_consistency_on_clips_of_known_consistency(models, tmp_path, capsy
     assert [p["frame"] for p in report["per_image"]] == [0, 1, 2, 3] * 2
     assert line == evaluate.summary_line(report)
     assert "2 video(s): frame arcface mean/min/std" in line and "faces in 88% of frames" in line
+
+
+def test_match_subjects_is_one_to_one_best_pair_first():
+    faces = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]]), dim=-1)
+    refs = {"z": torch.tensor([[1.0, 0.0, 0.0]]), "y": torch.tensor([[0.9, 0.43, 0.0]]),
+            "x": torch.tensor([[0.0, 0.0, 1.0]])}
+    boxes = [[0, 0, 10, 10], [20, 0, 30, 10]]
+    m = evaluate.match_subjects(faces, boxes, refs)
+    # z takes face 0 (cosine 1); y also prefers face 0 but gets face 1; x is left without a face
+    assert m["z"] == {"arcface": pytest.approx(1.0), "face": 0, "box": [0, 0, 10, 10]}
+    assert m["y"]["face"] == 1 and m["y"]["box"] == [20, 0, 30, 10]
+    assert m["y"]["arcface"] == pytest.approx((faces[1] @ torch.nn.functional.normalize(refs["y"][0], dim=0)).item())
+    assert m["x"] == {"arcface": None, "face": None, "box": None}
+    assert evaluate.match_subjects(torch.zeros(0, 3), [], refs)["z"]["face"] is None
+
+
+def test_two_subject_run_gets_a_line_per_subject(models, tmp_path, capsys):
+    from adaface.models.face_encoder import FaceEncoder
+    from adaface.subject import random_arcface
+
+    run = tmp_path / "pair"
+    run.mkdir()
+    photo(FACE_A).save(tmp_path / "a.png")
+    np.save(run / "subject0_arcface.npy", FaceEncoder(models["face_root"])(str(tmp_path / "a.png")).numpy())
+    np.save(run / "subject1_arcface.npy", random_arcface(3).numpy())
+    photo(FACE_A).save(run / "p00_000.png")
+    photo(None).save(run / "p01_000.png")
+    settings = {"placeholder": "z", "outputs": [
+        {"file": "p00_000.png", "prompt": "a photo of z and y", "seed": 0},
+        {"file": "p01_000.png", "prompt": "y at night", "seed": 1}],
+        "subjects": [{"placeholder": "z", "random_id": 1, "arcface_file": "subject0_arcface.npy"},
+                     {"placeholder": "y", "random_id": 3, "arcface_file": "subject1_arcface.npy"}]}
+    (run / "settings.json").write_text(json.dumps(settings))
+    assert evaluate.main([str(run), "--face-root", models["face_root"], "--clip", models["clip"]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads((run / "eval_report.json").read_text())
+    first, second = report["per_image"]
+    faces = direct_arcface_faces(Path(models["face_root"]) / "models" / "antelopev2",
+                                 np.asarray(photo(FACE_A)))
+    z_identity = np.load(run / "subject0_arcface.npy")
+    best = max(range(len(faces)), key=lambda k: float(faces[k] @ z_identity))
+    assert first["subjects"]["z"]["face"] == best
+    assert first["subjects"]["z"]["arcface"] == pytest.approx(float(faces[best] @ z_identity), abs=1e-4)
+    assert len(first["subjects"]["z"]["box"]) == 4
+    assert set(second["subjects"]) == {"y"}  # z is not in the second prompt
+    assert second["subjects"]["y"] == {"arcface": None, "face": None, "box": None}
+    s = report["summary"]["subjects"]
+    assert s["z"]["num_images"] == 1 and s["z"]["num_found"] == 1 and s["z"]["not_found"] == []
+    assert s["y"]["num_images"] == 2 and "p01_000.png" in s["y"]["not_found"]
+    assert first["clip_prompt"] == "a photo of a person and a person"
+    assert lines[1] == f"subject z: arcface {s['z']['arcface']:.3f} (its face found in 1/1 images)"
+    assert lines[2].startswith("subject y: arcface ") and "face not found in" in lines[2] and "p01_000.png" in lines[2]
+    with pytest.raises(SystemExit):
+        evaluate.main([str(run), "--face-root", models["face_root"], "--clip", models["clip"], "--embedding",
+                       str(run / "subject1_arcface.npy")])
+    assert "--embedding: the run has 2 subjects" in capsys.readouterr().err

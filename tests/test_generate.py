@@ -311,7 +311,7 @@ def test_subject_sources_need_exactly_one(models, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate.main([*model_args(models), "--out", "o"])
-    assert "one of the arguments --images --embedding --random-id is required" in capsys.readouterr().err
+    assert "a subject is needed: --images, --embedding or --random-id" in capsys.readouterr().err
 
 
 def test_embedding_files(tmp_path):
@@ -489,3 +489,158 @@ def test_free_noise_prompt_gives_the_same_embeddings(models):
     assert text == f"{generate.FREE_NOISE_TOKEN}'s portrait, at night"
     theirs, _ = pipe.encode_prompt(text, "cpu", 1, False)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several subjects
+# ---------------------------------------------------------------------------------------------------------------
+
+PAIR_PROMPT = "a photo of z and y in the forest"
+PAIR = ["--subject", "z=random:11", "--subject", "y=random:12", "--prompt", PAIR_PROMPT, "--prompt", "y at night",
+        "--num-images", "1", "--steps", "2", "--guidance", "2.0", "--height", "16", "--width", "32", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def pair_runs(models, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pair")
+    assert generate.main([*model_args(models), *PAIR, "--out", str(root / "plain"),
+                          "--save-embeddings", str(root / "plain" / "pair.safetensors")]) == 0
+    assert generate.main([*model_args(models), *PAIR, "--region", "z=left", "--region", "y=right",
+                          "--out", str(root / "regions")]) == 0
+    return root
+
+
+def test_two_subjects_record_each_subject_and_write_one_ti_file_each(pair_runs, models):
+    from safetensors.torch import load_file
+
+    settings = json.loads((pair_runs / "regions" / "settings.json").read_text())
+    z, y = settings["subjects"]
+    assert (z["placeholder"], z["random_id"], z["seed"], z["region"]) == ("z", 11, 11, [0.0, 0.0, 0.5, 1.0])
+    assert (y["placeholder"], y["random_id"], y["seed"], y["region"]) == ("y", 12, 12, [0.5, 0.0, 1.0, 1.0])
+    assert "subject" not in settings  # several subjects: no single one to name
+    for entry, seed in ((z, 11), (y, 12)):
+        torch.testing.assert_close(torch.from_numpy(np.load(pair_runs / "regions" / entry["arcface_file"])),
+                                   random_arcface(seed))
+    plain = json.loads((pair_runs / "plain" / "settings.json").read_text())
+    assert [s["region"] for s in plain["subjects"]] == [None, None]
+    encoder = SubjectEncoder.from_pretrained(models["arc2face"], models["inverter"], tokenizer=models["base"])
+    for entry, seed, name, token in ((plain["subjects"][0], 11, "pair_z", "<z>"),
+                                     (plain["subjects"][1], 12, "pair_y", "<y>")):
+        assert entry["embeddings_file"] == str((pair_runs / "plain" / f"{name}.safetensors").resolve())
+        assert entry["ti_token"] == token
+        saved = load_file(entry["embeddings_file"])
+        assert list(saved) == [token]
+        torch.testing.assert_close(saved[token], encoder(random_arcface(seed)), atol=1e-5, rtol=1e-5)
+
+
+def test_two_ti_files_in_one_pipeline_give_encode_subjects_prompt(pair_runs, models):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from adaface.models.subject_prompt import encode_subjects_prompt
+
+    pipe = StableDiffusionPipeline.from_pretrained(models["base"])
+    z = load_file(str(pair_runs / "plain" / "pair_z.safetensors"))["<z>"]
+    y = load_file(str(pair_runs / "plain" / "pair_y.safetensors"))["<y>"]
+    with torch.no_grad():
+        ours, _ = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, PAIR_PROMPT, {"z": z, "y": y})
+    pipe.load_textual_inversion(str(pair_runs / "plain" / "pair_z.safetensors"))
+    pipe.load_textual_inversion(str(pair_runs / "plain" / "pair_y.safetensors"))
+    theirs, _ = pipe.encode_prompt("a photo of <z> and <y> in the forest", "cpu", 1, False)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_without_regions_two_subjects_are_the_plain_pipeline_with_those_prompt_embeds(pair_runs, models):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from adaface.models.subject_prompt import encode_subjects_prompt
+
+    pipe = StableDiffusionPipeline.from_pretrained(models["base"])
+    subjects = {"z": load_file(str(pair_runs / "plain" / "pair_z.safetensors"))["<z>"],
+                "y": load_file(str(pair_runs / "plain" / "pair_y.safetensors"))["<y>"]}
+    settings = json.loads((pair_runs / "plain" / "settings.json").read_text())
+    assert [o["prompt"] for o in settings["outputs"]] == [PAIR_PROMPT, "y at night"]
+    negative, _ = pipe.encode_prompt("", "cpu", 1, False)
+    regional = np.asarray(Image.open(pair_runs / "regions" / "p00_000.png"), np.float64)
+    for out in settings["outputs"]:
+        with torch.no_grad():
+            embeds, _ = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, out["prompt"], subjects)
+        image = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, guidance_scale=2.0,
+                     height=16, width=32, output_type="np", generator=torch.Generator().manual_seed(out["seed"]),
+                     ).images[0]
+        written = np.asarray(Image.open(pair_runs / "plain" / out["file"]), np.float64)
+        assert np.abs(np.round(image * 255) - written).max() <= 1  # PNG quantisation only
+        if out["prompt"] == PAIR_PROMPT:
+            assert np.abs(regional - written).max() > 1  # the regions change the picture
+
+
+def test_two_subjects_with_regions_in_a_free_noise_video(models, tmp_path):
+    out = tmp_path / "video"
+    assert generate.main([*model_args(models), "--subject", "z=random:1", "--subject", "y=random:2",
+                          "--region", "z=left", "--region", "y=right", "--video", "--motion-adapter",
+                          models["motion"], "--num-frames", "10", "--num-images", "1", *TINY,
+                          "--prompt", "z and y on the beach", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["video"]["free_noise"] is True and len(settings["outputs"][0]["frames"]) == 10
+    assert [s["region"] for s in settings["subjects"]] == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]
+    assert generate.free_noise_prompt("z and y", generate.free_noise_tokens(["z", "y"])) == \
+        "<adaface-subject-0> and <adaface-subject-1>"
+
+
+M = "{m}"
+SUBJECTS = ["--subject", "z=random:1", "--subject", "y=random:2"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (SUBJECTS + ["--prompt", "a photo of z"], "--subject y: the placeholder 'y' appears in no prompt"),
+    (["--subject", "z=random:1", "--subject", "z=random:2", "--prompt", "z"],
+     "--subject: 2 subjects use the placeholder 'z'; each subject needs its own"),
+    (SUBJECTS + ["--prompt", "z and y", "--region", "z=0,0,1.5,1"],
+     r"--region z=0,0,1.5,1: region 0,0,1.5,1: every coordinate must be a fraction in \[0, 1\]"),
+    (SUBJECTS + ["--prompt", "z and y", "--region", "z=0.5,0,0.5,1"], "--region z=0.5,0,0.5,1: .* is empty"),
+    (SUBJECTS + ["--prompt", "z and y", "--region", "x=left"],
+     "--region x=left: no subject has the placeholder 'x' \\(subjects: z, y\\)"),
+    (SUBJECTS + ["--prompt", "z and y", "--region", "z=left", "--region", "y=0.4,0,1,1"],
+     r"--region: the regions of 'z' \(0,0,0.5,1\) and 'y' \(0.4,0,1,1\) overlap; pass --allow-overlap"),
+    ([x for k in "abcde" for x in ("--subject", f"{k}=random:{ord(k)}")] + ["--prompt", "a b c d e"],
+     r"--subject: the prompt 'a b c d e' uses 5 subjects, whose 5 x 16 slots exceed the 75 positions"),
+    (SUBJECTS + ["--random-id", "3", "--prompt", "z and y"], "--subject: name every subject with --subject"),
+    (SUBJECTS + ["--prompt", "z and z and y"], "--prompt: .*'z' at most once as a word, found 2"),
+    (["--subject", "z=random:x", "--prompt", "z"], "--subject 'z=random:x': random:SEED needs an integer seed"),
+    (["--subject", "z=embedding:{m}/none.npy", "--prompt", "z"],
+     "--subject z=embedding:FILE .*none.npy: file not found"),
+    (["--subject", "z={m}/a.jpg", "--prompt", "z"], "--face-root is needed with --subject z=PHOTOS"),
+])
+def test_bad_subject_options_are_one_line_errors_before_any_model(models, tmp_path, extra, message):
+    import re
+
+    out = tmp_path / "out"
+    argv = [a.replace(M, str(tmp_path)) for a in extra]
+    res = _python("-m", "adaface.generate", *model_args(models), *argv, "--out", str(out))
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m adaface.generate: error: ") and re.search(message, last), res.stderr
+    assert not out.exists()
+
+
+def test_overlap_is_allowed_when_asked(models, tmp_path):
+    args = generate.build_parser().parse_args([
+        *model_args(models), *SUBJECTS, "--prompt", "z and y", "--region", "z=left", "--region", "y=0.4,0,1,1",
+        "--allow-overlap", "--out", str(tmp_path / "o")])
+    assert generate.check_args(args) == ["z and y"]
+    assert set(args.regions) == {"z", "y"}
+    single = generate.build_parser().parse_args([*model_args(models), "--random-id", "1", "--out", "o"])
+    assert generate.check_args(single) == ["a photo of z"] and [s.placeholder for s in single.subjects] == ["z"]
+    pair = generate.build_parser().parse_args([*model_args(models), *SUBJECTS, "--out", "o"])
+    assert generate.check_args(pair) == ["a photo of z and y"]
+
+
+def test_a_prompt_that_would_cut_a_subjects_slots_is_refused_before_any_model(models, tmp_path, capsys, no_models):
+    long = "hat " * 45 + "z and y"  # z fits; y's 16 slots would run past the 77 tokens
+    with pytest.raises(SystemExit):
+        generate.main([*model_args(models), *SUBJECTS, "--prompt", long, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--prompt: prompt 'hat" in err and "the 16 tokens of subject 'y' would be truncated" in err
+    assert not (tmp_path / "out").exists()

@@ -93,3 +93,58 @@ def test_round_trip_through_animatediff_pipeline(tiny_sd15_dir, tmp_path):
     frames = pipe(prompt_embeds=ours, num_frames=2, num_inference_steps=1, guidance_scale=1.0, height=16, width=16,
                   output_type="pt", generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape[:2] == (1, 2) and torch.isfinite(frames).all()
+
+
+def _clip_with_rows(text_encoder, ids: list[int], rows: dict[int, torch.Tensor]) -> torch.Tensor:
+    """transformers' own CLIPTextModel forward on `ids`, the token embeddings at each {start: [n, H]} replaced."""
+    def swap(module, inputs, output):
+        output = output.clone()
+        for start, r in rows.items():
+            output[:, start:start + r.shape[0]] = r
+        return output
+
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    handle = inner.embeddings.token_embedding.register_forward_hook(swap)
+    try:
+        with torch.no_grad():
+            return text_encoder(input_ids=torch.tensor([ids])).last_hidden_state
+    finally:
+        handle.remove()
+
+
+def test_two_subjects_sit_in_their_own_slots(sd_pipe):
+    from adaface.models.subject_prompt import encode_subjects_prompt
+
+    tok, te = sd_pipe.tokenizer, sd_pipe.text_encoder
+    a, b = _subject(seed=3) * 50, _subject(seed=4) * 50
+    words = [tok(t, add_special_tokens=False).input_ids for t in ("a photo of", "and", "in the forest")]
+    ids = [tok.bos_token_id, *words[0], *[0] * 16, *words[1], *[0] * 16, *words[2], tok.eos_token_id]
+    ids += [tok.pad_token_id] * (77 - len(ids))
+    start_a = 1 + len(words[0])
+    start_b = start_a + 16 + len(words[1])
+    expected = _clip_with_rows(te, ids, {start_a: a, start_b: b})
+    with torch.no_grad():
+        ours, slots = encode_subjects_prompt(tok, te, "a photo of z and y in the forest", {"z": a, "y": b})
+        swapped, swapped_slots = encode_subjects_prompt(tok, te, "a photo of y and z in the forest", {"z": a, "y": b})
+    assert slots == {"z": start_a, "y": start_b} and swapped_slots == {"y": start_a, "z": start_b}
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert (ours - swapped).abs().max() > 1e-3  # which subject stands where matters
+    # a prompt with one of the two subjects is that subject's single-subject encoding, bit for bit
+    with torch.no_grad():
+        only_y, y_slots = encode_subjects_prompt(tok, te, "y, in the forest", {"z": a, "y": b})
+        only_z, _ = encode_subjects_prompt(tok, te, "a photo of z", {"z": a, "y": b})
+        assert y_slots == {"y": 1}
+        assert torch.equal(only_y, encode_prompt(tok, te, "y, in the forest", b, placeholder="y"))
+        assert torch.equal(only_z, encode_prompt(tok, te, "a photo of z", a))
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("z and z with y", "'z' at most once as a word, found 2"),
+    ("a photo of a man", r"at least one of the subject placeholders \['z', 'y'\]"),
+    ("hat " * 50 + "z y", "the 16 tokens of subject 'y' would be truncated"),
+])
+def test_two_subject_prompt_errors(sd_pipe, prompt, message):
+    from adaface.models.subject_prompt import encode_subjects_prompt
+
+    with pytest.raises(ValueError, match=message):
+        encode_subjects_prompt(sd_pipe.tokenizer, sd_pipe.text_encoder, prompt, {"z": _subject(), "y": _subject()})
