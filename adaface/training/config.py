@@ -394,13 +394,18 @@ def validate_training(cfg: TrainingConfig, world_size: int = 1) -> None:
 
 
 def _check_output_dir(path: str) -> None:
-    """OUTPUT_DIR must be (or become) a writable folder."""
+    """OUTPUT_DIR must be (or become) a writable folder. Nothing is created here: a run that stops on a later
+    configuration error leaves no empty folder behind (the folder is made by the first file the run writes)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir: {path} exists and is not a folder")
-    probe = out / f".write-test-{os.getpid()}"
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir: {path} cannot be created ({existing} is not a folder)")
+    probe = existing / f".write-test-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
