@@ -514,6 +514,9 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         import gradio  # noqa: F401
     except ImportError:

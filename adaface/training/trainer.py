@@ -652,6 +652,9 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
     after saving a checkpoint."""
     import sys
 
+    from .._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         cfg = parse(argv, dist_env().world_size)
         run_training(cfg, build_stage)
