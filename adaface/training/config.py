@@ -48,8 +48,8 @@ class TrainingConfig:
     d_coef: float = _f(2.0, "Prodigy d_coef (the paper's effective learning-rate knob)")
     lr: float = _f(1.0, "Prodigy lr multiplier (leave at 1)")
     d0: float = _f(1e-6, "Prodigy's initial step-size estimate: d rises from here once the gradients agree with the "
-                                "distance travelled (not during the warm-up, and often not in a short tiny run, "
-                                "whose noisy gradients keep d at d0; the run's last line says which)")
+                                "distance travelled (not during the warm-up, and not within the tiny preset's 120 "
+                                "steps of random models); the run's last line says what d did")
     weight_decay: float = _f(0.01, "Prodigy decoupled weight decay")
     warmup_steps: int = _f(600, "linear learning-rate warm-up steps")
     safeguard_warmup: bool = _f(True, "Prodigy safeguard_warmup (recommended with a warm-up)")
