@@ -466,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     out = Path(args.out_dir).expanduser()
     try:
         if out.exists() and not out.is_dir():

@@ -214,7 +214,7 @@ class Output:
         if not self.scored:
             score = "not scored"
         elif self.similarity is None:
-            score = "no face detected"
+            score = "no face detected in this generated image"
         else:
             score = f"ArcFace {self.similarity:.3f}"
         if self.face_fraction is not None:
@@ -375,6 +375,37 @@ class Studio:
             refs = random_arcface(spec.random_id)[None]
         return arcface, self.subject_encoder(arcface).float(), refs
 
+    def face_previews(self, photos: list[str]) -> tuple[list[tuple[Any, str]], str]:
+        """What each uploaded photo contributes: a thumbnail of the face its identity is taken from (the largest
+        one, as the embedding takes it) with a caption, and one line per photo for the page."""
+        from PIL import Image
+
+        from .models.face_encoder import largest_face, load_rgb
+
+        thumbs: list[tuple[Any, str]] = []
+        lines: list[str] = []
+        for i, path in enumerate(photos):
+            name = Path(path).name
+            try:
+                rgb = load_rgb(path, i)
+                faces = self.subject_encoder.face_encoder.detect(rgb)
+            except (ValueError, OSError) as e:
+                lines.append(f"{name}: cannot be read ({_short_paths(str(e), [path])})")
+                continue
+            if not faces:
+                lines.append(f"{name}: no face detected in this photo; it cannot be used")
+                continue
+            face = largest_face(faces)
+            thumbs.append((face_thumbnail(Image.fromarray(rgb), face.bbox), name))
+            if len(faces) > 1:
+                order = sorted(faces, key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
+                k = next(j for j, f in enumerate(order) if f is face) + 1
+                lines.append(f"{name}: {len(faces)} faces; the largest is used (face {k} of {len(faces)} from the "
+                             "left), shown above")
+            else:
+                lines.append(f"{name}: one face, shown above")
+        return thumbs, "\n".join(f"- {line}" for line in lines)
+
     def run(self, req: Request) -> Result:
         import numpy as np
 
@@ -503,6 +534,17 @@ class Studio:
         return mean, (len(found) / len(scores) if video else None)
 
 
+def face_thumbnail(image: Any, bbox: Any, size: int = 128, margin: float = 0.25) -> Any:
+    """The face box with a margin (clipped to the photo), scaled to fit `size`."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    box = (max(0, int(x1 - mx)), max(0, int(y1 - my)), min(image.width, int(x2 + mx) + 1),
+           min(image.height, int(y2 + my) + 1))
+    crop = image.crop(box)
+    crop.thumbnail((size, size))
+    return crop
+
+
 def _short_paths(message: str, photos: list[str]) -> str:
     """Uploaded photos live in Gradio's cache under long random folders: name them by their file names."""
     for path in photos:
@@ -576,6 +618,9 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
             with gr.Column(scale=1):
                 photos = gr.File(label="Face photo(s)", file_count="multiple", file_types=["image"],
                                  elem_id="photos", interactive=studio.has_faces)
+                face_gallery = gr.Gallery(label="Face used from each photo", columns=4, height=160,
+                                          object_fit="contain", elem_id="faces", visible=studio.has_faces)
+                faces_note = gr.Markdown(elem_id="faces-note")
                 with gr.Row():
                     use_random = gr.Checkbox(label="Random ID instead of photos", value=not studio.has_faces,
                                              elem_id="use-random")
@@ -654,6 +699,10 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
                             left_right)
             return respond(studio, dict(values, video=True, num_frames=frames, fps=fps))
 
+        def show_faces(photos):
+            return studio.face_previews(_files(photos)) if studio.has_faces else ([], "")
+
+        photos.change(show_faces, photos, [face_gallery, faces_note], concurrency_id="models")
         # one concurrency group for both buttons: the models serve one request at a time
         image_button.click(images, shared, [gallery, status, downloads], concurrency_id="models")
         video_button.click(video, [*shared, frames, fps], [gallery, status, downloads], concurrency_id="models")
@@ -663,6 +712,9 @@ def build_app(studio: Studio, *, max_images: int = 8, default_size: int | None =
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         import gradio  # noqa: F401
     except ImportError:

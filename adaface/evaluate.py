@@ -539,6 +539,9 @@ def summary_line(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         items, settings, refs, placeholder = check_args(args)
         report = evaluate(args, items, settings, refs, placeholder)

@@ -815,6 +815,9 @@ def run_settings(args: argparse.Namespace, prompts: list[str], seed: int, device
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         prompts = check_args(args)
         settings = generate(args, prompts)

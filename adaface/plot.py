@@ -1,8 +1,11 @@
 """`python -m adaface.plot RUN_DIR`: a picture of a training run's `metrics.jsonl`.
 
-Two panels over the optimizer step: every loss term the step records carry (each numeric key named `loss` or
-starting with `loss_`, raw and smoothed), then Prodigy's `d` and the learning rate `lr`. The attention expansions
-(`event: expansion` records, paper §2.2) are marked on both. Written with matplotlib's Agg backend (no display
+Three panels over the optimizer step: every loss term the step records carry (each numeric key named `loss` or
+starting with `loss_`, raw and smoothed; the legends sit beside the panels, not on the curves), then Prodigy's
+`d`, then the learning rate `lr`, each on its own axis. In a stage-2 run the mixed-in stage-1 steps (records with
+`loss_stage1`) are a series of their own: `loss` is drawn over the composition steps only, so the two step kinds'
+losses do not zig-zag into one curve. The attention expansions (`event: expansion` records, paper §2.2) are marked
+on every panel. Written with matplotlib's Agg backend (no display
 needed) to RUN_DIR/metrics.png unless `--out` says otherwise.
 """
 
@@ -20,6 +23,7 @@ from ._cli import HelpFormatter, OptionError
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "metrics.png"
+STAGE1_KEY = "loss_stage1"  # what a stage-2 run's mixed-in stage-1 steps record
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Run:
     series: dict[str, tuple[list[int], list[float]]]
     expansions: list[dict[str, Any]] = field(default_factory=list)
     skipped_lines: int = 0
+    labels: dict[str, str] = field(default_factory=dict)  # legend names where they differ from the key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +103,13 @@ def read_run(path: Path, extra_keys: list[str] = ()) -> Run:
         what = "is empty" if not any(line.strip() for line in lines) else (
             f"holds no step records ({len(lines)} lines, {skipped} not JSON records with a step)")
         raise OptionError(f"RUN_DIR {path}: {what}; expected JSON lines with \"event\": \"step\"")
+    labels = {}
+    kinds = {STAGE1_KEY in rec for rec in steps.values()}
+    if kinds == {True, False}:  # stage 2 with mixed-in stage-1 steps: `loss` of each kind apart
+        for rec in steps.values():
+            if STAGE1_KEY in rec:
+                rec.pop("loss", None)
+        labels = {"loss": "loss (composition steps)", STAGE1_KEY: f"{STAGE1_KEY} (stage-1 steps)"}
     keys = sorted({k for rec in steps.values() for k in rec if is_loss_key(k)}, key=lambda k: (k != "loss", k))
     missing = [k for k in extra_keys if not any(k in rec for rec in steps.values())]
     if missing:
@@ -110,7 +122,7 @@ def read_run(path: Path, extra_keys: list[str] = ()) -> Run:
             series[key] = (xs, [steps[s][key] for s in xs])
     if not any(is_loss_key(k) or k in extra_keys for k in series):
         raise OptionError(f"RUN_DIR {path}: its step records hold no numeric 'loss' or 'loss_*' values")
-    return Run(path, series, sorted(expansions, key=lambda e: e["step"]), skipped)
+    return Run(path, series, sorted(expansions, key=lambda e: e["step"]), skipped, labels)
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -147,43 +159,39 @@ def plot(run: Run, out: Path, smoothing: float = 0.9, extra_keys: list[str] = ()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_d) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(3, 2))
+    fig, (ax_loss, ax_d, ax_lr) = plt.subplots(3, 1, figsize=(10, 7), sharex=True, height_ratios=(3, 1.3, 1.3))
     loss_keys = [k for k in run.series if is_loss_key(k) or k in extra_keys]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, key in enumerate(loss_keys):
         xs, ys = run.series[key]
         color = colors[i % len(colors)]
         ax_loss.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
-        ax_loss.plot(xs, smooth(ys, smoothing), color=color, linewidth=1.8, label=f"{key} (smoothed)")
+        ax_loss.plot(xs, smooth(ys, smoothing), color=color, linewidth=1.8,
+                     label=f"{run.labels.get(key, key)} (smoothed)")
     if all(_log_scale_fits(run.series[k][1]) for k in loss_keys):
         ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss")
-    ax_loss.set_title(f"{run.path.parent.name or run.path.name}: {len(next(iter(run.series.values()))[0])} steps"
+    n_steps = len({x for xs, _ in run.series.values() for x in xs})
+    ax_loss.set_title(f"{run.path.parent.name or run.path.name}: {n_steps} steps"
                       f" (faint: raw, bold: EMA {smoothing:g})")
     _mark_expansions(ax_loss, run.expansions, label=True)
-    ax_loss.legend(loc="upper right", fontsize=8)
-    ax_loss.grid(alpha=0.3)
 
-    handles = []
-    if "d" in run.series:
-        xs, ys = run.series["d"]
-        handles += ax_d.plot(xs, ys, color="tab:purple", label="Prodigy d")
-        ax_d.set_ylabel("d")
-        if _log_scale_fits(ys):
-            ax_d.set_yscale("log")
-    if "lr" in run.series:
-        ax_lr = ax_d.twinx()
-        xs, ys = run.series["lr"]
-        handles += ax_lr.plot(xs, ys, color="tab:green", label="lr")
-        ax_lr.set_ylabel("lr")
-    if not handles:
-        ax_d.text(0.5, 0.5, "no d or lr in the step records", ha="center", va="center", transform=ax_d.transAxes)
-    _mark_expansions(ax_d, run.expansions, label=False)
-    if handles:
-        ax_d.legend(handles=handles, loc="lower right", fontsize=8)  # twin axes: "best" sees one of them
-    ax_d.set_xlabel("optimizer step")
-    ax_d.grid(alpha=0.3)
-    fig.tight_layout()
+    for ax, key, label, color in ((ax_d, "d", "Prodigy d", "tab:purple"), (ax_lr, "lr", "lr", "tab:green")):
+        if key in run.series:
+            xs, ys = run.series[key]
+            ax.plot(xs, ys, color=color, label=label)
+            if key == "d" and _log_scale_fits(ys) and max(ys) > 10 * min(ys):
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no {key} in the step records", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylabel(label)
+        _mark_expansions(ax, run.expansions, label=False)
+    for ax in (ax_loss, ax_d, ax_lr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    ax_lr.set_xlabel("optimizer step")
+    fig.subplots_adjust(left=0.08, right=0.72, top=0.94, bottom=0.08, hspace=0.12)  # the right margin: legends
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

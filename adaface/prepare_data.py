@@ -358,6 +358,9 @@ def print_summary(summary: dict, out: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         check_args(args)
         summary = prepare(args)

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\n".join(fits))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0
 

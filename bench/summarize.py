@@ -1,5 +1,6 @@
 """Print a compact table from pytest-benchmark JSON files: one row per benchmark, grouped.
 
+    python bench/summarize.py                          # runs/bench.json, which `pytest bench/` writes
     python bench/summarize.py bench.json [more.json ...]
 
 Ratios are against the row whose `extra_info["baseline"]` is true in the same group (the eager PyTorch
@@ -14,6 +15,9 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+DEFAULT_JSON = Path(__file__).resolve().parents[1] / "runs" / "bench.json"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -32,6 +36,10 @@ def _fmt_bytes(n: float | None) -> str:
 def main(paths: list[str]) -> int:
     groups: dict[str, list[dict]] = defaultdict(list)
     for path in paths:
+        if not Path(path).is_file():
+            print(f"summarize: {path}: no such file; `pytest bench/` writes {DEFAULT_JSON} "
+                  "(or pass --benchmark-json FILE to it)", file=sys.stderr)
+            return 2
         with open(path) as fh:
             data = json.load(fh)
         for bench in data.get("benchmarks", []):
@@ -58,4 +66,4 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["bench.json"]))
+    sys.exit(main(sys.argv[1:] or [str(DEFAULT_JSON)]))

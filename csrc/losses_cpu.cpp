@@ -297,15 +297,27 @@ ADAFACE_CLONES float softmax_row(float* s, int64_t M, float scale2) {
   return l > 0.f ? base + std::log2(l) : kNegInf;
 }
 
-// P = 2^(scale2·s − lse2) in place of s; dS = scale·P·(dP − D) in place of dp (when given).
-ADAFACE_CLONES void probs_and_dlogits_row(float* s, float* dp, int64_t M, float scale2, float scale, float lse2,
-                                          float D) {
-#pragma omp simd
-  for (int64_t j = 0; j < M; ++j) s[j] = exp2_approx(scale2 * s[j] - lse2);
-  if (dp) {
-#pragma omp simd
-    for (int64_t j = 0; j < M; ++j) dp[j] = scale * s[j] * (dp[j] - D);
+// P in place of s, dS = scale·P·(dP − D) in place of dp (when given), from this row's logits alone.
+// With logits ~1e4 an fp32 ulp is ~1e-3, and the recomputed logits need not match the forward's bit for bit
+// (the compiler may contract `scale2·s − lse2` into an FMA, e.g. in the AVX-512 clone). So P is normalised
+// here (2^(· − lse2) only keeps it in range) and D = Σ P·dP uses this P, not dW·warped from the forward:
+// then Σ_j dS_j = 0 to rounding, which dQ = dS·K needs when K's rows share a large common part.
+ADAFACE_CLONES void probs_and_dlogits_row(float* s, float* dp, int64_t M, float scale2, float scale, float lse2) {
+  float l = 0.f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = 0; j < M; ++j) {
+    s[j] = exp2_approx(scale2 * s[j] - lse2);
+    l += s[j];
   }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) s[j] *= inv;
+  if (!dp) return;
+  float D = 0.f;
+#pragma omp simd reduction(+ : D)
+  for (int64_t j = 0; j < M; ++j) D += s[j] * dp[j];
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) dp[j] = scale * s[j] * (dp[j] - D);
 }
 
 // 1 − cos(w, f) as torch.nn.functional.cosine_similarity (norms clamped to kCosineEps).
@@ -314,21 +326,16 @@ ADAFACE_CLONES float cosine_loss_row(const float* w, const float* f, int64_t C) 
   return cosine_loss(dot(w, f, C), nw, nf);
 }
 
-// dW = g·d(1 − cos)/dw into dw; returns D = dW·w; the gradient of f into gf (when given).
-ADAFACE_CLONES float cosine_row_grads(float g, const float* w, const float* fr, int64_t C, float* dw, float* gf) {
+// dW = g·d(1 − cos)/dw into dw; the gradient of f into gf (when given).
+ADAFACE_CLONES void cosine_row_grads(float g, const float* w, const float* fr, int64_t C, float* dw, float* gf) {
   const float sw = std::sqrt(dot(w, w, C)), sf = std::sqrt(dot(fr, fr, C)), wf = dot(w, fr, C);
   const auto [alpha, beta_w, beta_f] = cosine_grad(g, wf, sw, sf);
-  float d = 0.f;
-#pragma omp simd reduction(+ : d)
-  for (int64_t c = 0; c < C; ++c) {
-    dw[c] = alpha * fr[c] + beta_w * w[c];
-    d += dw[c] * w[c];
-  }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) dw[c] = alpha * fr[c] + beta_w * w[c];
   if (gf) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) gf[c] = alpha * w[c] + beta_f * fr[c];
   }
-  return d;
 }
 
 // The saved row selection (the contract shared with the Triton kernels): per batch b, order[b, :count[b]]
@@ -637,13 +644,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(
         Q_buf = carve.take(R, Dq), W_buf = carve.take(R, C), F_buf = carve.take(R, C), dF_buf = carve.take(R, C);
         dQ_buf = carve.take(R, Dq);
       }
-      std::vector<float> D(R);
       for (int64_t t = fetch(); t < n_tasks; t = fetch()) {
         const Task& task = tasks[t];
         const int64_t b = task.b;
         const RowSpan span(ord.const_data_ptr<int32_t>() + b * N, task.start, task.count, N);
         const int64_t r = span.count;
-        // the cosine's gradients: dW (the warped rows'), D = dW·w, and feat_subj's
+        // the cosine's gradients: dW (the warped rows') and feat_subj's
         const at::Tensor Wb = span.take(w[b], W_buf), Fb = span.take(f32s[b], F_buf);
         at::Tensor dW = dW_buf.narrow(0, 0, r);
         at::Tensor dF = need_fs ? span.target(df[b], dF_buf) : at::Tensor();
@@ -651,8 +657,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(
         float* pdw = dW.data_ptr<float>();
         float* pdf = need_fs ? dF.data_ptr<float>() : nullptr;
         for (int64_t i = 0; i < r; ++i)
-          D[i] = cosine_row_grads(pg[b * N + span.rows[i]], pw + i * C, pf + i * C, C, pdw + i * C,
-                                  pdf ? pdf + i * C : nullptr);
+          cosine_row_grads(pg[b * N + span.rows[i]], pw + i * C, pf + i * C, C, pdw + i * C, pdf ? pdf + i * C : nullptr);
         if (need_fs) span.put(df[b], dF);
         if (!need_attn) continue;
         // the attention's: P recomputed from the saved lse, dS, then the three products
@@ -664,8 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(
         float* ps = S.data_ptr<float>();
         float* pds = need_dp ? dS.data_ptr<float>() : nullptr;
         for (int64_t i = 0; i < r; ++i)
-          probs_and_dlogits_row(ps + i * M, pds ? pds + i * M : nullptr, M, scale2, sc, plse[b * N + span.rows[i]],
-                                D[i]);
+          probs_and_dlogits_row(ps + i * M, pds ? pds + i * M : nullptr, M, scale2, sc, plse[b * N + span.rows[i]]);
         if (need_qs) {
           at::Tensor dQ = span.target(dq[b], dQ_buf);
           at::mm_out(dQ, dS, Kb);  // dQ = dS K (the task owns these rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,24 @@ def test_image_request_writes_a_generate_run(studio, photos):
     (token,) = load_file(str(result.embeddings_file)).items()
     assert token[0] == "<z>"
     torch.testing.assert_close(token[1], studio.subject_encoder(identity).float())
+
+
+def test_uploads_show_the_face_used(studio, photos, tmp_path):
+    group = face_photo()
+    group[20:60, 5:45] = (230, 200, 180)
+    Image.fromarray(group).save(tmp_path / "group.png")
+    paths = [photos["face"], str(tmp_path / "group.png"), photos["dark"], photos["broken"]]
+    thumbs, note = studio.face_previews(paths)
+    assert [caption for _, caption in thumbs] == ["face.png", "group.png"]
+    for thumb, _ in thumbs:  # the bright square with a margin: mostly the square, some black around it
+        px = np.asarray(thumb)
+        assert max(thumb.size) <= 128 and 0.3 < (px.sum(-1) > 0).mean() < 1
+    lines = note.splitlines()
+    # the demo's tiny detector is random: it sees some faces in a square, so only the wording is checked here
+    used = r"(one face|(\d+) faces; the largest is used \(face (\d+) of \2 from the left\)), shown above"
+    assert re.fullmatch(f"- face.png: {used}", lines[0]) and re.fullmatch(f"- group.png: {used}", lines[1])
+    assert lines[2] == "- dark.png: no face detected in this photo; it cannot be used"
+    assert lines[3].startswith("- broken.jpg: cannot be read")
 
 
 def test_same_request_same_images(studio):

@@ -320,6 +320,29 @@ def test_warp_cpu_huge_logits(dtype):
 
 
 @needs_ext
+def test_warp_cpu_backward_tolerates_recomputed_logits_off_by_rounding():
+    """With logits ~1e4 one fp32 ulp is ~1e-3, and the backward's recomputed logits need not match the forward's
+    bit for bit (an FMA-contracted `scale·s − lse` on AVX-512 CPUs, another GEMM path). grad q_subj = dS·K
+    cancels a large common part of K's rows, so dS must sum to zero over the keys with the backward's own
+    probabilities: here the backward sees q_comp moved by one ulp on a third of its entries (logits move by
+    ~1e-3) and must still give the float64 gradient (the 2e-3·max tolerance of the huge-logit test)."""
+    from adaface.ops._extension import _ops
+
+    x = make_inputs(2, 37, 290, 24, 10, huge_logits=True, seed=2)
+    q, k, f, v = x
+    weights = torch.ones(2, 37)
+    g = torch.Generator().manual_seed(3)
+    pick = torch.rand(k.shape, generator=g) < 1 / 3
+    k_moved = torch.where(pick, torch.nextafter(k, torch.where(k > 0, k + 1, k - 1)), k)
+    fwd = _ops().soft_warp_ext_fwd(q, k, f, v, weights, 1.0)
+    grad_rows = torch.full((2, 37), 1.7 / 74)
+    dq = _ops().soft_warp_ext_bwd(grad_rows, q, k_moved, f, v, weights, *fwd[1:], 1.0, True, False, False, False)[0]
+    ins = [t.double().requires_grad_(True) for t in x]
+    want = torch.autograd.grad(soft_warp_loss_reference(*ins, upcast=False) * 1.7, ins[0])[0]
+    torch.testing.assert_close(dq.double(), want, atol=2e-3 * want.abs().max().item(), rtol=2e-3)
+
+
+@needs_ext
 def test_warp_cpu_masked_rows_are_zero_and_get_no_gradient():
     from adaface.ops._extension import soft_warp_rows_ext
 

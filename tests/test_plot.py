@@ -117,3 +117,30 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "--smoothing must be in [0, 1)" in _error(capsys, str(tmp_path), "--smoothing", "1")
     assert plot.main([str(tmp_path), "--extra-key", "mse"]) == 0  # mse alone is enough when asked for
     assert (tmp_path / "metrics.png").is_file()
+
+
+def test_stage2_step_kinds_are_separate_series(tmp_path):
+    """A stage-2 log: composition steps (loss + delta terms) with stage-1 steps mixed in (loss_stage1, and their
+    own `loss`): `loss` is drawn over the composition steps only, the stage-1 steps as loss_stage1."""
+    recs = []
+    for step in range(1, 11):
+        rec = {"event": "step", "step": step, "d": 1e-5, "lr": min(1.0, step / 5)}
+        if step % 4 == 0:
+            rec.update(loss=0.002, loss_stage1=0.002, loss_mse=0.002)
+        else:
+            rec.update(loss=0.9, loss_delta_prompt=0.3, loss_face_preserve=0.03)
+        recs.append(json.dumps(rec))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(recs) + "\n")
+    run = plot.read_run(tmp_path / "metrics.jsonl")
+    assert run.series["loss"] == ([1, 2, 3, 5, 6, 7, 9, 10], [0.9] * 8)
+    assert run.series["loss_stage1"] == ([4, 8], [0.002, 0.002])
+    assert run.labels == {"loss": "loss (composition steps)", "loss_stage1": "loss_stage1 (stage-1 steps)"}
+    png = plot.plot(run, tmp_path / "metrics.png")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (1200, 840)
+
+
+def test_a_run_of_one_step_kind_is_not_split(run_dir):
+    assert plot.read_run(run_dir / "metrics.jsonl").labels == {}

@@ -117,7 +117,9 @@ def test_mixed_folder_then_one_more_image(packs, tmp_path, capsys):
 
     # A rerun after adding one image processes exactly that one and keeps the others bit for bit.
     before = tree(out)
-    face_photo(squares=((128, 128, 230),)).save(images / "people" / "second.png")
+    # Another face: a dimmer square (the same square moved by whole detector cells is the same face to an
+    # aligned-crop recognizer, bit for bit).
+    face_photo(squares=((128, 128, 200),)).save(images / "people" / "second.png")
     assert run(images, out, packs["stock"]) == 0
     assert "6 inputs, 1 processed now" in capsys.readouterr().out
     after = tree(out)
@@ -196,6 +198,32 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_folder(kill_inputs, packs, t
     assert tree(out) != tree(reference)  # the kill left the folder unfinished
     assert prepare_data.main(argv) == 0
     assert tree(out) == tree(reference)
+
+
+def test_boxes_past_the_edge_are_clipped_and_faces_outside_dropped(packs, tmp_path):
+    """A face in the photo's corner: the tiny detector's box starts at negative coordinates (the square's
+    centre ± 61 px), the manifest's box is clipped to the photo."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    face_photo(squares=((0, 0, 230),)).save(images / "corner.png")
+    assert run(images, tmp_path / "out", packs["stock"]) == 0
+    entry = manifest(tmp_path / "out")["corner.png"]
+    assert entry["status"] == "ok"
+    x1, y1, x2, y2 = entry["box"]
+    assert x1 == 0 and y1 == 0 and 32 < x2 <= 256 and 32 < y2 <= 256
+
+
+def test_faces_inside_clips_boxes_and_drops_faces_whose_keypoints_are_outside():
+    from insightface.app.common import Face
+
+    from adaface.faces.boxes import faces_inside
+
+    kps = np.array([[30, 40], [60, 40], [45, 55], [35, 70], [55, 70]], np.float32)
+    cut = Face(bbox=np.array([-12.5, 10, 80, 130], np.float32), kps=kps)
+    outside = Face(bbox=np.array([70, 10, 140, 90], np.float32), kps=kps + [80, 0])  # eyes past the right edge
+    kept = faces_inside([cut, outside], width=100, height=120)
+    assert kept == [cut]
+    np.testing.assert_array_equal(cut.bbox, np.array([0, 10, 80, 120], np.float32))
 
 
 def test_several_faces_largest_or_skip_and_min_face(packs, tmp_path):

@@ -236,6 +236,13 @@ def test_output_dir_must_be_a_writable_folder(tmp_path):
         ro.chmod(0o700)
 
 
+def test_a_config_error_leaves_no_output_folder(tmp_path):
+    target = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match="--random-id-fraction"):  # checked after --output-dir
+        parse_config(["--output-dir", str(target), "--random-id-fraction", "2"], default_config=TINY)
+    assert not (tmp_path / "new").exists()
+
+
 def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
     import torch
 

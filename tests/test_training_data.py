@@ -42,6 +42,15 @@ def test_shards_are_disjoint_and_cover_an_epoch(face_dir):
     assert a.epoch == 1 and a.cursor == 0  # the epoch ended; the next one is reshuffled
 
 
+def test_loading_says_how_many_faces(face_dir, capsys):
+    RealFaces(face_dir, 16, seed=0, info=DistInfo())
+    out = capsys.readouterr().out
+    assert f"--data-dir: 6 face(s) loaded from {face_dir} (images with embeddings)" in out
+    assert "1 image(s) without an embedding" in out
+    RealFaces(face_dir, 16, seed=0, info=DistInfo(1, 2))  # only the main rank reports
+    assert capsys.readouterr().out == ""
+
+
 def test_sampler_resumes_where_it_stopped(face_dir):
     a = RealFaces(face_dir, 16, seed=2, info=DistInfo())
     a.next_indices(4)

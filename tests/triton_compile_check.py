@@ -192,11 +192,13 @@ def _compile(path: str, archs: list[int], out_json: str | None, jobs: int) -> in
     from concurrent.futures import ProcessPoolExecutor
 
     import triton
+    from tqdm import tqdm
 
     records = json.loads(Path(path).read_text())
     work = [(rec, arch) for arch in archs for rec in records]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        results = list(pool.map(_compile_one, *zip(*work), chunksize=4))
+        results = list(tqdm(pool.map(_compile_one, *zip(*work), chunksize=4), total=len(work),
+                            desc="compiling", unit="config"))
     failures = [r for r in results if not r["ok"]]
     for r in failures:
         print(f"FAIL sm_{r['arch']} {r['kernel']} {r['constexprs']} warps={r['num_warps']} "

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .boxes import faces_inside
+
 # (x, y) of left eye, right eye, nose, left and right mouth corner, as fractions of the box.
 BOX_KEYPOINTS = np.array([[0.30, 0.36], [0.70, 0.36], [0.50, 0.60], [0.34, 0.80], [0.66, 0.80]], np.float32)
 
@@ -43,4 +45,4 @@ class DlibFaceDetector:
             bbox = np.array([x1, y1, x2, y2], np.float32)
             kps = np.array([x1, y1], np.float32) + BOX_KEYPOINTS * np.array([x2 - x1, y2 - y1], np.float32)
             faces.append(Face(bbox=bbox, kps=kps, det_score=float(score)))
-        return faces
+        return faces_inside(faces, rgb.shape[1], rgb.shape[0])

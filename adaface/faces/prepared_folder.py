@@ -25,11 +25,12 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._files import create_temp_sibling
 
 MANIFEST = "manifest.jsonl"
 EMBEDDINGS = "arcface.safetensors"
@@ -50,7 +51,7 @@ def _publish(tmp: str, path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temp_sibling(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

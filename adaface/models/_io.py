@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._files import create_temp_sibling
 
 PathLike = str | os.PathLike
 MAX_JSON_BYTES = 16 * 2**20  # config.json / settings.json / state files: ours are a few KB
@@ -135,10 +136,12 @@ def is_local(source: object) -> bool:
 
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temp_sibling(path)
+    mode = os.fstat(fd).st_mode & 0o777  # the umask's; safetensors' writer makes its files owner-only
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

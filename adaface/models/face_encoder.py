@@ -163,18 +163,22 @@ class FaceEncoder:
         return self.app is not None
 
     def detect(self, rgb: np.ndarray) -> list[Any]:
-        """Every face in an RGB uint8 image: insightface `Face`s with `bbox` [4], `kps` [5, 2], `det_score`."""
+        """Every face in an RGB uint8 image: insightface `Face`s with `bbox` [4], `kps` [5, 2], `det_score`; faces
+        whose keypoints fall outside the image are dropped and the boxes are clipped to it (`faces_inside`)."""
         from insightface.app.common import Face
+
+        from ..faces.boxes import faces_inside
 
         if self.app is None:
             raise ValueError(f"the model pack in {self.pack} has no face detector")
         bboxes, kpss = self.app.det_model.detect(_bgr(rgb), max_num=0)
         if kpss is None:
             raise ValueError(f"the face detector in {self.pack} gives no 5-point keypoints, which alignment needs")
-        return [
+        faces = [
             Face(bbox=bboxes[i, :4].astype(np.float32), kps=kpss[i].astype(np.float32), det_score=float(bboxes[i, 4]))
             for i in range(bboxes.shape[0])
         ]
+        return faces_inside(faces, rgb.shape[1], rgb.shape[0])
 
     def embed_face(self, rgb: np.ndarray, face: Any) -> np.ndarray:
         """The L2-normalised 512-d embedding of one detected face (aligned by its 5 keypoints), float32."""

@@ -355,7 +355,12 @@ def save_tiny_antelopev2(root: str | os.PathLike, *, with_detector: bool = True,
 
 def save_tiny_clip(path: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> Path:
     """A tiny CLIPModel (text + vision) with a CLIPProcessor over the tiny tokenizer, for CLIP-T/CLIP-I."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    try:  # transformers 5: the PIL processor by name (CLIPImageProcessor itself would ask for torchvision)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
 
     vocab = tiny_bpe()[0]
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

@@ -43,7 +43,9 @@ class TrainingConfig:
     grad_accum: int = _f(2, "micro-batches accumulated per optimizer step")
     d_coef: float = _f(2.0, "Prodigy d_coef (the paper's effective learning-rate knob)")
     lr: float = _f(1.0, "Prodigy lr multiplier (leave at 1)")
-    d0: float = _f(1e-6, "Prodigy's initial step-size estimate (it grows from here)")
+    d0: float = _f(1e-6, "Prodigy's initial step-size estimate: d rises from here once the gradients agree with the "
+                                "distance travelled (not during the warm-up, and not within the tiny preset's 120 "
+                                "steps of random models); the run's last line says what d did")
     weight_decay: float = _f(0.01, "Prodigy decoupled weight decay")
     warmup_steps: int = _f(600, "linear learning-rate warm-up steps")
     safeguard_warmup: bool = _f(True, "Prodigy safeguard_warmup (recommended with a warm-up)")
@@ -384,13 +386,18 @@ def validate_training(cfg: TrainingConfig, world_size: int = 1) -> None:
 
 
 def _check_output_dir(path: str) -> None:
-    """OUTPUT_DIR must be (or become) a writable folder."""
+    """OUTPUT_DIR must be (or become) a writable folder. Nothing is created here: a run that stops on a later
+    configuration error leaves no empty folder behind (the folder is made by the first file the run writes)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir: {path} exists and is not a folder")
-    probe = out / f".write-test-{os.getpid()}"
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir: {path} cannot be created ({existing} is not a folder)")
+    probe = existing / f".write-test-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:

@@ -209,6 +209,9 @@ class RealFaces:
             raise DataError(f"--data-dir: rank {info.rank} of {info.world_size} gets no faces: {len(good)} usable "
                             f"face(s) of {len(entries)} for {info.world_size} ranks")
 
+        if verbose:
+            kind = "a prepared folder with masks" if self.prepared else "images with embeddings"
+            print(f"--data-dir: {len(good)} face(s) loaded from {self.folder} ({kind})", flush=True)
         self.entries = good
         self.names = [e.key for e in good]
         emb = torch.stack([table[e.key].float().reshape(-1) for e in good])

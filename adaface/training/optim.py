@@ -14,6 +14,8 @@ from d0 and the warm-up is not repeated.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -24,8 +26,20 @@ from prodigyopt import Prodigy
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, d_coef: float, weight_decay: float,
                     safeguard_warmup: bool, bias_correction: bool, d0: float = 1e-6) -> Prodigy:
-    return Prodigy(list(params), lr=lr, d_coef=d_coef, d0=d0, weight_decay=weight_decay, decouple=True,
-                   safeguard_warmup=safeguard_warmup, use_bias_correction=bias_correction)
+    # Prodigy prints "Using decoupled weight decay" on every construction (and again at each expansion)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Prodigy(list(params), lr=lr, d_coef=d_coef, d0=d0, weight_decay=weight_decay, decouple=True,
+                       safeguard_warmup=safeguard_warmup, use_bias_correction=bias_correction)
+
+
+def describe_d(d0: float, d: float, steps: int) -> str:
+    """One line on what Prodigy's step size did in a run. d rises above d0 only once Σ d·lr·⟨g, p0 − p⟩ outgrows
+    d·Σ|s|, i.e. the gradients keep pointing back along the distance travelled: not during a warm-up's small
+    learning rates, and not while the gradients are mostly noise (short runs of random tiny models)."""
+    if d <= d0:
+        return (f"Prodigy's d stayed at d0 = {d0:g} for all {steps} steps (it rises only once the gradients agree "
+                "with the distance travelled)")
+    return f"Prodigy's d rose from d0 = {d0:g} to {d:.3g} in {steps} steps"
 
 
 def warmup_factor(warmup_steps: int):

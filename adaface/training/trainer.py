@@ -81,6 +81,7 @@ from .metrics_log import MetricsLog, read_jsonl
 from .optim import (
     build_optimizer,
     build_scheduler,
+    describe_d,
     load_scheduler_state,
     scheduler_state,
     snapshot_state,
@@ -618,6 +619,7 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
         _print(f"[{name}] done: {cfg.steps} steps in {elapsed:.1f}s; {stage.plateau_metric} first 10% {first:.4g} "
                f"-> last 10% {last_:.4g} ({drop:+.1%} drop){verdict}; expansions at steps "
                f"{summary['expansions']}, multipliers {summary['multipliers']}; saved to {final}")
+        _print(f"[{name}] {describe_d(cfg.d0, float(trainer.optimizer.param_groups[0]['d']), cfg.steps)}")
     log.close()
     return RunResult(stage.trainable, summary)
 
@@ -650,6 +652,9 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
     after saving a checkpoint."""
     import sys
 
+    from .._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     try:
         cfg = parse(argv, dist_env().world_size)
         run_training(cfg, build_stage)
