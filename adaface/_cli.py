@@ -103,10 +103,12 @@ def model_type(source: str, option: str) -> str | None:
     """`model_type` from a model's config.json: read from a local folder, or the hub's config alone."""
     path = Path(source) / "config.json"
     if path.is_file():
-        try:
-            return json.loads(path.read_text()).get("model_type")
-        except (ValueError, AttributeError) as e:
-            raise OptionError(f"{option} {source}: config.json is not a model config ({e})") from e
+        from ._file_checks import read_json_file
+
+        config = read_json_file(path, option, f"{source}: config.json")
+        if not isinstance(config, dict):
+            raise OptionError(f"{option} {source}: config.json is not a model config (not a JSON object)")
+        return config.get("model_type")
     from transformers import AutoConfig
 
     with loading(option, source):

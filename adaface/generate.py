@@ -25,6 +25,7 @@ pipeline, which gives the same prompt embeddings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -47,6 +48,15 @@ from ._cli import (
     resolve_dtype,
     save_strict_json,
 )
+from ._file_checks import (
+    check_model_files,
+    check_readable,
+    check_writable_dir,
+    check_writable_file,
+    os_error_line,
+    read_json_file,
+    read_text_file,
+)
 
 SETTINGS_NAME = "settings.json"
 ARCFACE_NAME = "subject_arcface.npy"
@@ -61,6 +71,10 @@ CPU_SLOW_PIXELS = 512 * 512
 SCHEDULERS = ("auto", "ddim", "dpm", "euler", "pndm")
 # Seeds are int64 values: every output's seed (--seed + its index) and --random-id must fit, on any torch.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Documented bounds: outputs per prompt, and the image side (the VAE works on 8-pixel blocks).
+MAX_NUM_IMAGES = 1000
+MIN_SIDE, MAX_SIDE = 16, 4096
+TEXT_LENGTH = 77  # CLIP's token window, BOS and EOS included
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--face-root",
                         help="insightface model root holding the antelopev2 pack (needed with --images)")
     models.add_argument("--strict", action="store_true",
-                        help="with --images, refuse a face recognizer other than Arc2Face's arcface.onnx "
-                        "(default: warn)")
+                        help="with --images, refuse a face recognizer other than Arc2Face's arcface.onnx; refuse "
+                        "prompts longer than CLIP's 77 tokens (default: warn of both)")
 
     subject = p.add_argument_group("subject (exactly one)")
     src = subject.add_mutually_exclusive_group(required=True)
@@ -106,13 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="negative prompt, encoded by the same text encoder (used when --guidance > 1)")
 
     gen = p.add_argument_group("sampling")
-    gen.add_argument("--num-images", type=int, default=4, help="images (or videos) per prompt")
+    gen.add_argument("--num-images", type=int, default=4,
+                     help=f"images (or videos) per prompt, 1 to {MAX_NUM_IMAGES}")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=7.5,
                      help="classifier-free guidance scale, >= 0 (at most 1: no guidance)")
     gen.add_argument("--seed", type=int, help="seed of the first output (others use seed+1, ...); random if omitted")
-    gen.add_argument("--height", type=int, default=512, help="output height in pixels, a multiple of 8")
-    gen.add_argument("--width", type=int, default=512, help="output width in pixels, a multiple of 8")
+    gen.add_argument("--height", type=int, default=512,
+                     help=f"output height in pixels, a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}")
+    gen.add_argument("--width", type=int, default=512,
+                     help=f"output width in pixels, a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
                      help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
     gen.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
@@ -148,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = check_file(args.prompts_file, "--prompts-file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        path = Path(args.prompts_file).expanduser()
+        text = read_text_file(path, "--prompts-file", args.prompts_file)
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise OptionError(f"--prompts-file {args.prompts_file}: no prompts in it")
     return prompts or [f"a photo of {args.placeholder}"]
@@ -162,10 +180,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for name in ("num_images", "steps", "num_frames"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_images > MAX_NUM_IMAGES:
+        raise OptionError(f"--num-images must be at most {MAX_NUM_IMAGES}, got {args.num_images}")
     for name in ("height", "width"):
         v = getattr(args, name)
-        if v < 8 or v % 8:
-            raise OptionError(f"--{name} must be a positive multiple of 8, got {v}")
+        if not MIN_SIDE <= v <= MAX_SIDE or v % 8:
+            raise OptionError(f"--{name} must be a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}, got {v}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise OptionError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
@@ -187,18 +207,24 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.random_id is not None and not SEED_MIN <= args.random_id <= SEED_MAX:
         raise OptionError(f"--random-id must be between {SEED_MIN} and {SEED_MAX}, got {args.random_id}")
 
+    check_out(args)
+    if args.save_embeddings is not None:
+        check_writable_file(args.save_embeddings, "--save-embeddings")
     args.base = check_source(args.base, "--base", ["model_index.json"], "an SD-1.5 pipeline folder")
     args.arc2face = check_source(args.arc2face, "--arc2face", ["encoder/config.json"], "an Arc2Face folder")
     inverter = Path(args.inverter).expanduser()
-    if not (inverter / "config.json").is_file() or not (inverter / "model.safetensors").is_file():
+    if not (inverter / "config.json").exists() or not (inverter / "model.safetensors").exists():
         raise OptionError(
             f"--inverter {args.inverter}: not a Prompt Inverter folder (needs config.json + model.safetensors)"
         )
+    check_model_folders(args)
+    check_prompt_lengths(args, prompts)
     if args.images:
         if not args.face_root:
             raise OptionError("--face-root is needed with --images (the insightface root with antelopev2)")
         for image in args.images:
             check_file(image, "--images")
+            check_readable(Path(image).expanduser(), "--images", image)
     if args.face_root:
         from .models.face_encoder import find_model_pack
 
@@ -210,6 +236,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         from .subject import EMBEDDING_SUFFIXES, load_arcface_embedding
 
         path = check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES)
+        check_readable(path, "--embedding", args.embedding)
         try:
             load_arcface_embedding(path)
         except ValueError as e:
@@ -226,8 +253,49 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise OptionError(f"--save-embeddings {args.save_embeddings}: the file name must end in .safetensors")
     if not args.ti_token.strip() or any(c.isspace() for c in args.ti_token):
         raise OptionError(f"--ti-token must be one word without spaces, got {args.ti_token!r}")
-    check_out(args)
     return prompts
+
+
+def check_model_folders(args: argparse.Namespace) -> None:
+    """Every local model's config and safetensors files are whole (headers and sizes; nothing is loaded)."""
+    check_model_files(Path(args.inverter).expanduser(), "--inverter", args.inverter)
+    for option, value, sub in (("--base", args.base, ""), ("--arc2face", args.arc2face, "encoder"),
+                               ("--motion-adapter", args.motion_adapter, "")):
+        if value and Path(value).is_dir():
+            folder = Path(value) / sub
+            check_model_files(folder, option, value if not sub else f"{value}/{sub}")
+
+
+def check_prompt_lengths(args: argparse.Namespace, prompts: list[str]) -> None:
+    """With a local --base tokenizer: the subject's slots must lie inside CLIP's 77 tokens (an error naming the
+    prompt), and text past 77 tokens, which the pipeline cuts off, is a warning (an error with --strict)."""
+    from .models.subject_prompt import split_on_placeholder, subject_input_ids
+
+    folder = Path(args.base) / "tokenizer"
+    if not folder.is_dir():
+        return  # a hub id: checked when the pipeline encodes the prompt
+    from transformers import CLIPTokenizer
+
+    config = read_json_file(Path(args.inverter).expanduser() / "config.json", "--inverter", args.inverter)
+    slots = config.get("num_id_tokens", 16) if isinstance(config, dict) else 16
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise OptionError(f"--base {args.base}: its tokenizer cannot be read ({e})") from e
+    for prompt in prompts:
+        try:
+            subject_input_ids(tokenizer, prompt, slots, args.placeholder, TEXT_LENGTH)
+        except ValueError as e:
+            raise OptionError(f"--prompt: {e}; put the placeholder earlier or shorten the prompt") from e
+        before, after = split_on_placeholder(prompt, args.placeholder)
+        length = 2 + slots + sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in (before, after)
+                                 if t.strip())
+        if length > TEXT_LENGTH:
+            message = (f"--prompt {prompt!r}: {length} tokens with the {slots} subject slots; CLIP reads "
+                       f"{TEXT_LENGTH}, so the end is cut off")
+            if args.strict:
+                raise OptionError(f"{message} (--strict)")
+            print(f"warning: {message}", file=sys.stderr)
 
 
 def motion_window(source: str) -> int:
@@ -302,9 +370,7 @@ def earlier_run(out: Path) -> list[Path] | None:
 
 def check_out(args: argparse.Namespace) -> None:
     """--out must be new or empty; --overwrite accepts an earlier generate run (cleared when this run starts)."""
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {args.out}: exists and is not a folder")
+    out = check_writable_dir(args.out, "--out")
     args.clear = []
     if not out.is_dir() or not any(out.iterdir()):
         return  # nothing to replace: --overwrite is a no-op, so scripts may always pass it
@@ -427,7 +493,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     """Load the models, encode the subject, run the pipeline; returns the settings written to settings.json."""
     import numpy as np
 
-    from .models.subject_prompt import encode_prompt, save_textual_inversion
+    from .models.subject_prompt import save_textual_inversion
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -457,16 +523,67 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     subject = subject_encoder(arcface).float()
     del subject_encoder  # the pipeline needs the memory more
 
-    out = Path(args.out).expanduser()
-    clear_earlier_run(args.clear)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
-    if args.save_embeddings:
-        save_textual_inversion(subject, Path(args.save_embeddings).expanduser(), token=args.ti_token)
-
+    # Nothing is written before every model has loaded: a failure or Ctrl-C while loading leaves --out as it was.
     pipe = load_pipeline(args, device, dtype)
     settings = run_settings(args, prompts, seed, device, dtype, pipe, identity)
     settings["recognizer"] = recognizer
+
+    out = Path(args.out).expanduser()
+    clear_earlier_run(args.clear)
+    with RunFiles(out) as written:
+        # settings.json first: whatever follows, a rerun with --overwrite recognises the folder as a run.
+        written.add(out / SETTINGS_NAME)
+        save_strict_json(settings, out / SETTINGS_NAME)
+        written.add(out / ARCFACE_NAME)
+        np.save(out / ARCFACE_NAME, arcface.cpu().numpy().astype(np.float32))
+        if args.save_embeddings:
+            written.add(Path(args.save_embeddings).expanduser())
+            save_textual_inversion(subject, Path(args.save_embeddings).expanduser(), token=args.ti_token)
+        run_pipeline(args, prompts, pipe, subject, settings, out, device, dtype, written)
+    return settings
+
+
+class RunFiles:
+    """The files one run writes. If the run fails (or is interrupted) before its first output is complete, they
+    are removed again, and so is `out` if this run created it: the folder is left as it was. Once an output is
+    complete the run is kept as far as it got (settings.json lists it; --overwrite replaces it)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.created = not out.exists()
+        self.paths: list[Path] = []
+        self.kept = False
+
+    def __enter__(self) -> RunFiles:
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def add(self, path: Path) -> None:
+        self.paths.append(path)
+
+    def keep(self) -> None:
+        self.kept = True
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is None or self.kept:
+            return
+        for path in reversed(self.paths):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only if empty
+
+
+def run_pipeline(args: argparse.Namespace, prompts: list[str], pipe: Any, subject: torch.Tensor, settings: dict,
+                 out: Path, device: torch.device, dtype: torch.dtype, written: RunFiles) -> None:
+    """Every output, settings.json rewritten after each, then the contact sheet."""
+    from .models.subject_prompt import encode_prompt
+
+    seed = settings["seed"]
     negative = None
     if args.free_noise:
         pipe.load_textual_inversion({FREE_NOISE_TOKEN: subject.to(device, dtype)})
@@ -493,7 +610,9 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
                 )
                 name = f"p{p:02d}_{i:03d}"
                 entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
+                written.add(out / (f"{name}.gif" if args.video else f"{name}.png"))
                 if args.video:
+                    written.add(out / name)
                     frames = pipe(num_frames=args.num_frames, **common).frames[0]
                     entry["file"] = f"{name}.gif"
                     entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
@@ -508,10 +627,10 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
                 settings["outputs"].append(entry)
                 # Rewritten after every output, so an interrupted run can still be evaluated.
                 save_strict_json(settings, out / SETTINGS_NAME)
+                written.keep()
     contact_sheet(sheet).save(out / CONTACT_SHEET_NAME)
     settings["contact_sheet"] = CONTACT_SHEET_NAME
     save_strict_json(settings, out / SETTINGS_NAME)
-    return settings
 
 
 def contact_sheet(rows: list[list[Any]]) -> Any:
@@ -569,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = generate(args, prompts)
     except OptionError as e:
         parser.error(str(e))
+    except OSError as e:  # a full disk, a folder made read-only mid-run: what and where, not a traceback
+        parser.error(os_error_line(e))
     n = len(settings["outputs"])
     print(f"wrote {n} {settings['kind']}{'s' if n != 1 else ''} and {SETTINGS_NAME} to {args.out}")
     return 0

@@ -50,13 +50,19 @@ def load_arcface_embedding(path: PathLike) -> torch.Tensor:
 
         try:
             array = np.load(path, allow_pickle=False)
-        except ValueError as e:  # object arrays need unpickling, which is never done here
+        except ValueError as e:  # object arrays need unpickling, which is never done here; or a damaged header
             raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from e
+        except (EOFError, OSError) as e:  # truncated or empty
+            raise ValueError(f"{path}: damaged .npy file ({type(e).__name__}: {e or 'truncated'})") from e
         rows = torch.from_numpy(np.asarray(array, dtype=np.float32))
     elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: damaged .safetensors file ({e})") from e
         if len(tensors) != 1:
             raise ValueError(f"{path}: expected one tensor (the ArcFace embedding), found keys {sorted(tensors)}")
         rows = next(iter(tensors.values())).float()

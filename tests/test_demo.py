@@ -153,7 +153,7 @@ def test_video_request(studio):
     (dict(prompts=["a photo of z"], photos=["{face}", "{broken}"]), "^cannot read broken.jpg as an image"),
     (dict(prompts=["a photo of z"], photos=["{face}"], random_id=3), "either photos or a random ID"),
     (dict(prompts=["z"], random_id=1, video=True, num_frames=9), r"frames must be between 1 and 8 \(the motion"),
-    (dict(prompts=["z"], random_id=1, height=20), "--height must be a positive multiple of 8"),
+    (dict(prompts=["z"], random_id=1, height=20), "--height must be a multiple of 8"),
     (dict(prompts=["z"], random_id=1, seed=2**63), "--seed must be between"),
 ])
 def test_bad_requests_are_one_line_errors(studio, photos, fields, message):

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..models._io import publish
+
 MANIFEST = "manifest.jsonl"
 EMBEDDINGS = "arcface.safetensors"
 SETTINGS = "prepare_settings.json"
@@ -43,7 +45,7 @@ class SettingsMismatch(ValueError):
 
 
 def _publish(tmp: str, path: Path) -> None:
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -22,13 +22,33 @@ def is_local(source: object) -> bool:
     return isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists()
 
 
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (0o666 & ~umask)."""
+    try:  # Linux reports the umask without changing it (changing it is not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: PathLike, path: PathLike) -> None:
+    """Move a finished temporary file into place with the usual umask-governed mode (mkstemp makes it
+    owner-only, and prepared folders and inverters are shared between users)."""
+    os.chmod(tmp, default_file_mode())
+    os.replace(tmp, path)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
