@@ -2,6 +2,7 @@
 
 Forward, per row (D = b·b + eps):
     s_ab = Σ a·b,  s_bb = Σ b·b,  c = s_ab / D,  out = a − c·b
+    (D = 0 only for b = 0 with eps = 0, where s_ab = 0: D is taken as 1, so c = 0 and out = a, not 0/0.)
 Backward, with g = dL/dout and s_gb = Σ g·b:
     da = g − (s_gb / D)·b
     db = −c·g − (s_gb / D)·a + 2·c·(s_gb / D)·b
@@ -34,7 +35,8 @@ def _ortho_fwd_kernel(a_ptr, b_ptr, out_ptr, coef_ptr, n_cols, eps, BLOCK: tl.co
         b = tl.load(b_row + offs, mask=m, other=0.0).to(tl.float32)
         acc_ab += a * b
         acc_bb += b * b
-    coef = tl.sum(acc_ab, 0) / (tl.sum(acc_bb, 0) + eps)
+    denom = tl.sum(acc_bb, 0) + eps
+    coef = tl.sum(acc_ab, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(coef_ptr + row, coef)
     out_row = out_ptr + row * n_cols
     for start in range(0, n_cols, BLOCK):
@@ -63,7 +65,8 @@ def _ortho_bwd_kernel(
         b = tl.load(b_row + offs, mask=m, other=0.0).to(tl.float32)
         acc_gb += g * b
         acc_bb += b * b
-    r = tl.sum(acc_gb, 0) / (tl.sum(acc_bb, 0) + eps)
+    denom = tl.sum(acc_bb, 0) + eps
+    r = tl.sum(acc_gb, 0) / tl.where(denom > 0, denom, 1.0)
     coef = tl.load(coef_ptr + row)
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)

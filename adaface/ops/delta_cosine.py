@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from adaface.kernels._runtime import COSINE_EPS
 
 from ._backend import resolve_backend
-from ._checks import check_eps, check_same, check_tensor
+from ._checks import check_eps, check_features, check_same, check_tensor
 from .ortho import ortho_subtract_reference
 
 _OP = "delta_cosine_loss"
@@ -69,6 +69,7 @@ def delta_cosine_loss(
     for name, t in named.items():
         check_tensor(_OP, name, t, min_ndim=1, layout="[..., C]")
     check_same(_OP, named)
+    check_features(_OP, "subj_single", subj_single)
     check_eps(_OP, eps)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{_OP}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
