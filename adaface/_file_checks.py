@@ -25,17 +25,18 @@ def _where(option: str, value: object) -> str:
     return f"{option} {value}" if option else str(value)
 
 
-def os_error_line(e: OSError, action: str = "write") -> str:
+def os_error_line(e: OSError) -> str:
     """One line for an OSError met while reading or writing: the path and the system's reason."""
-    path = e.filename if e.filename is not None else "?"
-    reason = e.strerror or str(e)
-    return f"cannot {action} {path}: {reason}"
+    path = e.filename if e.filename is not None else "(unnamed file)"
+    return f"{path}: {e.strerror or e}"
 
 
 def check_readable(path: Path, option: str, value: object, kind: str = "file") -> None:
     """`path` exists and this user may read it (a folder: list it). Unreadable is not reported as missing."""
     if not path.exists():
         raise OptionError(f"{_where(option, value)}: {kind} not found")
+    if kind == "file" and path.is_dir():
+        raise OptionError(f"{_where(option, value)}: is a folder, expected a file")
     want = os.R_OK | (os.X_OK if path.is_dir() else 0)
     if not os.access(path, want):
         raise OptionError(f"{_where(option, value)}: permission denied (this user cannot read the {kind})")

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"{parser.prog}: error: {os_error_line(e, 'read or write')}", file=sys.stderr)
+        print(f"{parser.prog}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     c = report["converted"]
     print(f"converted {c['path']} ({report['generation']} file): {c['num_layers']} layers, width "
