@@ -155,6 +155,7 @@ def build_work(w: Path, f: Path) -> None:
         (w / cmd / "a_file").write_text("a user's file\n")
         (w / cmd / "user_folder").mkdir()
         (w / cmd / "user_folder" / "notes.txt").write_text("not a run\n")
+        (w / cmd / "train_out").mkdir()
     g = w / "generate"
     _run_folder(g / "earlier_run")  # an earlier generate run: --overwrite may replace it only after a good start
     _png(g / "earlier_run" / "contact_sheet.png")
@@ -446,8 +447,9 @@ CASES = [
     ("convert_released", "out-under-file", ["{f}/ckpt_full.pt", "{w}/a_file/out"], "OUT_DIR"),
     ("convert_released", "out-has-inverter", ["{f}/ckpt_full.pt", "{w}/has_inverter"], "has_inverter"),
 
-    # training scripts (configuration errors: checked before any model is built or anything is written)
-    *[(stage, f"{name}", argv + ["--output-dir", "{w}/out"], pattern) for stage in ("stage1", "stage2")
+    # training scripts (configuration errors: checked before any model is built or anything is written). The
+    # output folder exists already: these cases are about the options, not about creating it.
+    *[(stage, f"{name}", argv + ["--output-dir", "{w}/train_out"], pattern) for stage in ("stage1", "stage2")
       for name, argv, pattern in [
           ("steps-0", ["--steps", "0"], "--steps"),
           ("config-missing", ["--config", "{f}/nowhere.json"], "--config"),
@@ -455,15 +457,27 @@ CASES = [
           ("config-list", ["--config", "{f}/config_list.json"], "config_list.json"),
           ("lr-nan", ["--lr", "nan"], "--lr"),
           ("batch-size-0", ["--batch-size", "0"], "--batch-size"),
+          ("data-dir-missing", ["--data-dir", "{w}/nowhere"], "--data-dir"),
+          ("device-unknown", ["--device", "tpu9"], "--device"),
+          ("t-range-reversed", ["--t-min", "900", "--t-max", "100"], "--t-"),
           ("seed-text", ["--seed", "abc"], "--seed"),
           ("mixed-precision-unknown", ["--mixed-precision", "fp7"], "--mixed-precision"),
       ]],
-    ("stage2", "w-face-preserve-negative", ["--w-face-preserve", "-1", "--output-dir", "{w}/out"],
+    ("stage2", "w-face-preserve-negative", ["--w-face-preserve", "-1", "--output-dir", "{w}/train_out"],
      "--w-face-preserve"),
-    ("stage2", "stage1-p-2", ["--stage1-p", "2", "--output-dir", "{w}/out"], "--stage1-p"),
-    ("stage2", "ops-backend-unknown", ["--ops-backend", "fast", "--output-dir", "{w}/out"], "--ops-backend"),
-    ("stage2", "compositions-missing", ["--compositions", "{f}/nowhere.json", "--output-dir", "{w}/out"],
+    ("stage2", "stage1-p-2", ["--stage1-p", "2", "--output-dir", "{w}/train_out"], "--stage1-p"),
+    ("stage2", "ops-backend-unknown", ["--ops-backend", "fast", "--output-dir", "{w}/train_out"], "--ops-backend"),
+    ("stage2", "compositions-missing", ["--compositions", "{f}/nowhere.json", "--output-dir", "{w}/train_out"],
      "--compositions"),
+    ("stage2", "compositions-invalid", ["--compositions", "{f}/compositions_bad.json", "--output-dir",
+                                        "{w}/train_out"], "--compositions"),
+    ("stage2", "inverter-missing", ["--inverter", "{w}/nowhere", "--output-dir", "{w}/train_out"], "--inverter"),
+    ("stage2", "inverter-config-json", ["--inverter", "{f}/inv_config", "--output-dir", "{w}/train_out"],
+     "--inverter"),
+    ("stage2", "layer-weights-bad", ["--layer-weights", "up=abc", "--output-dir", "{w}/train_out"],
+     "--layer-weights"),
+    ("stage2", "default-class-word-empty", ["--default-class-word", " ", "--output-dir", "{w}/train_out"],
+     "--default-class-word"),
 
     # plot
     ("plot", "run-missing", ["{w}/nowhere"], "RUN_DIR"),
@@ -593,6 +607,8 @@ PERMISSION_CASES = [
     ("plot", "metrics-unreadable", ["{w}/locked_metrics"], "permission denied"),
     ("plot", "out-read-only", ["{w}/run", "--out", "{w}/ro/plot.png"], "permission denied"),
     ("memory_estimate", "json-read-only", ["--json", "{w}/ro/rows.json"], "permission denied"),
+    ("stage1", "output-dir-read-only", ["--output-dir", "{w}/ro/out"], "--output-dir"),
+    ("stage2", "output-dir-read-only", ["--output-dir", "{w}/ro/out"], "--output-dir"),
 ]
 
 
@@ -660,7 +676,7 @@ DIRECT = [
     (["-m", "adaface.generate", *_swap(G, "--inverter", "{f}/inv_truncated")], "generate", "--inverter"),
     (["-m", "adaface.evaluate", "{w}/runs/damaged_png", "--face-root", "{m}/insightface", "--clip", "{m}/clip"],
      "evaluate", "not a readable image"),
-    (["training/stage1.py", "--config", "{f}/config_invalid.json", "--output-dir", "{w}/out"], "stage1",
+    (["training/stage1.py", "--config", "{f}/config_invalid.json", "--output-dir", "{w}/train_out"], "stage1",
      "config_invalid.json"),
 ]
 

@@ -323,3 +323,34 @@ def test_zero_rows_with_zero_eps_stay_finite(device):
     assert_close(out[[0, 2]], _reference([x.detach() for x in xs], eps=0.0)[[0, 2]], name="loss")
     grads = torch.autograd.grad(out.sum(), xs)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def _backends():
+    from adaface.ops._backend import extension_available
+
+    return ["torch", "triton", *(["cpp"] if extension_available() else [])]
+
+
+@pytest.mark.parametrize("zero", ["subject-equal", "subject-zero", "class-equal", "class-zero"])
+def test_zero_composition_delta_is_one_with_no_gradient_on_every_backend(zero, device):
+    """A composition feature equal to its single one (or all zero) has no delta: the documented loss is 1 with zero
+    gradient, the same on every backend; the other rows keep their ordinary values and gradients."""
+    xs = [x.detach() for x in delta_cosine_inputs((3, 37), device=device, seed=21)]
+    single, comp = (0, 1) if zero.startswith("subject") else (2, 3)
+    xs[comp][1] = xs[single][1] if zero.endswith("equal") else 0
+    results = {}
+    for backend in _backends():
+        if backend == "cpp" and device.type != "cpu":
+            continue
+        ins = [x.clone().requires_grad_() for x in xs]
+        rows = delta_cosine_loss(*ins, reduction="none", backend=backend)
+        grads = torch.autograd.grad(rows.sum(), ins)
+        results[backend] = rows.detach(), grads
+    for backend, (rows, grads) in results.items():
+        assert rows[1].item() == 1.0, backend
+        assert all(g[1].abs().max().item() == 0 for g in grads), backend
+        assert all(torch.isfinite(g).all() and g.abs().max() < 1e3 for g in grads), backend
+        ref_rows, ref_grads = results["torch"]
+        assert_close(rows, ref_rows, name=f"{backend} loss")
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, name=f"{backend} grad")
