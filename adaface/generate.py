@@ -49,6 +49,7 @@ from ._cli import (
     save_strict_json,
 )
 from ._file_checks import (
+    check_image,
     check_model_files,
     check_readable,
     check_writable_dir,
@@ -224,7 +225,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise OptionError("--face-root is needed with --images (the insightface root with antelopev2)")
         for image in args.images:
             check_file(image, "--images")
-            check_readable(Path(image).expanduser(), "--images", image)
+            check_image(Path(image).expanduser(), "--images", image)
     if args.face_root:
         from .models.face_encoder import find_model_pack
 
