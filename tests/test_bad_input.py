@@ -699,3 +699,20 @@ def test_direct_subprocess(world, results, argv, command, pattern):
     assert "Traceback" not in proc.stderr
     assert pattern in proc.stderr.strip().splitlines()[-1]
     assert snapshot(str(watch)) == before
+
+
+def test_references_do_not_swallow_the_run_folder(tmp_path, monkeypatch):
+    """`--references a.png b.png RUN_DIR`: nargs="+" would take the run folder as a photo; it is RUN_DIR."""
+    from adaface import evaluate
+
+    seen = {}
+
+    def capture(args):
+        seen.update(run_dir=args.run_dir, references=args.references)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(evaluate, "check_args", capture)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--references", "a.png", "b.png", str(tmp_path / "run"), "--face-root", "x", "--clip", "y"])
+    assert seen == {"run_dir": str(tmp_path / "run"), "references": ["a.png", "b.png"]}
