@@ -466,18 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._cli import OptionError
+    from ._file_checks import check_readable, check_writable_dir, os_error_line
     from ._quiet import quiet_dependency_noise
 
     quiet_dependency_noise()
     out = Path(args.out_dir).expanduser()
     try:
-        if out.exists() and not out.is_dir():
-            raise ConversionError(f"out_dir {out}: exists and is not a folder")
+        check_writable_dir(args.out_dir, "OUT_DIR")
+        check_readable(Path(args.checkpoint).expanduser(), "CHECKPOINT", args.checkpoint)
         if (out / "model.safetensors").exists() and not args.overwrite:
             raise ConversionError(f"out_dir {out}: already holds an inverter (pass --overwrite to replace it)")
         report = convert_released(Path(args.checkpoint).expanduser(), out, tokenizer=args.tokenizer)
-    except (su.CheckpointError, ConversionError, OSError) as e:
+    except (su.CheckpointError, ConversionError, OptionError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{parser.prog}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except (TypeError, KeyError, IndexError, AttributeError, ValueError, RecursionError, MemoryError) as e:
         # A pickled attribute of an unexpected type met code that expected the released files' type.

@@ -354,7 +354,7 @@ class Studio:
         try:
             generate.check_args(args)  # ranges, seeds, sizes and files exactly as the command line checks them
         except OptionError as e:
-            raise DemoError(str(e)) from e
+            raise DemoError(_short_paths(str(e), list(req.photos))) from e
         return args
 
     def subject(self, spec: Any, seed: int) -> tuple[Any, Any, Any]:

@@ -52,6 +52,15 @@ from ._cli import (
     resolve_device,
     save_strict_json,
 )
+from ._file_checks import (
+    check_image,
+    check_model_files,
+    check_readable,
+    check_writable_dir,
+    check_writable_file,
+    os_error_line,
+    read_json_file,
+)
 
 SETTINGS_NAME = "settings.json"
 REPORT_NAME = "eval_report.json"
@@ -80,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "against reference photos.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="folder of generated images (a generate --out folder)")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                   help="folder of generated images (a generate --out folder)")
     p.add_argument("--face-root", required=True, help="insightface model root holding the antelopev2 pack")
     p.add_argument("--clip", required=True, help="CLIPModel folder or hub id (openai/clip-vit-base-patch32)")
     p.add_argument("--dino", help="DINO ViT folder or hub id (facebook/dino-vits16) for the DINO score")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--references", nargs="+", metavar="PHOTO",
-                     help="reference photos of the subject (default: those in settings.json)")
+                     help="reference photos of the subject (default: those in settings.json); RUN_DIR may follow "
+                          "them (the last folder given is taken as RUN_DIR)")
     ref.add_argument("--embedding", metavar="FILE",
                      help="reference ArcFace embedding .npy/.safetensors (default: settings.json's identity)")
     p.add_argument("--prompt",
@@ -117,25 +128,31 @@ def class_prompt(prompt: str, placeholder: str, class_word: str) -> str:
 
 def read_run(args: argparse.Namespace) -> tuple[list[Item], dict]:
     """The images to score (with their prompts) and the run's settings ({} without settings.json)."""
+    if not args.run_dir or not args.run_dir.strip():
+        raise OptionError("RUN_DIR: an empty path is not a run folder (name the folder)")
     run = Path(args.run_dir).expanduser()
-    if not run.is_dir():
-        raise OptionError(f"RUN_DIR {args.run_dir}: folder not found")
+    if run.exists() and not run.is_dir():
+        raise OptionError(f"RUN_DIR {args.run_dir}: not a folder")
+    check_readable(run, "RUN_DIR", args.run_dir, "folder")
     settings_path = run / SETTINGS_NAME
-    if settings_path.is_file():
-        from .models._io import read_json
-
+    if settings_path.exists():
+        settings = read_json_file(settings_path, "RUN_DIR", f"{args.run_dir}: {SETTINGS_NAME}")
+        if not isinstance(settings, dict):
+            raise OptionError(f"RUN_DIR {args.run_dir}: {SETTINGS_NAME} is not a generate settings file "
+                              "(not a JSON object)")
         try:
-            settings = read_json(settings_path, what=SETTINGS_NAME)
             outputs = settings["outputs"]
-        except (OSError, KeyError, TypeError) as e:
-            raise OptionError(f"RUN_DIR {args.run_dir}: {SETTINGS_NAME} is not a generate settings file ({e})") from e
-        items = []
-        for out in outputs:
-            prompt = args.prompt or out["prompt"]
-            if out.get("frames"):
-                items += [Item(run / name, prompt, out["file"], k) for k, name in enumerate(out["frames"])]
-            else:
-                items.append(Item(run / out["file"], prompt, out["file"]))
+            items = []
+            for out in outputs:
+                prompt = args.prompt or out["prompt"]
+                if out.get("frames"):
+                    items += [Item(inside_run(run, name, args.run_dir), prompt, out["file"], k)
+                              for k, name in enumerate(out["frames"])]
+                else:
+                    items.append(Item(inside_run(run, out["file"], args.run_dir), prompt, out["file"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise OptionError(f"RUN_DIR {args.run_dir}: {SETTINGS_NAME} is not a generate settings file "
+                              f"(no valid outputs list: {type(e).__name__} {e})") from e
     else:
         settings = {}
         if not args.prompt:
@@ -147,33 +164,69 @@ def read_run(args: argparse.Namespace) -> tuple[list[Item], dict]:
         raise OptionError(f"RUN_DIR {args.run_dir}: {len(missing)} listed image(s) missing, e.g. {missing[0]}")
     if not items:
         raise OptionError(f"RUN_DIR {args.run_dir}: no images to score")
+    for item in items:  # a damaged or unreadable image stops the run here, not in the middle of the scoring
+        check_image(item.file, "RUN_DIR", f"{args.run_dir}: {item.file.relative_to(run)}")
     return items, settings
+
+
+def inside_run(run: Path, name: object, run_dir: str) -> Path:
+    """A file named in settings.json, which must lie inside the run folder (no absolute paths, no `..`)."""
+    if not isinstance(name, str) or not name:
+        raise OptionError(f"RUN_DIR {run_dir}: {SETTINGS_NAME} names an output {name!r}, expected a file name")
+    path = run / name
+    root = run.resolve()
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+        raise OptionError(f"RUN_DIR {run_dir}: {SETTINGS_NAME} names {name!r}, outside the run folder; only files "
+                          "inside it are read")
+    return path
 
 
 def reference_source(args: argparse.Namespace, settings: dict) -> dict:
     """{'images': [...]} or {'embedding': path}: the options first, then what the run recorded."""
-    if args.references:
-        return {"images": [str(check_file(r, "--references")) for r in args.references]}
-    if args.embedding:
-        from .subject import EMBEDDING_SUFFIXES
+    from .subject import EMBEDDING_SUFFIXES, load_arcface_embedding
 
-        return {"embedding": str(check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES))}
-    return recorded_reference(args, settings.get("subject") or {})
+    if args.references:
+        for r in args.references:
+            check_file(r, "--references")
+            check_image(Path(r).expanduser(), "--references", r)
+        return {"images": [str(Path(r).expanduser()) for r in args.references]}
+    if args.embedding:
+        path = check_file(args.embedding, "--embedding", EMBEDDING_SUFFIXES)
+        check_readable(path, "--embedding", args.embedding)
+        try:
+            load_arcface_embedding(path)
+        except ValueError as e:
+            raise OptionError(f"--embedding {e}") from e
+        return {"embedding": str(path)}
+    subject = settings.get("subject")
+    return recorded_reference(args, subject if isinstance(subject, dict) else {})
 
 
 def recorded_reference(args: argparse.Namespace, subject: dict, name: str = "") -> dict:
     """A subject's references as the run recorded them: its photos with a face, else its identity file."""
+    from .subject import load_arcface_embedding
+
     # Photos in which generate found no face (a random vector stood in) are no reference for the identity.
     stand_ins = set(subject.get("random_stand_ins") or [])
-    images = [i for i in subject.get("images") or [] if i not in stand_ins]
+    images = [i for i in subject.get("images") or [] if isinstance(i, str) and i not in stand_ins]
     if images and all(Path(i).is_file() for i in images):
+        for i in images:
+            check_image(Path(i), "RUN_DIR", f"{args.run_dir}: {SETTINGS_NAME} reference photo {i}")
         return {"images": images}
     for key in ("embedding", "arcface_file"):
         value = subject.get(key)
-        if value:
-            path = Path(args.run_dir).expanduser() / value  # an absolute value stays absolute
-            if path.is_file():
-                return {"embedding": str(path)}
+        if not isinstance(value, str) or not value:
+            continue
+        run = Path(args.run_dir).expanduser()
+        # the user's own embedding file (recorded as an absolute path) or the identity the run saved inside it
+        path = Path(value) if key == "embedding" else inside_run(run, value, args.run_dir)
+        if path.is_file():
+            check_readable(path, "RUN_DIR", f"{args.run_dir}: {SETTINGS_NAME} {key} {value}")
+            try:
+                load_arcface_embedding(path)
+            except ValueError as e:
+                raise OptionError(f"RUN_DIR {args.run_dir}: {SETTINGS_NAME} {key}: {e}") from e
+            return {"embedding": str(path)}
     if name:
         raise OptionError(f"RUN_DIR {args.run_dir}: subject {name!r} has no reference photos or identity file that "
                           "still exist")
@@ -215,12 +268,18 @@ def check_args(args: argparse.Namespace) -> tuple[list[Item], dict, dict, str]:
     args.clip = check_source(args.clip, "--clip", ["config.json"], "a CLIPModel folder")
     if Path(args.clip).is_dir():
         check_model_type(args.clip, "--clip", CLIP_TYPES, "a CLIP model (e.g. openai/clip-vit-base-patch32)")
+        check_model_files(Path(args.clip), "--clip", args.clip)
     if args.dino:
         args.dino = check_source(args.dino, "--dino", ["config.json"], "a DINO ViT folder")
         if Path(args.dino).is_dir():
             check_model_type(args.dino, "--dino", DINO_TYPES, "a DINO ViT (e.g. facebook/dino-vits16)")
-    if args.out and Path(args.out).suffix != ".json":
-        raise OptionError(f"--out {args.out}: the report is JSON; give a .json path")
+            check_model_files(Path(args.dino), "--dino", args.dino)
+    if args.out is not None:
+        check_writable_file(args.out, "--out")
+        if Path(args.out).suffix != ".json":
+            raise OptionError(f"--out {args.out}: the report is JSON; give a .json path")
+    else:
+        check_writable_dir(args.run_dir, "RUN_DIR")  # the report goes into it
     return items, settings, refs, placeholder
 
 
@@ -539,6 +598,12 @@ def summary_line(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.run_dir is None:
+        # `--references a.jpg b.jpg RUN_DIR`: nargs="+" took the run folder too; a folder is no photo
+        if args.references and len(args.references) > 1 and Path(args.references[-1]).expanduser().is_dir():
+            args.run_dir = args.references.pop()
+        else:
+            parser.error("the following arguments are required: RUN_DIR")
     from ._quiet import quiet_dependency_noise
 
     quiet_dependency_noise()
@@ -552,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         save_strict_json(report, out)
     except ValueError as e:  # a non-finite score: a broken model or image, not a number to report
         parser.error(f"--out {out}: {e}")
+    except OSError as e:  # a full disk
+        parser.error(f"--out {out}: {os_error_line(e)}")
     print(summary_line(report))
     for line in subject_lines(report):
         print(line)

@@ -56,6 +56,15 @@ from ._cli import (
     resolve_dtype,
     save_strict_json,
 )
+from ._file_checks import (
+    check_image,
+    check_model_files,
+    check_readable,
+    check_writable_dir,
+    check_writable_file,
+    os_error_line,
+    read_text_file,
+)
 
 SETTINGS_NAME = "settings.json"
 MAX_PROMPTS_FILE_BYTES = 2**20  # --prompts-file: a megabyte of prompts is thousands of runs
@@ -75,6 +84,10 @@ SCHEDULERS = ("auto", "ddim", "dpm", "euler", "pndm")
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 SLOTS_PER_SUBJECT = 16  # Arc2Face's ID tokens, which the Prompt Inverter turns into 16 prompt embeddings (§2.1)
 PROMPT_POSITIONS = 75  # a 77-token prompt less its start and end tokens
+# Documented bounds: outputs per prompt, and the image side (the VAE works on 8-pixel blocks).
+MAX_NUM_IMAGES = 1000
+MIN_SIDE, MAX_SIDE = 16, 4096
+TEXT_LENGTH = 77  # CLIP's token window, BOS and EOS included
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--face-root",
                         help="insightface model root holding the antelopev2 pack (needed with --images)")
     models.add_argument("--strict", action="store_true",
-                        help="with --images, refuse a face recognizer other than Arc2Face's arcface.onnx "
-                        "(default: warn)")
+                        help="with --images, refuse a face recognizer other than Arc2Face's arcface.onnx; refuse "
+                        "prompts longer than CLIP's 77 tokens (default: warn of both)")
 
     subject = p.add_argument_group("subject: one with --images, --embedding or --random-id, or one or more "
                                    "with --subject")
@@ -131,13 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="negative prompt, encoded by the same text encoder (used when --guidance > 1)")
 
     gen = p.add_argument_group("sampling")
-    gen.add_argument("--num-images", type=int, default=4, help="images (or videos) per prompt")
+    gen.add_argument("--num-images", type=int, default=4,
+                     help=f"images (or videos) per prompt, 1 to {MAX_NUM_IMAGES}")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=7.5,
                      help="classifier-free guidance scale, >= 0 (at most 1: no guidance)")
     gen.add_argument("--seed", type=int, help="seed of the first output (others use seed+1, ...); random if omitted")
-    gen.add_argument("--height", type=int, default=512, help="output height in pixels, a multiple of 8")
-    gen.add_argument("--width", type=int, default=512, help="output width in pixels, a multiple of 8")
+    gen.add_argument("--height", type=int, default=512,
+                     help=f"output height in pixels, a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}")
+    gen.add_argument("--width", type=int, default=512,
+                     help=f"output width in pixels, a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
                      help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
     gen.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
@@ -178,11 +194,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
             raise OptionError(f"--prompts-file {args.prompts_file}: {path.stat().st_size:,} bytes, over the limit "
                               f"of {MAX_PROMPTS_FILE_BYTES:,} (one prompt a line)")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise OptionError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason} at byte "
-                              f"{e.start})") from e
+        text = read_text_file(path, "--prompts-file", args.prompts_file)
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise OptionError(f"--prompts-file {args.prompts_file}: no prompts in it")
@@ -282,23 +294,38 @@ def check_subject_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
 
 
 def check_prompt_lengths(args: argparse.Namespace, prompts: list[str]) -> None:
-    """With a local --base, its tokenizer says now whether a prompt's words push a subject's slots past 77 tokens
-    (a hub id's tokenizer is only fetched with the pipeline; encoding raises the same error then)."""
+    """With a local --base tokenizer: every subject's slots must lie inside CLIP's 77 tokens (an error naming the
+    prompt), and text past 77 tokens, which the pipeline cuts off, is a warning (an error with --strict). A hub id's
+    tokenizer is only fetched with the pipeline; encoding raises the same slot error then."""
     folder = Path(args.base) / "tokenizer"
     if not folder.is_dir():
         return
     from transformers import CLIPTokenizer
 
-    from .models.subject_prompt import subject_slots
+    from .models.subject_prompt import find_placeholders, subject_slots
 
-    with loading("--base", args.base):
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    try:
+        with loading("--base", args.base):
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise OptionError(f"--base {args.base}: its tokenizer cannot be read ({e})") from e
     slots = {s.placeholder: SLOTS_PER_SUBJECT for s in args.subjects}
     for prompt in prompts:
         try:
-            subject_slots(tokenizer, prompt, slots, min(77, tokenizer.model_max_length))
+            subject_slots(tokenizer, prompt, slots, min(TEXT_LENGTH, tokenizer.model_max_length))
         except ValueError as e:
-            raise OptionError(f"--prompt: {e}") from e
+            raise OptionError(f"--prompt: {e}; put the placeholder earlier or shorten the prompt") from e
+        found = find_placeholders(prompt, list(slots))
+        cuts = [0, *[i for _, begin, end in found for i in (begin, end)], len(prompt)]
+        pieces = [prompt[cuts[i]:cuts[i + 1]] for i in range(0, len(cuts), 2)]
+        length = 2 + sum(slots[p] for p, _, _ in found) + sum(
+            len(tokenizer(t, add_special_tokens=False).input_ids) for t in pieces if t.strip())
+        if length > TEXT_LENGTH:
+            message = (f"--prompt {prompt!r}: {length} tokens with the subjects' slots; CLIP reads {TEXT_LENGTH}, so "
+                       "the end is cut off")
+            if args.strict:
+                raise OptionError(f"{message} (--strict)")
+            print(f"warning: {message}", file=sys.stderr)
 
 
 def embeddings_files(args: argparse.Namespace) -> list[tuple[Path, str]] | None:
@@ -328,10 +355,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for name in ("num_images", "steps", "num_frames"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_images > MAX_NUM_IMAGES:
+        raise OptionError(f"--num-images must be at most {MAX_NUM_IMAGES}, got {args.num_images}")
     for name in ("height", "width"):
         v = getattr(args, name)
-        if v < 8 or v % 8:
-            raise OptionError(f"--{name} must be a positive multiple of 8, got {v}")
+        if not MIN_SIDE <= v <= MAX_SIDE or v % 8:
+            raise OptionError(f"--{name} must be a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}, got {v}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise OptionError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if not math.isfinite(args.fps) or not 0 < args.fps <= MAX_FPS:
@@ -353,14 +382,18 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise OptionError(f"{subject_option(args, spec, 'random_id')} must be between {SEED_MIN} and "
                               f"{SEED_MAX}, got {spec.random_id}")
 
+    check_out(args)
+    if args.save_embeddings is not None:
+        check_writable_file(args.save_embeddings, "--save-embeddings")
     args.base = check_source(args.base, "--base", ["model_index.json"], "an SD-1.5 pipeline folder")
     check_prompt_lengths(args, prompts)
     args.arc2face = check_source(args.arc2face, "--arc2face", ["encoder/config.json"], "an Arc2Face folder")
     inverter = Path(args.inverter).expanduser()
-    if not (inverter / "config.json").is_file() or not (inverter / "model.safetensors").is_file():
+    if not (inverter / "config.json").exists() or not (inverter / "model.safetensors").exists():
         raise OptionError(
             f"--inverter {args.inverter}: not a Prompt Inverter folder (needs config.json + model.safetensors)"
         )
+    check_model_folders(args)
     for spec in args.subjects:
         if spec.images:
             option = subject_option(args, spec, "images")
@@ -368,6 +401,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
                 raise OptionError(f"--face-root is needed with {option} (the insightface root with antelopev2)")
             for image in spec.images:
                 check_file(image, option)
+                check_image(Path(image).expanduser(), option, image)
     if args.face_root:
         from .models.face_encoder import find_model_pack
 
@@ -381,6 +415,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
             option = subject_option(args, spec, "embedding")
             path = check_file(spec.embedding, option, EMBEDDING_SUFFIXES)
+            check_readable(path, option, spec.embedding)
             try:
                 load_arcface_embedding(path)
             except ValueError as e:
@@ -401,8 +436,17 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if files and len({f for f, _ in files}) < len(files):
         raise OptionError(f"--save-embeddings {args.save_embeddings}: the subjects' placeholders give the same "
                           "file name twice; choose placeholders that differ in letters or digits")
-    check_out(args)
     return prompts
+
+
+def check_model_folders(args: argparse.Namespace) -> None:
+    """Every local model's config and safetensors files are whole (headers and sizes; nothing is loaded)."""
+    check_model_files(Path(args.inverter).expanduser(), "--inverter", args.inverter)
+    for option, value, sub in (("--base", args.base, ""), ("--arc2face", args.arc2face, "encoder"),
+                               ("--motion-adapter", args.motion_adapter, "")):
+        if value and Path(value).is_dir():
+            folder = Path(value) / sub
+            check_model_files(folder, option, value if not sub else f"{value}/{sub}")
 
 
 def motion_window(source: str) -> int:
@@ -502,9 +546,7 @@ def fingerprint(path: Path) -> dict | None:
 
 def check_out(args: argparse.Namespace) -> None:
     """--out must be new or empty; --overwrite accepts an earlier generate run (cleared when this run starts)."""
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {args.out}: exists and is not a folder")
+    out = check_writable_dir(args.out, "--out")
     args.clear = []
     if not out.is_dir() or not any(out.iterdir()):
         return  # nothing to replace: --overwrite is a no-op, so scripts may always pass it
@@ -636,7 +678,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     """Load the models, encode the subject, run the pipeline; returns the settings written to settings.json."""
     import numpy as np
 
-    from .models.subject_prompt import encode_subjects_prompt, save_textual_inversion, subject_slots
+    from .models.subject_prompt import save_textual_inversion
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -670,23 +712,74 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
         subjects[spec.placeholder] = subject_encoder(identity.arcface).float()
     del subject_encoder  # the pipeline needs the memory more
 
-    out = Path(args.out).expanduser()
-    clear_earlier_run(args.clear)
-    out.mkdir(parents=True, exist_ok=True)
-    for k, identity in enumerate(identities):
-        np.save(out / arcface_file(args, k), identity.arcface.cpu().numpy().astype(np.float32))
-    for (path, token), embeds in zip(embeddings_files(args) or [], subjects.values()):
-        save_textual_inversion(embeds, path, token=token)
-
+    # Nothing is written before every model has loaded: a failure or Ctrl-C while loading leaves --out as it was.
     pipe = load_pipeline(args, device, dtype)
     settings = run_settings(args, prompts, seed, device, dtype, pipe, identities)
     settings["recognizer"] = recognizer
-    # textual-inversion files inside --out, which --overwrite may delete: recorded byte for byte
-    settings["written"] = {
-        path.name: fingerprint(path)
-        for path, _ in embeddings_files(args) or []
-        if path.expanduser().resolve().parent == out.resolve()
-    }
+
+    out = Path(args.out).expanduser()
+    clear_earlier_run(args.clear)
+    with RunFiles(out) as written:
+        # settings.json first: whatever follows, a rerun with --overwrite recognises the folder as a run.
+        written.add(out / SETTINGS_NAME)
+        save_strict_json(settings, out / SETTINGS_NAME)
+        for k, identity in enumerate(identities):
+            written.add(out / arcface_file(args, k))
+            np.save(out / arcface_file(args, k), identity.arcface.cpu().numpy().astype(np.float32))
+        files = embeddings_files(args) or []
+        for (path, token), embeds in zip(files, subjects.values()):
+            written.add(path)
+            save_textual_inversion(embeds, path, token=token)
+        # textual-inversion files inside --out, which --overwrite may delete: recorded byte for byte
+        settings["written"] = {
+            path.name: fingerprint(path) for path, _ in files if path.expanduser().resolve().parent == out.resolve()
+        }
+        save_strict_json(settings, out / SETTINGS_NAME)
+        run_pipeline(args, prompts, pipe, subjects, settings, out, device, dtype, written)
+    return settings
+
+
+class RunFiles:
+    """The files one run writes. If the run fails (or is interrupted) before its first output is complete, they
+    are removed again, and so is `out` if this run created it: the folder is left as it was. Once an output is
+    complete the run is kept as far as it got (settings.json lists it; --overwrite replaces it)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.created = not out.exists()
+        self.paths: list[Path] = []
+        self.kept = False
+
+    def __enter__(self) -> RunFiles:
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def add(self, path: Path) -> None:
+        self.paths.append(path)
+
+    def keep(self) -> None:
+        self.kept = True
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is None or self.kept:
+            return
+        for path in reversed(self.paths):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only if empty
+
+
+def run_pipeline(args: argparse.Namespace, prompts: list[str], pipe: Any, subjects: dict[str, torch.Tensor],
+                 settings: dict, out: Path, device: torch.device, dtype: torch.dtype, written: RunFiles) -> None:
+    """Every output, settings.json rewritten after each, then the contact sheet."""
+    from .models.subject_prompt import encode_subjects_prompt, subject_slots
+
+    seed = settings["seed"]
     negative = None
     tokens = free_noise_tokens(list(subjects))
     if args.free_noise:
@@ -726,7 +819,9 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
                 )
                 name = f"p{p:02d}_{i:03d}"
                 entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
+                written.add(out / (f"{name}.gif" if args.video else f"{name}.png"))
                 if args.video:
+                    written.add(out / name)
                     frames = pipe(num_frames=args.num_frames, **common).frames[0]
                     entry["file"] = f"{name}.gif"
                     entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
@@ -741,10 +836,10 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> dict:
                 settings["outputs"].append(entry)
                 # Rewritten after every output, so an interrupted run can still be evaluated.
                 save_strict_json(settings, out / SETTINGS_NAME)
+                written.keep()
     contact_sheet(sheet).save(out / CONTACT_SHEET_NAME)
     settings["contact_sheet"] = CONTACT_SHEET_NAME
     save_strict_json(settings, out / SETTINGS_NAME)
-    return settings
 
 
 def contact_sheet(rows: list[list[Any]]) -> Any:
@@ -823,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = generate(args, prompts)
     except OptionError as e:
         parser.error(str(e))
+    except OSError as e:  # a full disk, a folder made read-only mid-run: what and where, not a traceback
+        parser.error(os_error_line(e))
     n = len(settings["outputs"])
     print(f"wrote {n} {settings['kind']}{'s' if n != 1 else ''} and {SETTINGS_NAME} to {args.out}")
     return 0

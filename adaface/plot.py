@@ -66,13 +66,20 @@ def _number(value: Any) -> float | None:
 
 
 def metrics_path(run_dir: str) -> Path:
+    from ._file_checks import check_readable
+
+    if not run_dir or not run_dir.strip():
+        raise OptionError("RUN_DIR: an empty path is not a run folder (name the folder)")
     path = Path(run_dir).expanduser()
     if path.is_file():
+        check_readable(path, "RUN_DIR", run_dir)
         return path
     if not path.is_dir():
         raise OptionError(f"RUN_DIR {run_dir}: folder not found")
+    check_readable(path, "RUN_DIR", run_dir, "folder")
     if not (path / METRICS_NAME).is_file():
         raise OptionError(f"RUN_DIR {run_dir}: no {METRICS_NAME} in it (is it a training --output-dir?)")
+    check_readable(path / METRICS_NAME, "RUN_DIR", f"{run_dir}: {METRICS_NAME}")
     return path / METRICS_NAME
 
 
@@ -202,10 +209,16 @@ def check_args(args: argparse.Namespace) -> tuple[Path, Path]:
         raise OptionError(f"--smoothing must be in [0, 1), got {args.smoothing}")
     path = metrics_path(args.run_dir)
     out = Path(args.out).expanduser() if args.out else path.parent / PLOT_NAME
+    from ._file_checks import check_writable_file
+
+    if args.out is not None:
+        check_writable_file(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise OptionError(f"--out {args.out}: the plot is a PNG; give a .png path")
     if not out.parent.is_dir():
         raise OptionError(f"--out {args.out}: folder {out.parent} not found")
+    if args.out is None:
+        check_writable_file(str(out), "--out")  # the default, inside RUN_DIR
     return path, out
 
 
@@ -221,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         parser.error('matplotlib is not installed: pip install "adaface[plot]" (or pip install matplotlib)')
-    plot(run, out, args.smoothing, args.extra_key)
+    try:
+        plot(run, out, args.smoothing, args.extra_key)
+    except OSError as e:  # a full disk
+        from ._file_checks import os_error_line
+
+        parser.error(f"--out {out}: {os_error_line(e)}")
     note = f" ({run.skipped_lines} unreadable line(s) skipped)" if run.skipped_lines else ""
     print(f"wrote {out}: {', '.join(run.series)} over {len(run.series[next(iter(run.series))][0])} steps, "
           f"{len(run.expansions)} expansion(s){note}")

@@ -30,6 +30,14 @@ import numpy as np
 from PIL import Image
 
 from ._cli import HelpFormatter, OptionError, check_file
+from ._file_checks import (
+    check_readable,
+    check_readable_tree,
+    check_writable_dir,
+    os_error_line,
+    read_json_file,
+    safetensors_problem,
+)
 from .faces.crop import face_crop_transform
 from .faces.masks import box_mask, landmark_mask
 from .models.face_encoder import largest_face
@@ -83,14 +91,20 @@ def check_args(args: argparse.Namespace) -> None:
     from .faces.parsing import facexlib_available, find_parser_weights
     from .models.face_encoder import find_model_pack
 
+    if not args.images or not args.images.strip():
+        raise OptionError("IMAGES: an empty path is not a folder of photos (name the folder)")
     images = Path(args.images).expanduser()
-    if not images.is_dir():
-        raise OptionError(f"IMAGES {args.images}: folder not found")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {args.out}: exists and is not a folder")
+    if images.exists() and not images.is_dir():
+        raise OptionError(f"IMAGES {args.images}: not a folder")
+    check_readable_tree(images, "IMAGES", args.images)
+    out = check_writable_dir(args.out, "--out")
     if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
         raise OptionError(f"--out {args.out}: must not be inside IMAGES {args.images} (it would be read as input)")
+    check_prepared_folder(out, args.out)
+    unreadable = [path for _, path in scan_images(images) if not os.access(path, os.R_OK)]
+    if unreadable:  # recorded as done, they would be skipped by every rerun once the permission is fixed
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise OptionError(f"IMAGES {args.images}: permission denied: this user cannot read {unreadable[0]}{more}")
     try:
         args.pack = find_model_pack(args.face_root)
     except FileNotFoundError as e:
@@ -106,6 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise OptionError("--detector dlib: dlib is not installed (pip install dlib-bin)")
     if args.parser_weights is not None:
         check_file(args.parser_weights, "--parser-weights", (".pth",))
+        check_readable(Path(args.parser_weights).expanduser(), "--parser-weights", args.parser_weights)
     if args.masks == "parser":
         if not facexlib_available():
             raise OptionError("--masks parser: facexlib is not installed (pip install facexlib), or use --masks auto")
@@ -116,6 +131,7 @@ def check_args(args: argparse.Namespace) -> None:
         from .faces.class_words import ClassWords
 
         path = check_file(args.class_words, "--class-words", (".csv",))
+        check_readable(path, "--class-words", args.class_words)
         try:
             args.class_word_table = ClassWords.from_csv(path)
         except (ValueError, UnicodeDecodeError) as e:
@@ -127,6 +143,29 @@ def check_args(args: argparse.Namespace) -> None:
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise OptionError("--device cuda: onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+
+
+def check_prepared_folder(out: Path, value: str) -> None:
+    """A folder an earlier run wrote must be whole before this run adds to it: its settings, its embeddings and
+    the shards of a killed run. Embeddings are recomputed from the photos, so the way out is to delete them."""
+    from .faces.prepared_folder import EMBEDDINGS, PENDING, SETTINGS
+
+    if not out.is_dir():
+        return
+    if (out / SETTINGS).exists():
+        settings = read_json_file(out / SETTINGS, "--out", f"{value}: {SETTINGS}")
+        if not isinstance(settings, dict):
+            raise OptionError(f"--out {value}: {SETTINGS} is not a JSON object; delete it and rerun with the options "
+                              "the folder was prepared with")
+    shards = sorted((out / PENDING).glob("*.safetensors")) if (out / PENDING).is_dir() else []
+    for path in [out / EMBEDDINGS, *shards]:
+        if not path.exists():
+            continue
+        check_readable(path, "--out", f"{value}: {path.relative_to(out)}")
+        problem = safetensors_problem(path)
+        if problem:
+            raise OptionError(f"--out {value}: {path.relative_to(out)} is {problem}; delete it and rerun this "
+                              "command: the embeddings are recomputed from the photos (the crops and masks are kept)")
 
 
 def scan_images(root: Path) -> list[tuple[str, Path]]:
@@ -370,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: the results so far are saved in {args.out}; rerun the same command to continue",
               file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a folder made read-only mid-run; the results committed so far are kept
+        parser.error(f"{os_error_line(e)} (the results committed so far are kept; rerun to continue)")
     print_summary(summary, args.out)
     return 0
 

@@ -57,15 +57,20 @@ def load_arcface_embedding(path: PathLike) -> torch.Tensor:
         try:  # memory-mapped: a header declaring more than the file holds is refused, not allocated
             array = np.load(path, allow_pickle=False, mmap_mode="r")
             rows = torch.from_numpy(np.array(array, dtype=np.float32))
+        except (EOFError, OSError) as e:  # truncated or empty
+            raise ValueError(f"{path}: damaged .npy file ({type(e).__name__}: {e or 'truncated'})") from e
         except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
             # (object arrays need unpickling, which is never done here)
             raise ValueError(f"{path}: not a plain numeric .npy array ({first_line(e)})") from e
     elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(path))
-        except Exception as e:  # safetensors' own SafetensorError on a malformed header
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: damaged .safetensors file ({first_line(e)})") from e
+        except Exception as e:  # anything else the header parser raises on a malformed file
             raise ValueError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
         if len(tensors) != 1:
             raise ValueError(f"{path}: expected one tensor (the ArcFace embedding), found keys {sorted(tensors)}")

@@ -249,13 +249,17 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
+MAX_BATCH = 4096
+
+
 def _batches(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"batch sizes must be from 1 to {MAX_BATCH}, got {text!r}")
     return values
 
 
@@ -268,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="measure the given batches only")
     p.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
                    help="gradient checkpointing of the student UNet")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=512,
+                   help=f"training resolution: a multiple of 64 from {MIN_RESOLUTION} to {MAX_RESOLUTION}")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="frozen models' weights and activations")
     p.add_argument("--slice-p", type=int, default=1, help="Prodigy's slice_p (1: the full state)")
     p.add_argument("--json", default=None, metavar="F", help="also write the rows to F (a JSON list)")
@@ -281,9 +286,19 @@ BUDGETS_GIB = (24.0, 48.0)  # an RTX 3090/4090; an RTX A6000
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.resolution < 64 or args.resolution % 64:
-        print(f"memory_estimate: --resolution must be a multiple of 64, got {args.resolution}", file=sys.stderr)
+    if not MIN_RESOLUTION <= args.resolution <= MAX_RESOLUTION or args.resolution % 64:
+        print(f"memory_estimate: --resolution must be a multiple of 64 from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
+              f"got {args.resolution}", file=sys.stderr)
         return 2
+    if args.json is not None:  # checked before minutes of estimates, not after
+        from adaface._cli import OptionError
+        from adaface._file_checks import check_writable_file
+
+        try:
+            check_writable_file(args.json, "--json")
+        except OptionError as e:
+            print(f"memory_estimate: {e}", file=sys.stderr)
+            return 2
     if args.slice_p < 1:
         print(f"memory_estimate: --slice-p must be >= 1, got {args.slice_p}", file=sys.stderr)
         return 2
@@ -314,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\n".join(fits))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        except OSError as e:
+            print(f"memory_estimate: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 

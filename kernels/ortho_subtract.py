@@ -2,6 +2,7 @@
 
 Forward, per row (D = b·b + eps):
     s_ab = Σ a·b,  s_bb = Σ b·b,  c = s_ab / D,  out = a − c·b
+    (D = 0 only for b = 0 with eps = 0, where s_ab = 0: D is taken as 1, so c = 0 and out = a, not 0/0.)
 Backward, with g = dL/dout and s_gb = Σ g·b:
     da = g − (s_gb / D)·b
     db = −c·g − (s_gb / D)·a + 2·c·(s_gb / D)·b
@@ -32,7 +33,9 @@ def _ratio_to_b(x_row, b_row, n_cols, eps, BLOCK: tl.constexpr):
         b = tl.load(b_row + offs, mask=m, other=0.0).to(tl.float32)
         acc_xb += x * b
         acc_bb += b * b
-    return tl.sum(acc_xb, 0) / (tl.sum(acc_bb, 0) + eps)
+    denom = tl.sum(acc_bb, 0) + eps
+    # a zero b with eps = 0: no component along b (0/0 would be NaN)
+    return tl.sum(acc_xb, 0) / tl.where(denom > 0, denom, 1.0)
 
 
 @triton.jit

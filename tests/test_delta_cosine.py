@@ -26,7 +26,7 @@ from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
 from adaface.testing.grads import assert_grads_close, input_grads
 from adaface.testing.tolerances import assert_close
 
-SHAPES = [(1, 1), (5, 7), (3, 33), (2, 3, 320), (2, 1281), (4, 0), (0, 9)]
+SHAPES = [(1, 1), (5, 7), (3, 33), (2, 3, 320), (2, 1281), (0, 9)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("subj_single", "subj_comp", "cls_single", "cls_comp")
 
@@ -267,6 +267,7 @@ def _bad(shape=(3, 4), **over):
         (_bad(cls_comp=torch.zeros(3, 4, dtype=torch.int64)), "`cls_comp` must have dtype"),
         (_bad(subj_comp=torch.zeros(3, 4, device="meta")), "`subj_comp` is on meta"),
         (_bad(shape=()), "`subj_single` must have at least 1"),
+        (_bad(shape=(4, 0)), "`subj_single` has no features"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):
@@ -277,6 +278,9 @@ def test_bad_input_names_the_argument(kwargs, match):
 @pytest.mark.parametrize(
     "extra, match",
     [({"reduction": "avg"}, "`reduction` must be one of"), ({"eps": -1.0}, "`eps` must be"),
+     ({"eps": float("inf")}, "`eps` must be a finite non-negative number, got inf"),
+     ({"eps": float("nan")}, "`eps` must be a finite non-negative number, got nan"),
+     ({"eps": True}, "`eps` must be a finite"),
      ({"backend": "fast"}, "backend must be one of")],
 )
 def test_bad_arguments(extra, match):
@@ -314,3 +318,34 @@ def test_zero_rows_with_zero_eps_stay_finite(device):
     assert_close(out[[0, 2]], _reference([x.detach() for x in xs], eps=0.0)[[0, 2]], name="loss")
     grads = torch.autograd.grad(out.sum(), xs)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def _backends():
+    from adaface.ops._backend import extension_available
+
+    return ["torch", "triton", *(["cpp"] if extension_available() else [])]
+
+
+@pytest.mark.parametrize("zero", ["subject-equal", "subject-zero", "class-equal", "class-zero"])
+def test_zero_composition_delta_is_one_with_no_gradient_on_every_backend(zero, device):
+    """A composition feature equal to its single one (or all zero) has no delta: the documented loss is 1 with zero
+    gradient, the same on every backend; the other rows keep their ordinary values and gradients."""
+    xs = [x.detach() for x in delta_cosine_inputs((3, 37), device=device, seed=21)]
+    single, comp = (0, 1) if zero.startswith("subject") else (2, 3)
+    xs[comp][1] = xs[single][1] if zero.endswith("equal") else 0
+    results = {}
+    for backend in _backends():
+        if backend == "cpp" and device.type != "cpu":
+            continue
+        ins = [x.clone().requires_grad_() for x in xs]
+        rows = delta_cosine_loss(*ins, reduction="none", backend=backend)
+        grads = torch.autograd.grad(rows.sum(), ins)
+        results[backend] = rows.detach(), grads
+    for backend, (rows, grads) in results.items():
+        assert rows[1].item() == 1.0, backend
+        assert all(g[1].abs().max().item() == 0 for g in grads), backend
+        assert all(torch.isfinite(g).all() and g.abs().max() < 1e3 for g in grads), backend
+        ref_rows, ref_grads = results["torch"]
+        assert_close(rows, ref_rows, name=f"{backend} loss")
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, name=f"{backend} grad")

@@ -169,10 +169,10 @@ def test_video_request(studio):
     (dict(prompts=["  "], random_id=1), "write at least one prompt"),
     (dict(prompts=["a photo of z"]), "upload at least one face photo, or choose a random ID"),
     (dict(prompts=["a photo of z"], photos=["{dark}"]), "^no face found in dark.png$"),
-    (dict(prompts=["a photo of z"], photos=["{face}", "{broken}"]), "^cannot read broken.jpg as an image"),
+    (dict(prompts=["a photo of z"], photos=["{face}", "{broken}"]), "^--images broken.jpg: not a readable image"),
     (dict(prompts=["a photo of z"], photos=["{face}"], random_id=3), "either photos or a random ID"),
     (dict(prompts=["z"], random_id=1, video=True, num_frames=9), r"frames must be between 1 and 8 \(the motion"),
-    (dict(prompts=["z"], random_id=1, height=20), "--height must be a positive multiple of 8"),
+    (dict(prompts=["z"], random_id=1, height=20), "--height must be a multiple of 8"),
     (dict(prompts=["z"], random_id=1, seed=2**63), "--seed must be between"),
 ])
 def test_bad_requests_are_one_line_errors(studio, photos, fields, message):

@@ -249,7 +249,7 @@ RANDOM = ["--random-id", "1"]
     (RANDOM + ["--base", "{tmp}/nowhere"], "--base .*nowhere: folder not found"),
     (RANDOM + ["--arc2face", "{tmp}"], "--arc2face .*: not an Arc2Face folder; missing encoder/config.json"),
     (RANDOM + ["--prompt", "a photo of a man"], "--prompt: .*placeholder 'z' exactly once"),
-    (RANDOM + ["--height", "30"], "--height must be a positive multiple of 8"),
+    (RANDOM + ["--height", "30"], "--height must be a multiple of 8"),
     (RANDOM + ["--num-images", "0"], "--num-images must be at least 1"),
     (RANDOM + ["--video"], "--video needs --motion-adapter"),
     (RANDOM + ["--save-embeddings", "{tmp}/s.bin"], "--save-embeddings .*must end in .safetensors"),

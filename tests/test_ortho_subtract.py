@@ -75,11 +75,36 @@ def test_only_b_requires_grad(device):
         (torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float64), "`b` must have dtype"),
         (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64), "`a` must have dtype"),
         (torch.zeros(()), torch.zeros(()), "`a` must have at least 1"),
+        (torch.zeros(3, 0), torch.zeros(3, 0), "`a` has no features"),
     ],
 )
 def test_bad_input_names_the_argument(a, b, match):
     with pytest.raises(ValueError, match=match):
         ortho_subtract(a, b)
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), -1.0, True])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="`eps` must be a finite non-negative number"):
+        ortho_subtract(torch.zeros(2, 3), torch.ones(2, 3), eps=eps)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_b_with_zero_eps_gives_a(backend, device):
+    """b = 0 and eps = 0 (0/0 in the formula): the documented result is `a` itself, with finite gradients
+    (da = g, db = 0), the same on every backend; the other rows are unaffected."""
+    a, b = _inputs((3, 19), torch.float32, device, seed=4)
+    b[1] = 0
+    a, b = a.requires_grad_(), b.requires_grad_()
+    out = ortho_subtract(a, b, eps=0.0, backend=backend)
+    torch.testing.assert_close(out[1], a[1].detach(), atol=0, rtol=0)
+    ref = ortho_subtract_reference(a.detach()[[0, 2]], b.detach()[[0, 2]], eps=0.0)
+    assert_close(out[[0, 2]].detach(), ref, name="other rows")
+    g = torch.randn(3, 19, generator=torch.Generator().manual_seed(5)).to(device)
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    torch.testing.assert_close(ga[1], g[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(gb[1], torch.zeros_like(gb[1]), atol=0, rtol=0)
+    assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
 
 
 def test_unknown_backend():

@@ -285,6 +285,9 @@ def _zeros(*shape, dtype=torch.float32):
           torch.tensor([[1.0, float("inf"), 0.0], [1.0, 1.0, 1.0]])), {}, "`mask` must hold finite non-negative"),
         ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 6), _zeros(2, 4, 6)), {"backend": "fast"},
          "backend must be one of"),
+        ((_zeros(2, 3, 5), _zeros(2, 0, 5), _zeros(2, 3, 6), _zeros(2, 0, 6)), {}, "`q_comp` has no keys"),
+        ((_zeros(2, 3, 0), _zeros(2, 4, 0), _zeros(2, 3, 6), _zeros(2, 4, 6)), {}, "`q_subj` has no query features"),
+        ((_zeros(2, 3, 5), _zeros(2, 4, 5), _zeros(2, 3, 0), _zeros(2, 4, 0)), {}, "`feat_subj` has no features"),
     ],
 )
 def test_bad_input_names_the_argument(args, kwargs, match):

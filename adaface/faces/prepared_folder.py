@@ -45,7 +45,7 @@ class SettingsMismatch(ValueError):
 
 
 def _publish(tmp: str, path: Path) -> None:
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # the temporary file already has the umask's mode (create_temp_sibling)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -52,8 +52,16 @@ def check_same(op: str, named: dict[str, torch.Tensor], *, shape: bool = True) -
 
 
 def check_eps(op: str, eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"{op}: `eps` must be a non-negative number, got {eps!r}")
+    """A finite number >= 0 (an infinite eps would silently turn the orthogonal subtraction off)."""
+    ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0
+    if not ok:
+        raise ValueError(f"{op}: `eps` must be a finite non-negative number, got {eps!r}")
+
+
+def check_features(op: str, name: str, t: torch.Tensor, dim: int = -1, what: str = "features (C)") -> None:
+    """A dimension the op reduces over must not be empty: a loss over nothing has no meaningful value."""
+    if t.shape[dim] == 0:
+        raise ValueError(f"{op}: `{name}` has no {what}: dimension {dim} of shape {tuple(t.shape)} is 0")
 
 
 def check_scale(op: str, scale: object, *, allow_none: bool = False) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from adaface.kernels._runtime import COSINE_EPS
 
 from ._backend import resolve_backend
-from ._checks import check_row_weights, check_scale, check_tensor
+from ._checks import check_features, check_row_weights, check_scale, check_tensor
 
 _OP = "soft_warp_loss"
 
@@ -77,6 +77,10 @@ def _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale) -> None:
     B, N, Dq = q_subj.shape
     M = q_comp.shape[1]
     C = feat_subj.shape[2]
+    # the softmax runs over the M keys and the cosine over the C features: neither may be empty
+    check_features(_OP, "q_comp", q_comp, 1, "keys (M)")
+    check_features(_OP, "q_subj", q_subj, 2, "query features (Dq)")
+    check_features(_OP, "feat_subj", feat_subj, 2, "features (C)")
     expected = {
         "q_comp": (q_comp, (B, M, Dq), "[B, M, Dq]"),
         "feat_subj": (feat_subj, (B, N, C), "[B, N, C]"),
