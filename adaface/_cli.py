@@ -103,17 +103,12 @@ def model_type(source: str, option: str) -> str | None:
     """`model_type` from a model's config.json: read from a local folder, or the hub's config alone."""
     path = Path(source) / "config.json"
     if path.is_file():
-        from ._file_checks import read_json_file
-        from .models._io import UnsafeFileError, check_model_config
+        from .models._io import read_model_config
 
-        config = read_json_file(path, option, f"{source}: config.json")
-        if not isinstance(config, dict):
-            raise OptionError(f"{option} {source}: config.json is not a model config (not a JSON object)")
-        try:
-            check_model_config(config, path)
-        except UnsafeFileError as e:
-            raise OptionError(f"{option} {source}: {e}") from e
-        return config.get("model_type")
+        try:  # within the JSON limits, and refused if it would load code or a kernel from the hub
+            return read_model_config(path).get("model_type")
+        except OSError as e:
+            raise OptionError(f"{option} {source}: config.json is not a usable model config ({e})") from e
     from transformers import AutoConfig
 
     with loading(option, source):
