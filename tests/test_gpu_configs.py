@@ -54,8 +54,9 @@ CHECK = _compile_check()
 ATTENTION = [  # D (BLOCK_D 64: D = 40 masked; 128), mode, causal; L = S = 65: two 64 (fp32 D=128: three 32) tiles
     (D, mode, causal) for D in (40, 128) for mode in ("none", "qv", "kv", "qkv") for causal in (True, False)
 ]
-DELTA = [  # (rows, C): rows-per-program tile 2, 8, 16, and the split path (17 chunks of 4096, combined 16 at a time)
-    (3, 1280), (9, 320), (15, 21), (2, 16 * 4096 + 1),
+DELTA = [  # (rows, C): rows-per-program tile 2, 4, 8, 16, 32, and the split path (17 chunks of 4096, combined 16 at
+    # a time); C = 640 and 128 are stage 2's 32² attention outputs and its attention maps (8 heads x 16 slots)
+    (3, 1280), (5, 640), (9, 320), (15, 21), (33, 128), (2, 16 * 4096 + 1),
 ]
 SOFT_WARP = [  # (B, N, M, Dq, C): 64-row/column tiles crossed; Dq = C = 320: 256-wide output chunks crossed
     (2, 65, 65, 320, 320), (2, 65, 65, 40, 24),
@@ -166,7 +167,9 @@ def _all_cases():
 
 
 def _key(rec: dict) -> str:
-    """A configuration, with bf16 counted as its fp16 twin (same tiles and flags; only fp16 runs here)."""
+    """A configuration, with bf16 counted as its fp16 twin (same tiles and flags; only fp16 runs here), and
+    without the JIT's shape-dependent specialisation hints (they change the compiled code, not its results)."""
+    rec = {k: v for k, v in rec.items() if k not in ("divisible_by_16", "equal_to_1", "paper_shape")}
     return json.dumps(rec, sort_keys=True).replace('"bf16"', '"fp16"').replace("*bf16", "*fp16")
 
 
