@@ -71,12 +71,16 @@ def _paper_workloads():
     from adaface.testing.soft_warp_inputs import make_mask
 
     B = STAGE2_BATCH
+    # stage 2's fp32 inputs at each precision (on a GPU "auto" is tf32 or the autocast dtype); fp16/bf16 inputs
+    soft_warp = [(torch.float32, p) for p in ("tf32", "bf16", "fp16", "ieee")]
+    soft_warp += [(torch.float16, "auto"), (torch.bfloat16, "auto")]
     with _paper_shape():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype, precision in soft_warp:
             for N, C in SD15_LAYERS:
                 xs = [torch.zeros(B, N, C, dtype=dtype, requires_grad=True) for _ in range(4)]
                 mask = make_mask("bool", B, N, torch.device("cpu"), torch.Generator().manual_seed(0))
-                torch.autograd.grad(soft_warp_loss(*xs, mask, backend="triton"), xs)
+                torch.autograd.grad(soft_warp_loss(*xs, mask, backend="triton", precision=precision), xs)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             leaves = make_leaves(4, 12, 77, 77, 64, 8, "qv", dtype=dtype, layout="proj")
             q, k, v = as_views(leaves, "proj", 8)
             out = expanded_attention(q, k, v, causal=True, backend="triton")

@@ -100,6 +100,10 @@ class Stage2Config(TrainingConfig):
     w_face_preserve: float = _f(1e-3, "weight of the face-preserving loss")
     ops_backend: str = _f("auto", "adaface.ops backend of the fused losses", choices=("auto", "torch", "triton",
                                                                                      "cuda", "cpp"))
+    face_precision: str = _f("auto", "matmul precision of the face-preserving loss's Triton kernels: auto (tensor "
+                                     "cores on a GPU: tf32 where torch allows TF32, else the autocast dtype), tf32, "
+                                     "bf16, fp16, or ieee (exact fp32)",
+                             choices=("auto", "tf32", "bf16", "fp16", "ieee"))
     # --- mixed stage-1 steps --------------------------------------------------------------------------------
     stage1_p: float = _f(0.2, "probability that an optimizer step is a stage-1 face-distillation step")
     random_id_fraction: float = _f(0.4, "fraction of random Gaussian IDs in the stage-1 steps")
@@ -137,7 +141,8 @@ def composition_config(cfg: Stage2Config) -> CompositionConfig:
         subject_single_grad=cfg.subject_single_grad, face_q_grad=cfg.face_q_grad, face_feat_grad=cfg.face_feat_grad,
         w_delta_attn_out=cfg.w_delta_attn_out, w_delta_attn_map=cfg.w_delta_attn_map,
         w_delta_prompt=cfg.w_delta_prompt, w_face_preserve=cfg.w_face_preserve, t_min=cfg.comp_t_min,
-        t_max=cfg.comp_t_max, default_class_word=cfg.default_class_word, backend=cfg.ops_backend)
+        t_max=cfg.comp_t_max, default_class_word=cfg.default_class_word, backend=cfg.ops_backend,
+        face_precision=cfg.face_precision)
 
 
 def load_pool(cfg: Stage2Config) -> CompositionPool:
