@@ -4,6 +4,7 @@ memory, occupancy and tensor-core use, per target architecture, without a GPU.
     python bench/kernel_resources.py                                   # sm_80, sm_86, sm_90; a summary table
     python bench/kernel_resources.py --arch 80 --arch 90 --json resources.json
     python bench/kernel_resources.py --paper-shape-only                # only what the paper's shapes launch
+    python bench/kernel_resources.py --summary resources.json          # the summary table of written rows
 
 The configurations are tests/triton_compile_check.py's table (one enumeration: the ops called at the tests',
 benchmarks' and paper's shapes with the CUDA launch choices, each compiled with the JIT's specialisation).
@@ -107,8 +108,16 @@ def resources(rec: dict, arch: int) -> dict:
 
 
 def _dtype(row: dict) -> str:
+    """The first floating-point pointer's dtype, and the matmul operands' where a kernel names them (COMPUTE,
+    PREC: soft-warp), e.g. "fp32>tf32"."""
     ptrs = [v for v in row["config"]["signature"].values() if v.startswith("*") and v[1:] in ("fp32", "fp16", "bf16")]
-    return ptrs[0][1:] if ptrs else "-"
+    name = ptrs[0][1:] if ptrs else "-"
+    consts = row["config"]["constexprs"]
+    if isinstance(consts.get("COMPUTE"), dict):
+        compute = consts["COMPUTE"]["triton_dtype"]
+        compute = "tf32" if consts.get("PREC") == "tf32" else ("ieee" if compute == "fp32" else compute)
+        name += f">{compute}"
+    return name
 
 
 def summary(rows: list[dict]) -> str:
@@ -117,12 +126,12 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         if "error" not in r:
             groups.setdefault((r["kernel"], _dtype(r), r["arch"]), []).append(r)
-    lines = [f"{'kernel':34} {'dtype':5} {'arch':6} {'paper':5} {'regs':>4} {'spill B':>8} {'shared B':>9} "
+    lines = [f"{'kernel':34} {'dtype':9} {'arch':6} {'paper':5} {'regs':>4} {'spill B':>8} {'shared B':>9} "
              f"{'warps/SM':>8} mma"]
     for (kernel, dtype, arch), group in sorted(groups.items()):
         paper = [r for r in group if r["paper_shape"]]
         pick = paper or group
-        lines.append(f"{kernel:34} {dtype:5} sm_{arch:<3} {'yes' if paper else 'no':5} "
+        lines.append(f"{kernel:34} {dtype:9} sm_{arch:<3} {'yes' if paper else 'no':5} "
                      f"{max(r['registers'] for r in pick):>4} {max(r['spill_bytes'] for r in pick):>8} "
                      f"{max(r['shared_bytes'] for r in pick):>9} {min(r['occupancy_warps'] for r in pick):>8} "
                      f"{'yes' if all(r['mma'] for r in pick) else ('some' if any(r['mma'] for r in pick) else 'no')}")
@@ -136,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--paper-shape-only", action="store_true", help="only the configurations of the paper's shapes")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
+    ap.add_argument("--summary", metavar="JSON", help="instead: print the summary of rows written by --json")
+    ap.add_argument("--records", metavar="JSON", help="compile these recorded configurations (a JSON list in the "
+                    "compile check's format) instead of the compile check's table")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(json.loads(Path(args.summary).read_text())))
+        return 0
     archs = args.arch or [80, 86, 90]
 
     import multiprocessing as mp
@@ -144,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        table = os.path.join(tmp, "launches.json")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py"), "--_record", table],
-                       check=True, env=env, cwd=ROOT)
-        records = json.loads(Path(table).read_text())
+    if args.records:
+        records = json.loads(Path(args.records).read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            table = os.path.join(tmp, "launches.json")
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py"), "--_record", table],
+                           check=True, env=env, cwd=ROOT)
+            records = json.loads(Path(table).read_text())
     if args.paper_shape_only:
         records = [r for r in records if r["paper_shape"]]
     work = [(rec, arch) for arch in archs for rec in records]
