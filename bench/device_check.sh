@@ -9,7 +9,8 @@
 #   3. the C++/CUDA extension benchmarks (CUDA vs Triton vs eager) at paper scale;
 #   4. the Triton kernel benchmarks at paper scale (eager, SDPA, Triton; torch.compile is stage 6);
 #   5. one full-size stage-1 training step (steps/s, peak memory) when diffusers and prodigyopt import;
-#   6. the torch.compile rows of the kernel benchmarks (compile time dominates, so they come last).
+#   6. the torch.compile rows of the kernel benchmarks (compile time dominates, so they come last);
+# then one table of every benchmark, and the soft-warp rows' times beside bench/roofline.py's model.
 # DEADLINE (seconds, default 520) bounds the whole script: a stage starts only with time left and is cut
 # at the deadline. Packages the machine lacks can be put as wheels in .whl/ (e.g. diffusers, prodigyopt, and a
 # setuptools new enough for pyproject's license field); they are installed to /tmp/site.
@@ -78,6 +79,9 @@ run_stage bench_compile 200 python3 -m pytest "${bench_opts[@]}" -k "compile" \
 jsons=()
 for j in bench_ext bench_triton bench_compile; do [ -s "$OUT_DIR/$j.json" ] && jsons+=("$OUT_DIR/$j.json"); done
 (( ${#jsons[@]} )) && python3 bench/summarize.py "${jsons[@]}" | tee "$OUT_DIR/table.txt"
+# the soft-warp rows' measured times beside bench/roofline.py's predictions (model estimates at published peaks)
+[ -s "$OUT_DIR/bench_triton.json" ] && python3 bench/roofline.py --measured "$OUT_DIR/bench_triton.json" \
+    | tee "$OUT_DIR/model_vs_measured.txt"
 cp "$LOG_DIR/install.log" "$LOG_DIR/gpu_tests.log" "$OUT_DIR/" 2>/dev/null
 echo "total: $(elapsed) s, exit $status"
 exit "$status"

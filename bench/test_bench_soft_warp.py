@@ -1,7 +1,9 @@
 """soft_warp_loss benchmarks: Triton kernels vs the eager reference, torch.compile of it, and SDPA + cosine.
 
 CUDA: the paper's shapes, bf16 inputs (the eager reference upcasts to fp32, as written; the SDPA composition and
-the kernels run in bf16 with fp32 accumulation):
+the kernels run in bf16 with fp32 accumulation) and fp32 inputs, the training path (stage 2 hands the loss
+fp32 after its norms; the kernels run at precision "auto": TF32 where torch allows it, else the autocast dtype,
+recorded as `precision`):
     64² map: B=4, N=M=4096, Dq=C=320        (mask: none, and a random 35 % "face" mask)
      8² map: B=4, N=M=64,   Dq=C=1280
 CPU (no GPU): small shapes; the Triton kernels run under the interpreter there, so only a tiny shape runs them.
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from adaface.ops import soft_warp_loss, soft_warp_loss_reference
+from adaface.ops.soft_warp import resolve_precision
 from adaface.testing.benchmarking import loss_step, peak_memory_bytes, record
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask, sdpa_soft_warp_loss, soft_warp_flops
 
@@ -69,17 +72,20 @@ def _loss_fn(variant: str):
     return lambda *a: soft_warp_loss(*a, backend="triton")
 
 
+@pytest.mark.parametrize("input_dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", range(3))
-def test_bench_soft_warp(benchmark, device, case, variant, backward):
+def test_bench_soft_warp(benchmark, device, case, variant, backward, input_dtype):
     cases = _cases(device)
     if case >= len(cases):
         pytest.skip("no such case on this device")
+    if device.type != "cuda" and input_dtype != "fp32":
+        pytest.skip("the CPU rows use fp32 inputs")
     name, (B, N, M, Dq, C), mask_kind, p = cases[case]
     if variant == "triton" and device.type != "cuda" and N * M > TRITON_CPU_MAX_ELEMS:
         pytest.skip("Triton runs interpreted on CPU (Python per program): only the tiny CPU shape runs it")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[input_dtype]
     x = make_inputs(B, N, M, Dq, C, dtype=dtype, device=device, seed=0)
     mask = make_mask(mask_kind, B, N, device, torch.Generator().manual_seed(1), p=p)
     ins = [t.clone().requires_grad_(backward) for t in x]
@@ -92,11 +98,14 @@ def test_bench_soft_warp(benchmark, device, case, variant, backward):
     flops = soft_warp_flops(1, rows, M, Dq, C, backward)
     extra = {"dtype": str(dtype).replace("torch.", ""), "shape": f"B{B} N{N} M{M} Dq{Dq} C{C}",
              "mask": f"{mask_kind} p={p}", "selected_rows": rows, "flops": flops, "peak_bytes": peak,
-             "baseline": variant == "eager", "interpreted": variant == "triton" and device.type != "cuda"}
+             "baseline": variant == "eager", "interpreted": variant == "triton" and device.type != "cuda",
+             "variant": variant}
+    if variant == "triton":
+        extra["precision"] = resolve_precision("auto", dtype, device)
     if variant == "sdpa":
         sel = slice(None) if mask is None else mask[0]
         extra["sdpa_backend"] = _sdpa_backend(x[0][0][sel], x[1][0], x[3][0])
-    benchmark.group = f"soft_warp {name} {'fwd+bwd' if backward else 'fwd'}"
+    benchmark.group = f"soft_warp {name} {input_dtype} {'fwd+bwd' if backward else 'fwd'}"
     slow_cpu = device.type != "cuda" and variant == "triton"
     benchmark.pedantic(run, rounds=3 if slow_cpu else 10, warmup_rounds=0 if slow_cpu else 2, iterations=1)
     extra["tflops"] = flops / benchmark.stats.stats.median / 1e12

@@ -33,9 +33,11 @@ dP − D is a small difference of large numbers):
 Three backward kernels: row-parallel dq_subj (loop over M), column-parallel dq_comp and dfeat_comp (loop
 over the selected rows); each splits its output's feature dimension across programs (recomputing S / dP),
 and only runs for the inputs that require grad. A small row kernel computes dO, D and dfeat_subj first.
-Matmuls take the inputs' dtype (fp16/bf16) with fp32 accumulation; fp32 inputs use full-precision fp32 dots
-(TF32 would put errors of several units into logits of size 1e4, 3×TF32 still ~1e-3: fp32 is the accuracy
-path, bf16/fp16 the fast one); bf16 tiles are cast to fp32 under the interpreter, whose bf16 tl.dot is wrong.
+Precision of the matmuls (`precision`, resolved by adaface.ops.soft_warp): "bf16" / "fp16" round the operand
+tiles to that dtype and accumulate in fp32 (dO is stored in it); "tf32" feeds fp32 tiles to TF32 tensor cores
+(fp32 accumulation); "ieee" is exact fp32 on the CUDA cores. Softmax statistics, O, D and the cosine are fp32
+whatever the precision. Under the interpreter bf16 tiles are cast to fp32 (its bf16 tl.dot is wrong) and its
+TF32 dot computes in fp32.
 """
 
 from __future__ import annotations
@@ -333,11 +335,21 @@ def interpreter_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
 tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
 
 
-def _compute_dtype(dtype: torch.dtype):
-    """(tl dtype of the matmul operands, torch dtype of the stored dO, dot precision)."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
-        return tl.float32, torch.float32, "ieee"
-    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), dtype, "ieee"
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+
+
+def _compute_dtype(precision: str):
+    """(tl dtype of the matmul operands, torch dtype of the stored dO, tl.dot input_precision) of `precision`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"soft_warp_loss: precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision in ("ieee", "tf32") or (precision == "bf16" and interpreting()):
+        return tl.float32, torch.float32, "tf32" if precision == "tf32" else "ieee"
+    return (tl.float16, torch.float16, "ieee") if precision == "fp16" else (tl.bfloat16, torch.bfloat16, "ieee")
+
+
+def default_precision(dtype: torch.dtype) -> str:
+    """The precision of inputs of `dtype` when the caller names none: their own dtype (fp32: exact)."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "ieee")
 
 
 def _compact(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +362,7 @@ def _compact(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def soft_warp_fwd(
     q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
-    weights: torch.Tensor, scale: float,
+    weights: torch.Tensor, scale: float, precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (rows [B, N] fp32, warped [B, N, C] fp32, lse2 [B, N] fp32, order [B, N] i32, count [B] i32)."""
     qs, qc, fs, fc = (t.contiguous() for t in (q_subj, q_comp, feat_subj, feat_comp))
@@ -368,7 +380,7 @@ def soft_warp_fwd(
     if B > 65535:
         raise ValueError(f"soft_warp_loss: batch size B={B} exceeds the kernels' grid limit of 65535")
     cfg = tiles(N, M, Dq, C)
-    compute, _, prec = _compute_dtype(qs.dtype)
+    compute, _, prec = _compute_dtype(precision or default_precision(qs.dtype))
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if C > 0:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["OUT_C"]), B)
@@ -390,6 +402,7 @@ def soft_warp_bwd(
     feat_comp: torch.Tensor, weights: torch.Tensor, warped: torch.Tensor, lse: torch.Tensor,
     order: torch.Tensor, count: torch.Tensor, scale: float,
     need_qs: bool = True, need_qc: bool = True, need_fs: bool = True, need_fc: bool = True,
+    precision: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     qs, qc, fs, fc = (t.contiguous() for t in (q_subj, q_comp, feat_subj, feat_comp))
     w = weights.to(torch.float32).contiguous()
@@ -404,7 +417,7 @@ def soft_warp_bwd(
     if B == 0 or N == 0 and not (need_qc or need_fc):
         return dqs, dqc, dfs, dfc
     cfg = tiles(N, M, Dq, C)
-    compute, do_dtype, prec = _compute_dtype(qs.dtype)
+    compute, do_dtype, prec = _compute_dtype(precision or default_precision(qs.dtype))
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     need_do = need_qs or need_qc or need_fc
     d_o = _empty((B, N, C), device=dev, dtype=do_dtype) if need_do else warped
@@ -440,13 +453,13 @@ def soft_warp_bwd(
 @torch.library.custom_op("adaface::soft_warp_triton_fwd", mutates_args=())
 def _fwd_op(
     q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
-    weights: torch.Tensor, scale: float,
+    weights: torch.Tensor, scale: float, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return soft_warp_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, scale)
+    return soft_warp_fwd(q_subj, q_comp, feat_subj, feat_comp, weights, scale, precision)
 
 
 @_fwd_op.register_fake
-def _(q_subj, q_comp, feat_subj, feat_comp, weights, scale):
+def _(q_subj, q_comp, feat_subj, feat_comp, weights, scale, precision):
     B, N = q_subj.shape[:2]
     C = feat_comp.shape[2]
     f32 = torch.float32
@@ -462,11 +475,11 @@ def _bwd_op(
     grad_rows: torch.Tensor, q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor,
     feat_comp: torch.Tensor, weights: torch.Tensor, warped: torch.Tensor, lse: torch.Tensor,
     order: torch.Tensor, count: torch.Tensor, scale: float,
-    need_qs: bool, need_qc: bool, need_fs: bool, need_fc: bool,
+    need_qs: bool, need_qc: bool, need_fs: bool, need_fc: bool, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = soft_warp_bwd(
         grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count, scale,
-        need_qs, need_qc, need_fs, need_fc,
+        need_qs, need_qc, need_fs, need_fc, precision,
     )
     # custom ops cannot return None: a gradient that is not needed comes back as an empty tensor
     ins = (q_subj, q_comp, feat_subj, feat_comp)
@@ -475,26 +488,27 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(grad_rows, q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count, scale,
-      need_qs, need_qc, need_fs, need_fc):
+      need_qs, need_qc, need_fs, need_fc, precision):
     ins = (q_subj, q_comp, feat_subj, feat_comp)
     needs = (need_qs, need_qc, need_fs, need_fc)
     return tuple(torch.empty_like(t) if n else t.new_empty((0,)) for t, n in zip(ins, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    q_subj, q_comp, feat_subj, feat_comp, weights, scale = inputs
+    q_subj, q_comp, feat_subj, feat_comp, weights, scale, precision = inputs
     _, warped, lse, order, count = output
     ctx.save_for_backward(q_subj, q_comp, feat_subj, feat_comp, weights, warped, lse, order, count)
     ctx.scale = scale
+    ctx.precision = precision
 
 
 def _backward(ctx, grad_rows, *_unused):
     saved = ctx.saved_tensors
     needs = ctx.needs_input_grad[:4]
     if not any(needs):
-        return None, None, None, None, None, None
-    grads = _bwd_op(grad_rows, *saved, ctx.scale, *needs)
-    return (*(gr if n else None for gr, n in zip(grads, needs)), None, None)
+        return None, None, None, None, None, None, None
+    grads = _bwd_op(grad_rows, *saved, ctx.scale, *needs, ctx.precision)
+    return (*(gr if n else None for gr, n in zip(grads, needs)), None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -502,10 +516,13 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def soft_warp_rows_triton(
     q_subj: torch.Tensor, q_comp: torch.Tensor, feat_subj: torch.Tensor, feat_comp: torch.Tensor,
-    weights: torch.Tensor, scale: float,
+    weights: torch.Tensor, scale: float, precision: str | None = None,
 ) -> torch.Tensor:
     """Per-row losses [B, N] fp32: 1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj); 0 where weight is 0.
 
-    Differentiable w.r.t. q_subj, q_comp, feat_subj, feat_comp (not weights)."""
-    rows, *_ = _fwd_op(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+    Differentiable w.r.t. q_subj, q_comp, feat_subj, feat_comp (not weights). `precision`: one of PRECISIONS
+    (default: `default_precision` of the inputs' dtype)."""
+    precision = precision or default_precision(q_subj.dtype)
+    _compute_dtype(precision)  # a bad name fails here, not inside the custom op
+    rows, *_ = _fwd_op(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale), precision)
     return rows

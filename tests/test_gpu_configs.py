@@ -40,6 +40,7 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("q_subj", "q_comp", "feat_subj", "feat_comp")
 DTYPES = (torch.float32, torch.float16)
 CPU = torch.device("cpu")
 
@@ -54,8 +55,9 @@ CHECK = _compile_check()
 ATTENTION = [  # D (BLOCK_D 64: D = 40 masked; 128), mode, causal; L = S = 65: two 64 (fp32 D=128: three 32) tiles
     (D, mode, causal) for D in (40, 128) for mode in ("none", "qv", "kv", "qkv") for causal in (True, False)
 ]
-DELTA = [  # (rows, C): rows-per-program tile 2, 8, 16, and the split path (17 chunks of 4096, combined 16 at a time)
-    (3, 1280), (9, 320), (15, 21), (2, 16 * 4096 + 1),
+DELTA = [  # (rows, C): rows-per-program tile 2, 4, 8, 16, 32, and the split path (17 chunks of 4096, combined 16 at
+    # a time); C = 640 and 128 are stage 2's 32² attention outputs and its attention maps (8 heads x 16 slots)
+    (3, 1280), (5, 640), (9, 320), (15, 21), (33, 128), (2, 16 * 4096 + 1),
 ]
 SOFT_WARP = [  # (B, N, M, Dq, C): 64-row/column tiles crossed; Dq = C = 320: 256-wide output chunks crossed
     (2, 65, 65, 320, 320), (2, 65, 65, 40, 24),
@@ -107,12 +109,29 @@ def _check_delta(rows, C, dtype, device):
         assert_close(grads[i], ref_grads[i], lp_grads[i], name=f"grad {i}")
 
 
-def _soft_warp(shape, dtype, device=CPU):
+def _soft_warp(shape, dtype, device=CPU, precision="auto"):
     B, N, M, Dq, C = shape
     x = [t.requires_grad_() for t in make_inputs(B, N, M, Dq, C, dtype=dtype, device=device, seed=Dq)]
     mask = make_mask("bool", B, N, device, torch.Generator().manual_seed(Dq))
-    out = soft_warp_loss(*x, mask, backend="triton")
+    if dtype == torch.float32 and precision == "auto":
+        precision = "ieee"  # compared at fp32 tolerances (on a GPU "auto" would pick tensor cores)
+    out = soft_warp_loss(*x, mask, backend="triton", precision=precision)
     return out, torch.autograd.grad(out, x), x, mask
+
+
+# fp32 inputs on tensor cores, as training runs them on a GPU (fp16 here also stands for its bf16 twin), checked
+# at 1e-2 of the reference's largest entry: operands rounded to 10 mantissa bits (the interpreter's TF32 dot is
+# fp32, its fp16 dot rounds the operands)
+SOFT_WARP_PRECISIONS = ("tf32", "fp16")
+
+
+def _check_soft_warp_precision(shape, precision, device):
+    out, grads, x, mask = _soft_warp(shape, torch.float32, device, precision)
+    r32 = [t.detach().requires_grad_() for t in x]
+    ref = soft_warp_loss_reference(*r32, mask)
+    ref_grads = torch.autograd.grad(ref, r32)
+    for name, got, want in zip(("loss", *NAMES), (out, *grads), (ref, *ref_grads)):
+        assert_close(got, want, name=f"{precision} {name}", atol=1e-2 * want.abs().max().item(), rtol=0.0)
 
 
 def _check_soft_warp(shape, dtype, device):
@@ -163,10 +182,15 @@ def _all_cases():
             yield lambda c=case, d=dtype: _soft_warp(c, d)
         for case in ORTHO:
             yield lambda c=case, d=dtype: _ortho(c, d)
+    for case in SOFT_WARP:
+        for precision in SOFT_WARP_PRECISIONS:
+            yield lambda c=case, p=precision: _soft_warp(c, torch.float32, precision=p)
 
 
 def _key(rec: dict) -> str:
-    """A configuration, with bf16 counted as its fp16 twin (same tiles and flags; only fp16 runs here)."""
+    """A configuration, with bf16 counted as its fp16 twin (same tiles and flags; only fp16 runs here), and
+    without the JIT's shape-dependent specialisation hints (they change the compiled code, not its results)."""
+    rec = {k: v for k, v in rec.items() if k not in ("divisible_by_16", "equal_to_1", "paper_shape")}
     return json.dumps(rec, sort_keys=True).replace('"bf16"', '"fp16"').replace("*bf16", "*fp16")
 
 
@@ -204,6 +228,12 @@ def test_delta_cosine_configuration(rows, C, dtype, device):
 @pytest.mark.parametrize("shape", SOFT_WARP, ids=lambda s: "x".join(map(str, s)))
 def test_soft_warp_configuration(shape, dtype, device):
     _check_soft_warp(shape, dtype, device)
+
+
+@pytest.mark.parametrize("precision", SOFT_WARP_PRECISIONS)
+@pytest.mark.parametrize("shape", SOFT_WARP, ids=lambda s: "x".join(map(str, s)))
+def test_soft_warp_precision_configuration(shape, precision, device):
+    _check_soft_warp_precision(shape, precision, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

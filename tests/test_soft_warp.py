@@ -26,6 +26,11 @@ NAMES = ("q_subj", "q_comp", "feat_subj", "feat_comp")
 SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16)
 
 
+def _exact(dtype: torch.dtype) -> str:
+    """fp32 inputs are compared at fp32 tolerances: exact fp32 dots (on a GPU "auto" picks tensor cores)."""
+    return "ieee" if dtype == torch.float32 else "auto"
+
+
 def _check(shape, dtype, device, mask_kind="none", *, scale=1.0, seed=0, huge=False, blocks=None, upstream=1.0):
     """Loss and all four gradients of the Triton op against the fp32 (and, for fp16/bf16, in-dtype) reference."""
     B, N, M, Dq, C = shape
@@ -33,7 +38,7 @@ def _check(shape, dtype, device, mask_kind="none", *, scale=1.0, seed=0, huge=Fa
     mask = make_mask(mask_kind, B, N, device, torch.Generator().manual_seed(seed + 7))
     ins = [t.clone().requires_grad_() for t in x]
     with forced_tiles(K, **(blocks or {})):
-        out = soft_warp_loss(*ins, mask, scale=scale, backend="triton")
+        out = soft_warp_loss(*ins, mask, scale=scale, backend="triton", precision=_exact(dtype))
         grads = torch.autograd.grad(out * upstream, ins)
     r32 = [t.float().requires_grad_() for t in x]
     ref = soft_warp_loss_reference(*r32, mask, scale=scale)
@@ -119,7 +124,7 @@ def test_all_zero_mask_gives_zero_loss_and_zero_grads(device):
     x = make_inputs(2, 9, 13, 5, 7, device=device)
     ins = [t.clone().requires_grad_() for t in x]
     mask = torch.zeros(2, 9, dtype=torch.bool, device=device)
-    out = soft_warp_loss(*ins, mask, backend="triton")
+    out = soft_warp_loss(*ins, mask, backend="triton", precision="ieee")
     assert out.item() == 0.0 and out.requires_grad
     grads = torch.autograd.grad(out, ins)
     for name, g in zip(NAMES, grads):
@@ -136,7 +141,7 @@ def test_rows_per_row_values_and_unselected_rows_are_untouched(device):
     x[0] = torch.where(mask[..., None], x[0], float("nan"))
     x[2] = torch.where(mask[..., None], x[2], float("nan"))
     ins = [t.clone().requires_grad_() for t in x]
-    rows = K.soft_warp_rows_triton(*ins, w, 1.0)
+    rows = K.soft_warp_rows_triton(*ins, w, 1.0, "ieee")
     assert_close(rows, ref_rows, name="rows")
     assert torch.equal(rows[~mask], torch.zeros_like(rows[~mask]))
     grads = torch.autograd.grad((rows * torch.linspace(0.5, 2, N)).sum(), ins)
@@ -150,7 +155,7 @@ def test_rows_per_row_values_and_unselected_rows_are_untouched(device):
 def test_only_some_inputs_require_grad(which, device):
     x = make_inputs(1, 17, 21, 6, 10, device=device, seed=14)
     ins = [t.clone().requires_grad_(i in which) for i, t in enumerate(x)]
-    out = soft_warp_loss(*ins, backend="triton")
+    out = soft_warp_loss(*ins, backend="triton", precision="ieee")
     grads = torch.autograd.grad(out, [ins[i] for i in which])
     r32 = [t.clone().requires_grad_(i in which) for i, t in enumerate(x)]
     rgrads = torch.autograd.grad(soft_warp_loss_reference(*r32), [r32[i] for i in which])
@@ -216,7 +221,7 @@ def test_property_random_shapes(B, N, M, Dq, C, p, scale, seed):
     x = make_inputs(B, N, M, Dq, C, device=device, seed=seed)
     mask = make_mask("bool", B, N, device, torch.Generator().manual_seed(seed), p=p)
     ins = [t.clone().requires_grad_() for t in x]
-    out = soft_warp_loss(*ins, mask, scale=scale, backend="triton")
+    out = soft_warp_loss(*ins, mask, scale=scale, backend="triton", precision="ieee")
     grads = torch.autograd.grad(out, ins)
     r32 = [t.clone().requires_grad_() for t in x]
     ref = soft_warp_loss_reference(*r32, mask, scale=scale)
@@ -320,9 +325,77 @@ def test_soft_mask_is_a_weighted_mean(backend, device):
     """A soft (fractional) face mask weights rows: scaling it changes nothing, and it matches Σw·row / Σw."""
     ins = make_inputs(2, 9, 11, 8, 6, seed=3, device=device)
     w = torch.rand(2, 9, generator=torch.Generator().manual_seed(4)).to(device) * 0.05  # Σw < 1
-    loss = soft_warp_loss(*ins, w, backend=backend)
-    scaled = soft_warp_loss(*ins, w * 40.0, backend=backend)
+    loss = soft_warp_loss(*ins, w, backend=backend, precision="ieee")
+    scaled = soft_warp_loss(*ins, w * 40.0, backend=backend, precision="ieee")
     rows = soft_warp_rows_reference(*ins)
     expected = (rows * w).sum() / w.sum()
     assert_close(loss, expected, name="soft-mask loss")
     assert_close(scaled, expected, name="scaled soft-mask loss")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# precision: the matmul operands' precision against a float64 reference
+#
+# Error measure: max |got − ref| / max |ref| per output (loss, each gradient). Bounds, from the operands' unit
+# roundoff u (fp32 2⁻²⁴, TF32 and fp16 2⁻¹¹, bf16 2⁻⁹) times a margin for sums of ~Dq, M terms and the
+# softmax's amplification: ieee 1e-4, tf32 / fp16 1e-2, bf16 4e-2. Under TRITON_INTERPRET=1 the TF32 dot
+# computes in fp32 and bf16 tiles are cast to fp32 (the interpreter's bf16 dot is wrong), so on the CPU those
+# two are checked for their plumbing at their own (looser) bound; fp16 rounds its operands here too.
+PRECISION_BOUND = {"ieee": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 4e-2}
+
+
+def _precision_errors(precision, device, blocks=None):
+    B, N, M, Dq, C = 2, 21, 30, 19, 27
+    x = make_inputs(B, N, M, Dq, C, device=device, seed=21)
+    mask = make_mask("bool", B, N, device, torch.Generator().manual_seed(22))
+    ins = [t.clone().requires_grad_() for t in x]
+    with forced_tiles(K, **(blocks or {})):
+        out = soft_warp_loss(*ins, mask, backend="triton", precision=precision)
+        grads = torch.autograd.grad(out, ins)
+    r64 = [t.double().requires_grad_() for t in x]
+    ref = soft_warp_loss_reference(*r64, mask, upcast=False)
+    rgrads = torch.autograd.grad(ref, r64)
+    pairs = [("loss", out, ref)] + [(f"grad {n}", g, rg) for n, g, rg in zip(NAMES, grads, rgrads)]
+    return {name: ((got.double() - want).abs().max() / want.abs().max()).item() for name, got, want in pairs}
+
+
+@pytest.mark.parametrize("precision", list(PRECISION_BOUND))
+def test_precision_against_float64(precision, device):
+    errors = _precision_errors(precision, device)
+    bound = PRECISION_BOUND[precision]
+    assert all(e <= bound for e in errors.values()), f"{precision}: relative errors {errors} over {bound}"
+
+
+def test_fp16_precision_rounds_the_operands(device):
+    """fp32 inputs with precision fp16 really compute in fp16: their error is far above exact fp32's."""
+    exact, half = _precision_errors("ieee", device), _precision_errors("fp16", device, blocks=SMALL)
+    assert max(half.values()) > 20 * max(exact.values()), (exact, half)
+
+
+def test_auto_precision_resolution():
+    from adaface.ops.soft_warp import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", torch.float32, cpu) == "ieee"
+    assert resolve_precision("auto", torch.bfloat16, cuda) == "bf16"
+    assert resolve_precision("auto", torch.float16, cpu) == "fp16"
+    assert resolve_precision("tf32", torch.float16, cpu) == "tf32"
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert resolve_precision("auto", torch.float32, cuda) == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        want = {torch.float16: "fp16", torch.bfloat16: "bf16"}[torch.get_autocast_dtype("cuda")]
+        assert resolve_precision("auto", torch.float32, cuda) == want
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("backend, precision, match", [
+    ("triton", "fp64", r"`precision` must be one of"),
+    ("torch", "tf32", r"`precision` 'tf32' needs backend 'triton'"),
+])
+def test_bad_precision_names_the_argument(backend, precision, match, device):
+    x = make_inputs(1, 3, 4, 5, 6, device=device)
+    with pytest.raises(ValueError, match=match):
+        soft_warp_loss(*x, backend=backend, precision=precision)

@@ -8,9 +8,12 @@ that does not compile for a GPU (a Triton version's API change, a type error onl
 needs more shared memory than an architecture has (~99 KB on sm_86/sm_89) would first show on a GPU machine.
 
 How: (1) `record`, in a child process under the interpreter: the public ops are called at the GPU tests' and
-benchmarks' shapes with the launchers choosing exactly what they choose on CUDA (`cuda_choices`: their GPU
-tiles, warps, stages and operand dtypes); every launch is recorded (argument types, constexprs, num_warps,
-num_stages) and skipped: `table()`. tests/test_gpu_configs.py executes every configuration of this table
+benchmarks' shapes and at the paper's (SD-1.5's 64², 32², 16² and 8² layers, the paper's batches) with the
+launchers choosing exactly what they choose on CUDA (`cuda_choices`: their GPU tiles, warps, stages and operand
+dtypes); every launch is recorded (argument types, constexprs, num_warps, num_stages, and the JIT's runtime
+specialisation: pointers and integers divisible by 16 get a divisibility hint, integers equal to 1 become
+constants — Triton's own `specialize_impl` decides) and skipped: `table()`. A configuration launched at a paper
+shape is marked `paper_shape`. tests/test_gpu_configs.py executes every configuration of this table
 under the interpreter. (2) `compile`, in another child without the interpreter: each distinct configuration is compiled
 with `triton.compile` for each target (ptxas included) and its shared memory is checked against the
 architecture's limit per block. Exit status 1 when any configuration fails.
@@ -36,6 +39,60 @@ KERNEL_MODULES = ("expanded_attention", "delta_cosine", "soft_warp", "ortho_subt
 
 # ---------------------------------------------------------------------------------------------------------
 # record (child process, TRITON_INTERPRET=1)
+
+
+# Set while `_workloads` runs a paper-shape call: the configurations it launches are marked `paper_shape`.
+_PAPER_SHAPE = [False]
+
+
+@contextlib.contextmanager
+def _paper_shape() -> Iterator[None]:
+    _PAPER_SHAPE[0] = True
+    try:
+        yield
+    finally:
+        _PAPER_SHAPE[0] = False
+
+
+# SD-1.5's cross-attention layers at 512² (64² latents): (positions N, channels C); the queries have C features.
+SD15_LAYERS = ((4096, 320), (1024, 640), (256, 1280), (64, 1280))
+STAGE2_BATCH = 3  # the paper's stage-2 batch (training/configs/stage2_paper.json)
+
+
+def _paper_workloads():
+    """The ops as training calls them at the paper's settings: stage 2's soft-warp loss on every SD-1.5 layer
+    (fp32 inputs after the norms; bf16/fp16 for the other precisions), its delta losses on the pooled maps
+    (kernel 4, stride 2 above 8², fp32 after the layer norm) and prompt embeddings, and stage 1's Prompt
+    Inverter (CLIP-L text: 12 heads of 64, 77 tokens, causal, multi-Q/V E = 8)."""
+    import torch
+
+    from adaface.ops import delta_cosine_loss, expanded_attention, soft_warp_loss
+    from adaface.testing.attention_inputs import as_views, make_leaves
+    from adaface.testing.soft_warp_inputs import make_mask
+
+    B = STAGE2_BATCH
+    # stage 2's fp32 inputs at each precision (on a GPU "auto" is tf32 or the autocast dtype); fp16/bf16 inputs
+    soft_warp = [(torch.float32, p) for p in ("tf32", "bf16", "fp16", "ieee")]
+    soft_warp += [(torch.float16, "auto"), (torch.bfloat16, "auto")]
+    with _paper_shape():
+        for dtype, precision in soft_warp:
+            for N, C in SD15_LAYERS:
+                xs = [torch.zeros(B, N, C, dtype=dtype, requires_grad=True) for _ in range(4)]
+                mask = make_mask("bool", B, N, torch.device("cpu"), torch.Generator().manual_seed(0))
+                torch.autograd.grad(soft_warp_loss(*xs, mask, backend="triton", precision=precision), xs)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            leaves = make_leaves(4, 12, 77, 77, 64, 8, "qv", dtype=dtype, layout="proj")
+            q, k, v = as_views(leaves, "proj", 8)
+            out = expanded_attention(q, k, v, causal=True, backend="triton")
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+        for N, C in SD15_LAYERS:
+            side = int(N**0.5)
+            rows = ((side - 4) // 2 + 1) ** 2 if side > 8 else N
+            for width in (C, 8 * 16):  # attention outputs; attention maps (8 heads x 16 subject slots)
+                xs = [torch.zeros(B, rows, width, requires_grad=i < 2) for i in range(4)]
+                torch.autograd.grad(delta_cosine_loss(*xs, reduction="none", backend="triton").sum(), xs[:2])
+        xs = [torch.zeros(B, 77, 768, requires_grad=i < 2) for i in range(4)]
+        torch.autograd.grad(delta_cosine_loss(*xs, reduction="none", backend="triton").sum(), xs[:2])
 
 
 def _workloads():
@@ -71,6 +128,7 @@ def _workloads():
             b = torch.zeros(shape, dtype=dtype, requires_grad=True)
             out = ortho_subtract(a, b, backend="triton")
             torch.autograd.grad(out, (a, b), torch.ones_like(out))
+    _paper_workloads()
 
 
 @contextlib.contextmanager
@@ -78,11 +136,15 @@ def recording() -> Iterator[dict[str, dict]]:
     """Inside the block (under TRITON_INTERPRET=1), every kernel launch is recorded and skipped, not run.
 
     Yields {key: configuration}: the kernel, its argument types (tensor dtypes, i32/i64, fp32), constexprs,
-    num_warps and num_stages; the key is the configuration's canonical JSON, so equal launches count once.
+    num_warps, num_stages and the JIT's specialisation (`divisible_by_16`, `equal_to_1`: argument names); the key
+    is the configuration's canonical JSON, so equal launches count once. `paper_shape` (not part of the key) is
+    true when a paper-shape workload launched it.
     """
     import inspect
 
     import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.interpreter import InterpretedFunction
 
     dtypes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -93,7 +155,7 @@ def recording() -> Iterator[dict[str, dict]]:
         params = inspect.signature(self.fn).parameters
         bound = dict(zip(params, args))
         bound.update({k: v for k, v in kwargs.items() if k in params})
-        sig, consts = {}, {}
+        sig, consts, div16, ones = {}, {}, [], []
         for name, param in params.items():
             value = bound.get(name, param.default)
             if "constexpr" in str(param.annotation):
@@ -110,9 +172,20 @@ def recording() -> Iterator[dict[str, dict]]:
                 sig[name] = "fp32"
             else:
                 raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(value).__name__}")
+            if name not in consts and isinstance(value, (torch.Tensor, int)) and not isinstance(value, bool):
+                # what triton.runtime.jit's binder asks for every unannotated argument (a CPU tensor's address
+                # modulo 16 is a CUDA one's: both allocators align blocks to far more, views add the same offset)
+                kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+                if kind == "constexpr":
+                    ones.append(name)
+                elif attr == "D":
+                    div16.append(name)
         rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": sig, "constexprs": consts,
-               "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
-        records[json.dumps(rec, sort_keys=True)] = rec
+               "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+               "divisible_by_16": div16, "equal_to_1": ones}
+        key = json.dumps(rec, sort_keys=True)
+        seen = records.setdefault(key, dict(rec, paper_shape=False))
+        seen["paper_shape"] = seen["paper_shape"] or _PAPER_SHAPE[0]
 
     real_run = InterpretedFunction.run
     InterpretedFunction.run = run
@@ -159,24 +232,34 @@ def _record(path: str) -> None:
 # compile (child process, no interpreter)
 
 
-def _compile_one(rec: dict, arch: int) -> dict:
-    """Compile one recorded configuration for one target; the row says whether it fits."""
+def compile_config(rec: dict, arch: int):
+    """`triton.compile` of one recorded configuration for sm_`arch`, specialised as the JIT specialises it:
+    the integers equal to 1 are constants, the pointers and integers divisible by 16 carry that hint."""
     import importlib
 
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-    sig = dict(rec["signature"], **{name: "constexpr" for name in rec["constexprs"]})
+    ones = rec.get("equal_to_1", [])
+    sig = dict(rec["signature"], **{name: "constexpr" for name in [*rec["constexprs"], *ones]})
     sig = {name: sig[name] for name in fn.arg_names}
     consts = {k: tl.core.dtype(v["triton_dtype"]) if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
+    consts.update({name: 1 for name in ones})
+    attrs = {(fn.arg_names.index(name),): CUDABackend.parse_attr("D") for name in rec.get("divisible_by_16", [])}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+
+
+def _compile_one(rec: dict, arch: int) -> dict:
+    """Compile one recorded configuration for one target; the row says whether it fits."""
     row = {"kernel": rec["kernel"], "arch": arch, "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
            "constexprs": {k: v for k, v in rec["constexprs"].items() if v is not None}}
     try:
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+        compiled = compile_config(rec, arch)
         row["shared"] = int(compiled.metadata.shared)
         row["ok"] = row["shared"] <= SHARED_LIMIT[arch]
         if not row["ok"]:

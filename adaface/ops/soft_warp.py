@@ -106,6 +106,26 @@ def _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale) -> None:
     check_scale(_OP, scale)
 
 
+PRECISIONS = ("auto", "ieee", "tf32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The matmul precision of the Triton kernels: `precision` itself unless "auto". "auto": fp16/bf16 inputs in
+    their own dtype; fp32 inputs on tensor cores on a GPU — TF32 where `torch.backends.cuda.matmul.allow_tf32`
+    is set, else the autocast dtype (`torch.get_autocast_dtype("cuda")`) — and exact fp32 ("ieee") elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{_OP}: `precision` must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if dtype in (torch.float16, torch.bfloat16):
+        return "fp16" if dtype == torch.float16 else "bf16"
+    if device.type != "cuda":
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp16" if torch.get_autocast_dtype("cuda") == torch.float16 else "bf16"
+
+
 def soft_warp_loss(
     q_subj: torch.Tensor,
     q_comp: torch.Tensor,
@@ -115,15 +135,23 @@ def soft_warp_loss(
     *,
     scale: float = 1.0,
     backend: str = "auto",
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Masked mean of `1 − cos(softmax(scale·q_subj q_compᵀ) feat_comp, feat_subj)`; scalar fp32.
 
     q_subj [B, N, Dq], q_comp [B, M, Dq], feat_subj [B, N, C], feat_comp [B, M, C], mask [B, N] (bool or
     non-negative float row weights, e.g. a soft face mask resized to the layer; None = every row). The loss is
     the weighted mean over rows; an all-zero mask gives 0 with a valid graph.
+    `precision` (Triton backend; `resolve_precision`): the matmul operands' precision, "bf16"/"fp16" (fp32
+    accumulation), "tf32", "ieee" (exact fp32) or "auto"; the other backends compute in fp32 or the inputs'
+    dtype and accept "auto" and "ieee" only.
     """
     _validate(q_subj, q_comp, feat_subj, feat_comp, mask, scale)
     which = resolve_backend(backend, q_subj.device, _OP, supports=("torch", "triton", "cuda", "cpp"))
+    chosen = resolve_precision(precision, q_subj.dtype, q_subj.device)
+    if which != "triton" and precision not in ("auto", "ieee"):
+        raise ValueError(f"{_OP}: `precision` {precision!r} needs backend 'triton' (backend {which!r} computes in "
+                         "fp32 or the inputs' dtype: use 'auto' or 'ieee')")
     if which == "torch":
         return soft_warp_loss_reference(q_subj, q_comp, feat_subj, feat_comp, mask, scale=scale)
     if which == "triton":
@@ -132,5 +160,8 @@ def soft_warp_loss(
         from ._extension import soft_warp_rows_ext as rows_kernel
     # the kernels return per-row losses; the (weighted) mean over rows is the same for every backend
     weights = _mask_weights(mask, *q_subj.shape[:2], q_subj.device)
-    rows = rows_kernel(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
+    if which == "triton":
+        rows = rows_kernel(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale), chosen)
+    else:
+        rows = rows_kernel(q_subj, q_comp, feat_subj, feat_comp, weights, float(scale))
     return masked_row_mean(rows, weights)

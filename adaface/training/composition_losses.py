@@ -134,12 +134,12 @@ def map_delta_loss(subj_single: torch.Tensor, subj_comp: torch.Tensor, cls_singl
 
 def face_preserve_loss(q_single: torch.Tensor, q_comp: torch.Tensor, feat_single: torch.Tensor,
                        feat_comp: torch.Tensor, mask: torch.Tensor | None, *, q_grad: float = 1.0,
-                       feat_grad: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                       feat_grad: float = 1.0, backend: str = "auto", precision: str = "auto") -> torch.Tensor:
     """Eq. 7–8 on one layer: [B, N, Dq] queries and [B, N, C] features of the subject-single / -composition
     branches, `mask` [B, N] soft row weights (the face); unscaled logits. `q_grad` / `feat_grad` multiply the
-    gradient reaching the subject-single queries / features."""
+    gradient reaching the subject-single queries / features; `precision`: the kernels' matmul precision."""
     return ops.soft_warp_loss(scale_grad(q_single, q_grad), q_comp, scale_grad(feat_single, feat_grad), feat_comp,
-                              mask, scale=1.0, backend=backend)
+                              mask, scale=1.0, backend=backend, precision=precision)
 
 
 def mask_rows(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

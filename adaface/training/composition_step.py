@@ -76,6 +76,7 @@ class CompositionConfig:
     t_max: int = 800
     default_class_word: str = "person"
     backend: str = "auto"  # adaface.ops backend of the fused losses
+    face_precision: str = "auto"  # matmul precision of the soft-warp kernels (adaface.ops.soft_warp.resolve_precision)
 
 
 @dataclass
@@ -195,7 +196,8 @@ def composition_step(m: CompositionModels, batch: CompositionBatch, cfg: Composi
             f_ss, f_sc = (layer_norm(x) for x in (f_ss, f_sc)) if cfg.normalize_features else (f_ss.float(),
                                                                                                f_sc.float())
             face_losses.append(face_preserve_loss(q_ss, q_sc, f_ss, f_sc, mask, q_grad=cfg.face_q_grad,
-                                                  feat_grad=cfg.face_feat_grad, backend=cfg.backend))
+                                                  feat_grad=cfg.face_feat_grad, backend=cfg.backend,
+                                                  precision=cfg.face_precision))
             fw.append(w)
     weights = prompts.token_weights.to(device)
     ss, sc = subj_ctx.float().chunk(2)

@@ -110,6 +110,10 @@ class Stage2Config(TrainingConfig):
                                       "released training used 1e-3 to 3e-3)")
     ops_backend: str = _f("auto", "adaface.ops backend of the fused losses", choices=("auto", "torch", "triton",
                                                                                      "cuda", "cpp"))
+    face_precision: str = _f("auto", "matmul precision of the face-preserving loss's Triton kernels: auto (tensor "
+                                     "cores on a GPU: tf32 where torch allows TF32, else the autocast dtype), tf32, "
+                                     "bf16, fp16, or ieee (exact fp32)",
+                             choices=("auto", "tf32", "bf16", "fp16", "ieee"))
     # --- mixed stage-1 steps --------------------------------------------------------------------------------
     stage1_p: float = _f(5 / 6, "probability that an optimizer step is a stage-1 face-distillation step, else a "
                                 "composition step (not in the paper: the authors' released training ran about one "
@@ -150,7 +154,8 @@ def composition_config(cfg: Stage2Config) -> CompositionConfig:
         face_q_grad=cfg.face_q_grad, face_feat_grad=cfg.face_feat_grad,
         w_delta_attn_out=cfg.w_delta_attn_out, w_delta_attn_map=cfg.w_delta_attn_map,
         w_delta_prompt=cfg.w_delta_prompt, w_face_preserve=cfg.w_face_preserve, t_min=cfg.comp_t_min,
-        t_max=cfg.comp_t_max, default_class_word=cfg.default_class_word, backend=cfg.ops_backend)
+        t_max=cfg.comp_t_max, default_class_word=cfg.default_class_word, backend=cfg.ops_backend,
+        face_precision=cfg.face_precision)
 
 
 def load_pool(cfg: Stage2Config) -> CompositionPool:

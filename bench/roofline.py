@@ -1,0 +1,309 @@
+"""A traffic / FLOP model of the soft-warp loss (paper eq. 7–8) at the paper's shapes: MODEL ESTIMATES, not
+measurements.
+
+    python bench/roofline.py                 # the table: per SD-1.5 layer and a whole stage-2 step
+    python bench/roofline.py --json model.json
+    python bench/roofline.py --measured bench.json     # measured soft-warp benchmark times beside the model
+
+For the eager reference (`soft_warp_loss_reference`, fp32 as training hands it the inputs) and for the Triton
+kernels (kernels/soft_warp.py) as their grids load tiles at the launch configuration CUDA picks (`gpu_tiles`):
+- FLOPs: the matmul work. Eager: 2·B·N·M·(Dq + C) forward (every row: the reference materialises the N×M
+  matrix and masks only the mean), twice that in the backward. Kernels: the tile products each program executes,
+  padding of the last output chunk and every recomputation of the scores / dP included.
+- bytes: Eager: device-memory traffic, every [B, N, M] intermediate written and read again (logits, scaled
+  logits, softmax, and in the backward dA, dS), plus the operands. Kernels: `tile_bytes`, every tile load as
+  issued (re-loads counted, masked-off lanes not) plus the stores — served by L2 or device memory — and
+  `bytes`, the device-memory traffic assuming the re-loads hit L2 (each tensor a kernel touches crosses the
+  memory bus once: one batch's K and V, ≤ 10 MB at the paper's shapes in fp32, stay resident in a 40–50 MB L2;
+  on the A6000's 6 MB L2 this is optimistic).
+- time: Σ over kernels (eager: over its ops) of max(FLOPs / peak compute, bytes / peak bandwidth) at the
+  published peaks below (`PEAKS`), with the compute peak of the matmul precision: "ieee" fp32 on the CUDA cores,
+  "tf32" / "bf16" / "fp16" on the tensor cores (dense rates).
+tests/test_roofline.py checks the model: the eager FLOPs against torch.utils.flop_counter.FlopCounterMode, and
+the kernels' tile loads (count and bytes) against what TRITON_INTERPRET=1 executes on small shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Published peaks (dense, no sparsity). RTX A6000 (GA102, 84 SMs): NVIDIA RTX A6000 datasheet — 768 GB/s GDDR6,
+# 38.7 TFLOPS FP32, 309.7 TFLOPS FP16 tensor with sparsity (154.8 dense), TF32 at half the FP16 tensor rate.
+# H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet — 3.35 TB/s HBM3, 67 TFLOPS FP32, 989 TFLOPS TF32 and
+# 1,979 TFLOPS BF16/FP16 with sparsity (494.7 and 989.4 dense).
+PEAKS = {
+    "A6000": {"bandwidth": 768e9, "ieee": 38.7e12, "tf32": 77.4e12, "bf16": 154.8e12, "fp16": 154.8e12},
+    "H100": {"bandwidth": 3.35e12, "ieee": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},
+}
+# SD-1.5 at 512² (64² latents): its 16 cross-attention layers as (positions N = M, channels Dq = C, how many)
+STAGE2_LAYERS = ((4096, 320, 5), (1024, 640, 5), (256, 1280, 5), (64, 1280, 1))
+STAGE2_BATCH = 3  # the paper's stage-2 batch (training/configs/stage2_paper.json)
+FACE_FRACTION = 0.35  # rows under the face mask (the benchmark's mask); the kernels compute only those
+
+
+@dataclass
+class Cost:
+    """One kernel's (or eager op's) modelled work."""
+
+    flops: float = 0.0
+    load_bytes: float = 0.0
+    store_bytes: float = 0.0
+    loads: int = 0  # load instructions issued (tile loads, re-loads counted)
+    precision: str = "ieee"
+    footprint: float | None = None  # bytes read once from device memory (None: load_bytes, nothing re-loaded)
+
+    @property
+    def tile_bytes(self) -> float:
+        return self.load_bytes + self.store_bytes
+
+    @property
+    def bytes(self) -> float:
+        return (self.load_bytes if self.footprint is None else self.footprint) + self.store_bytes
+
+    def time(self, gpu: str) -> float:
+        peak = PEAKS[gpu]
+        return max(self.flops / peak[self.precision], self.bytes / peak["bandwidth"])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eager reference
+
+
+def eager_costs(B: int, N: int, M: int, Dq: int, C: int, backward: bool, elem: int = 4) -> dict[str, Cost]:
+    """`soft_warp_loss_reference` (upcast: fp32 throughout), op by op. Every input requires grad."""
+    nm, f = B * N * M * 4, 4
+    q, k, v, fs = B * N * Dq * elem, B * M * Dq * elem, B * M * C * elem, B * N * C * elem
+    o = B * N * C * f
+    out = {
+        "logits = q kᵀ": Cost(2 * B * N * M * Dq, q + k, nm),
+        "· scale": Cost(0, nm, nm),
+        "softmax": Cost(0, nm, nm),
+        "warped = A v": Cost(2 * B * N * M * C, nm + v, o),
+        "cosine": Cost(0, o + fs, B * N * f),
+    }
+    if backward:
+        out.update({
+            "cosine backward": Cost(0, o + fs + B * N * f, 2 * o),
+            "dA = dO vᵀ": Cost(2 * B * N * M * C, o + v, nm),
+            "dv = Aᵀ dO": Cost(2 * B * N * M * C, nm + o, v),
+            "softmax backward": Cost(0, 2 * nm, nm),
+            "· scale backward": Cost(0, nm, nm),
+            "dq = dS k": Cost(2 * B * N * M * Dq, nm + k, q),
+            "dk = dSᵀ q": Cost(2 * B * N * M * Dq, nm + q, k),
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Triton kernels, as their grids load tiles
+
+
+def kernel_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg: dict, *, elem: int, do_elem: int,
+                 precision: str, backward: bool, needs: tuple[bool, bool, bool, bool] = (True,) * 4
+                 ) -> dict[str, Cost]:
+    """Per launched kernel of kernels/soft_warp.py: FLOPs of the tile products executed (padding included),
+    bytes of every tile load (masked lanes excluded) and store, and the load instructions issued.
+
+    `counts[b]`: the selected rows of batch b; `cfg`: the launch configuration (`gpu_tiles`); `elem` /
+    `do_elem`: bytes per input / stored-dO element; `needs`: which of q_subj, q_comp, feat_subj, feat_comp
+    need gradients. Mirrors the launchers' and kernels' loops one for one.
+    """
+    BN, BM, BD, BC, OC, OD = (cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D"))
+    BR, BCC = cfg["BLOCK_R"], cfg["BLOCK_CC"]
+    nNb, nMb, nM, nD, nCb = _cdiv(N, BN), _cdiv(M, BM), _cdiv(M, BM), _cdiv(Dq, BD), _cdiv(C, BC)
+    nOC, nOD, nCC, nRp = max(_cdiv(C, OC), 1), _cdiv(Dq, OD), _cdiv(C, BCC), _cdiv(N, BR)
+    work = [_cdiv(c, BN) for c in counts]  # row blocks that hold selected rows
+    cnt, W = sum(counts), sum(work)
+    f = 4
+    out: dict[str, Cost] = {}
+    if B == 0 or N == 0:
+        return out
+
+    fwd = Cost(precision=precision)
+    fwd.loads = B * nNb * nOC + W * nOC * (1 + nM * (2 * nD + 1))
+    fwd.load_bytes = (B * nNb * nOC * 4 + nOC * cnt * 4 + nOC * nM * cnt * Dq * elem + W * nOC * M * Dq * elem
+                      + W * M * C * elem)
+    fwd.flops = W * nOC * nM * (2 * BN * BM * BD * nD + 2 * BN * BM * OC)
+    fwd.store_bytes = cnt * C * f + cnt * f
+    busy = sum(1 for c in counts if c)  # batches whose K / V are read
+    kv = busy * M * (Dq + C) * elem
+    fwd.footprint = B * 4 + cnt * 4 + cnt * Dq * elem + kv
+    out["_fwd_kernel"] = fwd
+    cos = Cost(loads=nRp * B * (1 + 2 * nCC), load_bytes=B * N * 4 + cnt * C * (f + elem), store_bytes=B * N * f)
+    out["_cos_fwd_kernel"] = cos
+    if not backward:
+        return out
+
+    need_qs, need_qc, need_fs, need_fc = needs
+    need_do = need_qs or need_qc or need_fc
+    if need_do or need_fs:
+        out["_bwd_prep_kernel"] = Cost(
+            loads=nRp * B * (2 + 4 * nCC), load_bytes=B * N * 4 + 2 * cnt * C * (f + elem) + cnt * 4,
+            store_bytes=(cnt * C * do_elem + cnt * f if need_do else 0) + (B * N * C * elem if need_fs else 0))
+    if need_qs and Dq > 0:
+        dq = Cost(precision=precision)
+        dq.loads = B * nNb * nOD * 4 + W * nOD * nM * (2 * nD + 2 * nCb + 1)
+        dq.load_bytes = (B * nNb * nOD * 4 + nOD * (B * N * 4 + 2 * cnt * 4) + nOD * nM * cnt * Dq * elem
+                         + W * nOD * M * Dq * elem + nOD * nM * cnt * C * do_elem + W * nOD * M * C * elem
+                         + W * M * Dq * elem)
+        dq.flops = W * nOD * nM * (2 * BN * BM * BD * nD + 2 * BN * BM * BC * nCb + 2 * BN * BM * OD)
+        dq.store_bytes = B * N * Dq * elem
+        dq.footprint = B * 4 + B * N * 4 + 2 * cnt * 4 + cnt * (Dq * elem + C * do_elem) + kv
+        out["_bwd_dq_kernel"] = dq
+    if need_qc and M > 0 and Dq > 0:
+        dk = Cost(precision=precision)
+        dk.loads = B * nMb * nOD + nMb * nOD * W * (4 + 2 * nD + 2 * nCb)
+        dk.load_bytes = (B * nMb * nOD * 4 + 3 * nMb * nOD * cnt * 4 + nOD * W * M * Dq * elem
+                         + nOD * nMb * cnt * Dq * elem + nOD * W * M * C * elem + nOD * nMb * cnt * C * do_elem
+                         + nMb * cnt * Dq * elem)
+        dk.flops = nMb * nOD * W * (2 * BM * BN * BD * nD + 2 * BM * BN * BC * nCb + 2 * BM * BN * OD)
+        dk.store_bytes = B * M * Dq * elem
+        dk.footprint = B * 4 + 3 * cnt * 4 + cnt * (Dq * elem + C * do_elem) + kv
+        out["_bwd_col_kernel[dq_comp]"] = dk
+    if need_fc and M > 0 and C > 0:
+        dv = Cost(precision=precision)
+        dv.loads = B * nMb * nOC + nMb * nOC * W * (3 + 2 * nD)
+        dv.load_bytes = (B * nMb * nOC * 4 + 2 * nMb * nOC * cnt * 4 + nOC * W * M * Dq * elem
+                         + nOC * nMb * cnt * Dq * elem + nMb * cnt * C * do_elem)
+        dv.flops = nMb * nOC * W * (2 * BM * BN * BD * nD + 2 * BM * BN * OC)
+        dv.store_bytes = B * M * C * elem
+        dv.footprint = B * 4 + 2 * cnt * 4 + cnt * (Dq * elem + C * do_elem) + busy * M * Dq * elem
+        out["_bwd_col_kernel[dfeat_comp]"] = dv
+    return out
+
+
+PRECISION_BYTES = {"ieee": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+
+
+def triton_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], precision: str,
+                 backward: bool) -> dict[str, Cost]:
+    """The kernels on fp32 inputs (the training path) at the CUDA launch configuration, with `precision`."""
+    from adaface.kernels.soft_warp import gpu_tiles
+
+    return kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C), elem=4, do_elem=PRECISION_BYTES[precision],
+                        precision=precision, backward=backward)
+
+
+def total(costs: dict[str, Cost], gpu: str) -> dict[str, float]:
+    return {"flops": sum(c.flops for c in costs.values()), "bytes": sum(c.bytes for c in costs.values()),
+            "tile_bytes": sum(c.tile_bytes for c in costs.values()),
+            "time_s": sum(c.time(gpu) for c in costs.values())}
+
+
+def layer_rows(B: int, N: int, C: int, fraction: float, backward: bool) -> list[dict]:
+    """Model rows for one layer: eager fp32, and the kernels at each precision."""
+    counts = [math.ceil(fraction * N)] * B
+    rows = []
+    variants = [("eager (fp32)", eager_costs(B, N, N, C, C, backward))]
+    variants += [(f"triton {p}", triton_costs(B, N, N, C, C, counts, p, backward)) for p in ("ieee", "tf32", "bf16")]
+    for name, costs in variants:
+        row = {"variant": name, "shape": f"B{B} N=M={N} Dq=C={C} rows {fraction:.0%}",
+               "pass": "fwd+bwd" if backward else "fwd", "flops": total(costs, "H100")["flops"],
+               "bytes": total(costs, "H100")["bytes"], "tile_bytes": total(costs, "H100")["tile_bytes"]}
+        for gpu in PEAKS:
+            row[f"time_{gpu}_s"] = total(costs, gpu)["time_s"]
+        rows.append(row)
+    for row in rows:
+        for gpu in PEAKS:
+            row[f"ratio_vs_eager_{gpu}"] = rows[0][f"time_{gpu}_s"] / row[f"time_{gpu}_s"]
+    return rows
+
+
+def stage2_rows(backward: bool = True) -> list[dict]:
+    """A stage-2 step's soft-warp losses: every SD-1.5 cross-attention layer, the paper's batch, face rows only."""
+    sums: dict[str, dict] = {}
+    for N, C, n_layers in STAGE2_LAYERS:
+        for row in layer_rows(STAGE2_BATCH, N, C, FACE_FRACTION, backward):
+            acc = sums.setdefault(row["variant"], {"variant": row["variant"], "shape": "stage-2 step, 16 layers",
+                                                   "pass": row["pass"]})
+            for key in ("flops", "bytes", "tile_bytes", *(f"time_{g}_s" for g in PEAKS)):
+                acc[key] = acc.get(key, 0.0) + n_layers * row[key]
+    rows = list(sums.values())
+    for row in rows:
+        for gpu in PEAKS:
+            row[f"ratio_vs_eager_{gpu}"] = rows[0][f"time_{gpu}_s"] / row[f"time_{gpu}_s"]
+    return rows
+
+
+def predicted_for_benchmark(info: dict, backward: bool) -> dict[str, float] | None:
+    """The model's times (per GPU) for one bench/test_bench_soft_warp.py row (its extra_info), or None."""
+    import re
+
+    from adaface.kernels.soft_warp import gpu_tiles
+
+    shape = re.fullmatch(r"B(\d+) N(\d+) M(\d+) Dq(\d+) C(\d+)", info.get("shape", ""))
+    if shape is None or info.get("variant") not in ("eager", "triton"):
+        return None
+    B, N, M, Dq, C = map(int, shape.groups())
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[info["dtype"]]
+    if info["variant"] == "eager":  # the reference upcasts to fp32
+        costs = eager_costs(B, N, M, Dq, C, backward)
+    else:
+        rows = int(info["selected_rows"])
+        counts = [rows // B + (1 if b < rows % B else 0) for b in range(B)]
+        precision = info.get("precision") or {4: "ieee", 2: "bf16"}[elem]
+        costs = kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C), elem=elem,
+                             do_elem=PRECISION_BYTES[precision], precision=precision, backward=backward)
+    return {gpu: total(costs, gpu)["time_s"] for gpu in PEAKS}
+
+
+def print_measured(paths: list[str]) -> None:
+    """Measured medians of the soft-warp benchmarks (pytest-benchmark JSON) beside the model's predictions."""
+    print("soft-warp loss: measured median beside the MODEL'S PREDICTION at published peaks")
+    print(f"{'group':52} {'variant':8} {'device':24} {'measured ms':>11} {'A6000 model':>11} {'H100 model':>10}")
+    for path in paths:
+        for bench in json.loads(Path(path).read_text()).get("benchmarks", []):
+            info, group = bench.get("extra_info", {}), bench.get("group") or ""
+            if not group.startswith("soft_warp") or info.get("interpreted"):
+                continue
+            pred = predicted_for_benchmark(info, backward=group.endswith("fwd+bwd"))
+            if pred is None:
+                continue
+            print(f"{group:52} {info['variant']:8} {str(info.get('device', '?'))[:24]:24} "
+                  f"{bench['stats']['median'] * 1e3:11.3f} {pred['A6000'] * 1e3:11.3f} {pred['H100'] * 1e3:10.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the model's rows here")
+    ap.add_argument("--measured", nargs="+", metavar="BENCH_JSON",
+                    help="instead: print the soft-warp benchmarks' measured times beside the model's predictions")
+    args = ap.parse_args(argv)
+    if args.measured:
+        print_measured(args.measured)
+        return 0
+    rows = []
+    for backward in (False, True):
+        rows += layer_rows(4, 4096, 320, 1.0, backward)  # the benchmark's 64² layer, every row
+        rows += layer_rows(STAGE2_BATCH, 4096, 320, FACE_FRACTION, backward)
+    rows += stage2_rows()
+    print("MODEL ESTIMATES (published peaks, no measurement): soft-warp loss, fp32 inputs")
+    print(f"{'shape':32} {'pass':7} {'variant':13} {'GFLOP':>9} {'DRAM GB':>7} {'tile GB':>7} {'A6000 ms':>9} "
+          f"{'H100 ms':>9} {'x eager A6000':>13} {'x eager H100':>12}")
+    for r in rows:
+        print(f"{r['shape']:32} {r['pass']:7} {r['variant']:13} {r['flops'] / 1e9:9.1f} {r['bytes'] / 1e9:7.2f} "
+              f"{r['tile_bytes'] / 1e9:7.2f} "
+              f"{r['time_A6000_s'] * 1e3:9.2f} {r['time_H100_s'] * 1e3:9.2f} {r['ratio_vs_eager_A6000']:13.2f} "
+              f"{r['ratio_vs_eager_H100']:12.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"note": "model estimates, not measurements", "rows": rows}, indent=1))
+    return 0
+
+
+__all__ = ["Cost", "asdict", "eager_costs", "kernel_costs", "triton_costs", "layer_rows", "stage2_rows"]
+
+if __name__ == "__main__":
+    sys.exit(main())
