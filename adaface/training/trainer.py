@@ -447,7 +447,7 @@ RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", 
 
 def check_resume_config(cfg: TrainingConfig, saved: dict[str, Any], step: int, path: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's in a key outside RESUMABLE_CHANGES, or that asks
-    for no more steps than were done."""
+    for fewer steps than were done (as many finishes the run: its final outputs are written from the checkpoint)."""
     current = cfg.to_json()
     changed = sorted(k for k in set(current) | set(saved)
                      if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))
@@ -455,9 +455,9 @@ def check_resume_config(cfg: TrainingConfig, saved: dict[str, Any], step: int, p
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with ({detail}); only "
                           f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
-    if cfg.steps <= step:
-        raise ConfigError(f"--steps: {path} is at step {step} already; pass --steps larger than {step} to train "
-                          "further")
+    if cfg.steps < step:
+        raise ConfigError(f"--steps: {path} is at step {step} already; pass --steps {step} to finish that run "
+                          f"(write its final outputs) or larger than {step} to train further")
 
 
 def find_resume_point(cfg: TrainingConfig, out: Path, info: DistInfo
@@ -476,8 +476,13 @@ def find_resume_point(cfg: TrainingConfig, out: Path, info: DistInfo
                 return None
             path, tensors, state, damaged = found
             if info.is_main:
-                for msg in damaged:
-                    _print(f"--resume: skipping a damaged checkpoint: {msg}")
+                for bad, msg in damaged:
+                    # set aside, so that rotation never counts it among the kept (nor deletes an intact one for it)
+                    try:
+                        aside = f"; set aside as {ckpt.set_aside(bad)}"
+                    except OSError as e:
+                        aside = f"; could not set it aside ({e.strerror or e})"
+                    _print(f"--resume: skipping a damaged checkpoint: {msg}{aside}")
                 if damaged:
                     _print(f"--resume: using {path}")
         else:
@@ -503,18 +508,61 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
         torch.set_num_threads(cfg.num_threads)
 
     # resume point (the newest intact checkpoint); a fresh start clears an earlier run's checkpoints (validation
-    # allowed that only with --overwrite)
+    # allowed that only with --overwrite), and only the folders this trainer wrote
     resumed = find_resume_point(cfg, out, info)
-    if resumed is None and info.is_main and (out / "checkpoints").is_dir():
-        shutil.rmtree(out / "checkpoints")
+    written = _OutputRecord(out, enabled=info.is_main and resumed is None)
+    try:
+        return _train(cfg, build_stage, info, device, out, resumed, t_start, written)
+    except BaseException:
+        written.remove_new()
+        raise
 
+
+class _OutputRecord:
+    """What a fresh run adds to OUTPUT_DIR until its first step is done: if it fails before that (an option that
+    passed validation but does not fit the models), those entries are removed, so nothing blocks a rerun."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.out, self.enabled = out, enabled
+        self.existed = out.is_dir()
+        self.before = set(os.listdir(out)) if self.existed else set()
+
+    def done(self) -> None:
+        self.enabled = False  # a step was logged: what the run wrote is its record
+
+    def remove_new(self) -> None:
+        if not self.enabled or not self.out.is_dir():
+            return
+        new = sorted(set(os.listdir(self.out)) - self.before)
+        for name in new:
+            p = self.out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+        if new:
+            _print(f"the run failed before its first step; removed what it wrote in {self.out}: {', '.join(new)}")
+        self.enabled = False
+
+
+def _train(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: DistInfo, device: torch.device,
+           out: Path, resumed: tuple[Path, dict, dict] | None, t_start: float, written: _OutputRecord) -> RunResult:
     # the stage's models and data, the trainer, the resumed state
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     amp = amp_dtype_for(cfg, device)
     stage = build_stage(RunContext(cfg, device, info, amp, out))
     name = stage.name
-    log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main,
-                     resume_step=None if resumed is None else int(resumed[2]["step"]))
-    trainer = Trainer(cfg, stage, device, info, log, amp)
+    trainer = Trainer(cfg, stage, device, info, MetricsLog(out / "metrics.jsonl", enabled=False), amp)
+    if resumed is None and info.is_main:  # only once the models loaded: a failed start deletes nothing
+        for p in ckpt.clear_checkpoints(out / "checkpoints"):
+            _print(f"--overwrite: left {p} in place (not written by this trainer)")
+    log = trainer.log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main,
+                                   resume_step=None if resumed is None else int(resumed[2]["step"]))
     resume_path = None
     if resumed is not None:
         resume_path, tensors, state = resumed
@@ -532,14 +580,18 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
               device=str(device), trainable_params=n_params, multipliers=trainer.multipliers, config=cfg.to_json())
     trainer.callbacks.emit("start", trainer)
 
+    if start == cfg.steps and info.is_main:
+        _print(f"[{name}] {resume_path} is at the final step {start}: finishing the run (writing its final outputs "
+               "from that checkpoint)")
     bar = None
-    if info.is_main and cfg.progress:
+    if info.is_main and cfg.progress and start < cfg.steps:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     samples_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     forced = set(cfg.expand_at)
     stop_signal: str | None = None
+    # the handlers stay in place while the final outputs are written: a signal then is noted, not a kill
     with StopSignals() as signals:
         while trainer.state.step < cfg.steps:
             st = trainer.state
@@ -566,6 +618,7 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
             log.write("step", step=st.step, **_json_metrics(metrics), smoothed=trainer.detector.smoothed,
                       multipliers=trainer.multipliers, skipped_steps=st.skipped_steps,
                       samples_per_s=samples_per_step / dt)
+            written.done()
             if metrics["skipped"] and info.is_main:
                 _print(f"[{name}] step {st.step}: non-finite loss or gradient (loss {metrics['loss']}, grad norm "
                        f"{metrics['grad_norm']}); step skipped, weights unchanged ({st.nonfinite_streak} in a row, "
@@ -589,36 +642,42 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
                 log.write("checkpoint", step=st.step, path=str(path) if path else None)
                 trainer.callbacks.emit("checkpoint", trainer, path)
                 barrier()
-            if stopping:
+            if stopping and not last:
                 stop_signal = signals.requested or "a signal on another rank"
                 break
-    if bar is not None:
-        bar.close()
+            if stopping and info.is_main:
+                # the run is complete: finishing takes seconds, and leaves nothing for a resume to do
+                _print(f"[{name}] {signals.requested or 'a stop signal'} during the last step: the run is complete; "
+                       "writing its final outputs, then stopping")
+        if bar is not None:
+            bar.close()
 
-    if stop_signal is not None:
-        log.write("interrupted", step=trainer.state.step, signal=stop_signal)
+        if stop_signal is not None:
+            log.write("interrupted", step=trainer.state.step, signal=stop_signal)
+            log.close()
+            raise Interrupted(stop_signal, trainer.state.step, trainer.checkpoint_root())
+
+        in_sync = max_param_difference(list(named_trainable(stage.trainable).values()), device)
+        summary: dict[str, Any] = {"steps": cfg.steps, "world_size": info.world_size,
+                                   "multipliers": trainer.multipliers, "ranks_max_param_diff": in_sync,
+                                   "skipped_steps": trainer.state.skipped_steps}
+        if info.is_main:
+            final = stage.save_final(out)
+            first, last_, drop = loss_drop(read_jsonl(out / "metrics.jsonl"), stage.plateau_metric)
+            elapsed = time.perf_counter() - t_start
+            summary.update(first10=first, last10=last_, drop=drop, seconds=elapsed, saved=str(final),
+                           expansions=[e["step"] for e in trainer.state.expansions])
+            verdict = ""
+            if cfg.target_drop > 0:
+                verdict = " PASS" if drop >= cfg.target_drop else " FAIL"
+                verdict += f" (target >= {cfg.target_drop:.0%})"
+            log.write("summary", step=cfg.steps, **summary)
+            _print(f"[{name}] done: {cfg.steps} steps in {elapsed:.1f}s; {stage.plateau_metric} first 10% "
+                   f"{first:.4g} -> last 10% {last_:.4g} ({drop:+.1%} drop){verdict}; expansions at steps "
+                   f"{summary['expansions']}, multipliers {summary['multipliers']}; saved to {final}")
+            if signals.requested is not None:
+                _print(f"[{name}] {signals.requested} received while finishing; the final outputs are complete")
         log.close()
-        raise Interrupted(stop_signal, trainer.state.step, trainer.checkpoint_root())
-
-    in_sync = max_param_difference(list(named_trainable(stage.trainable).values()), device)
-    summary: dict[str, Any] = {"steps": cfg.steps, "world_size": info.world_size,
-                               "multipliers": trainer.multipliers, "ranks_max_param_diff": in_sync,
-                               "skipped_steps": trainer.state.skipped_steps}
-    if info.is_main:
-        final = stage.save_final(out)
-        first, last_, drop = loss_drop(read_jsonl(out / "metrics.jsonl"), stage.plateau_metric)
-        elapsed = time.perf_counter() - t_start
-        summary.update(first10=first, last10=last_, drop=drop, seconds=elapsed, saved=str(final),
-                       expansions=[e["step"] for e in trainer.state.expansions])
-        verdict = ""
-        if cfg.target_drop > 0:
-            verdict = " PASS" if drop >= cfg.target_drop else " FAIL"
-            verdict += f" (target >= {cfg.target_drop:.0%})"
-        log.write("summary", step=cfg.steps, **summary)
-        _print(f"[{name}] done: {cfg.steps} steps in {elapsed:.1f}s; {stage.plateau_metric} first 10% {first:.4g} "
-               f"-> last 10% {last_:.4g} ({drop:+.1%} drop){verdict}; expansions at steps "
-               f"{summary['expansions']}, multipliers {summary['multipliers']}; saved to {final}")
-    log.close()
     return RunResult(stage.trainable, summary)
 
 
