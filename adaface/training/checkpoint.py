@@ -77,15 +77,25 @@ def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.Path
         raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except Exception as e:
         _remove_quietly(tmp)
-        # safetensors reports I/O failures (a full disk) as its own error type with "(os error N)" in the text
-        m = re.search(r"os error (\d+)", str(e))
-        if m is None:
+        os_error = as_os_error(e, path)
+        if os_error is None:
             raise
-        code = int(m.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from None
+        raise os_error from None
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def as_os_error(error: BaseException, path: str | os.PathLike) -> OSError | None:
+    """An I/O failure (e.g. a full disk) as an OSError naming `path`: safetensors reports them as its own error
+    type with "(os error N)" in the text. None when `error` is no I/O failure."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or str(error), error.filename or str(path))
+    m = re.search(r"os error (\d+)", str(error))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _remove_quietly(path: Path) -> None:

@@ -37,14 +37,19 @@ shows `loss`. A stage's config is a `TrainingConfig` subclass (adaface.training.
 
 Faults: a step whose loss or gradient is not finite is skipped (nothing reaches the weights, the plateau
 detector or a checkpoint) and counted; `max_nonfinite_steps` consecutive ones stop the run with an error.
-SIGINT/SIGTERM finish the current step, save a checkpoint and stop (all ranks agree first); a second SIGINT
-aborts at once. Every checkpoint is checked finite before it is written and read back before older ones are
-pruned. `--resume` uses the newest intact checkpoint (damaged newer ones are reported by path) and refuses a
-config that differs from the checkpoint's outside RESUMABLE_CHANGES (steps, checkpoint_every, keep_checkpoints,
-max_nonfinite_steps, progress, target_drop, num_threads, device, output_dir), or `steps` not above its step.
+SIGINT/SIGTERM finish the current step, save a checkpoint and stop (all ranks agree first); in the last step
+they let the run finish (the final outputs take seconds), and a signal while those are written waits for them.
+A second SIGINT aborts at once. Every checkpoint is checked finite before it is written and read back (with its
+SHA-256) before older ones are pruned. `--resume` uses the newest intact checkpoint (damaged or unreadable newer
+ones are named and set aside as `step-N.damaged`) and refuses a config that differs from the checkpoint's
+outside RESUMABLE_CHANGES (steps, checkpoint_every, keep_checkpoints, max_nonfinite_steps, progress,
+target_drop, num_threads, device, output_dir), or `steps` below its step; `steps` equal to its step finishes a
+run stopped between its last checkpoint and its final outputs. A fresh run that fails before its first step
+removes what it added to OUTPUT_DIR; `--overwrite` deletes only the checkpoint folders this trainer wrote.
 Test code reaches the loop through `adaface.training.hooks` (callbacks, ADAFACE_TRAINING_HOOK) and
 `adaface.training.faults` (signals and non-finite values at chosen steps); `cli_main` turns a stage into a
-command line (one-line errors; exit 0, 1 failed, 2 configuration, 128 + N stopped by signal N).
+command line (one-line errors; exit 0, 1 failed, 2 configuration or a file that could not be written, such as a
+full disk, 128 + N stopped by signal N).
 """
 
 from __future__ import annotations
@@ -662,7 +667,13 @@ def _train(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info
                                    "multipliers": trainer.multipliers, "ranks_max_param_diff": in_sync,
                                    "skipped_steps": trainer.state.skipped_steps}
         if info.is_main:
-            final = stage.save_final(out)
+            try:
+                final = stage.save_final(out)
+            except Exception as e:
+                os_error = ckpt.as_os_error(e, out)
+                if os_error is None:
+                    raise
+                raise os_error from None
             first, last_, drop = loss_drop(read_jsonl(out / "metrics.jsonl"), stage.plateau_metric)
             elapsed = time.perf_counter() - t_start
             summary.update(first10=first, last10=last_, drop=drop, seconds=elapsed, saved=str(final),
@@ -705,8 +716,9 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
              build_stage: Callable[[RunContext], Stage]) -> int:
     """A training script's main: parse and validate the config, train; user errors are one line, not a traceback.
 
-    Exit status: 0 done, 1 the run failed (TrainingError), 2 a configuration error, 128 + N stopped by signal N
-    after saving a checkpoint."""
+    Exit status: 0 done, 1 the run failed (TrainingError), 2 a configuration error or a file that could not be
+    written or read (a full disk: the message names the file; the checkpoints written before are intact),
+    128 + N stopped by signal N after saving a checkpoint."""
     import sys
 
     try:
@@ -721,4 +733,21 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
     except Interrupted as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(e.signal_name, 15)
+    except OSError as e:
+        print(f"{name}: error: {file_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def file_error(e: OSError) -> str:
+    """One line for a failed read or write: what failed, the path, and how to go on."""
+    import errno
+
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    advice = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "; the checkpoints written before are intact: free space, then rerun with --resume"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "; check the permissions of that path"
+    return f"{what}{where}{advice}"
