@@ -227,11 +227,17 @@ OLD_DIR = re.compile(r"^\.(step-\d{8})\.old-(\d+)$")
 
 
 def _is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / STATE_FILE).is_file()
+    try:
+        return path.is_dir() and (path / STATE_FILE).is_file()
+    except OSError:  # a folder without search permission: not complete (an unreadable one, see list_checkpoints)
+        return False
 
 
 def _is_unreadable(path: Path) -> bool:
-    return path.is_dir() and not os.access(path, os.R_OK | os.X_OK)
+    try:
+        return path.is_dir() and not os.access(path, os.R_OK | os.X_OK)
+    except OSError:
+        return True
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
