@@ -190,3 +190,21 @@ def test_a_tiny_run_failing_on_its_first_step_leaves_nothing(stage, extra, tmp_p
                 *extra], _env())
     assert res.returncode != 0, res.stdout[-2000:]
     assert _snapshot(parent) == before, sorted(_snapshot(parent))
+
+
+def test_stage2_with_an_inverter_whose_multipliers_do_not_match_its_weights_leaves_nothing(tiny, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad_inverter"
+    shutil.copytree(tiny["inv"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["multipliers"] = [2] + cfg["multipliers"][1:]  # the weights are of the unexpanded inverter
+    (bad / "config.json").write_text(json.dumps(cfg))
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    out = parent / "run"
+    res = _run([str(ROOT / "training" / "stage2.py"), "--output-dir", str(out), "--inverter", str(bad),
+                "--steps", "2", "--no-progress"], _env())
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert list(parent.iterdir()) == []
