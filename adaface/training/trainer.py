@@ -721,6 +721,7 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
     128 + N stopped by signal N after saving a checkpoint."""
     import sys
 
+    cfg = None
     try:
         cfg = parse(argv, dist_env().world_size)
         run_training(cfg, build_stage)
@@ -731,20 +732,32 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(f"{name}: {e}", file=sys.stderr)
+        print(f"{name}: {e}: {resume_command(argv)}", file=sys.stderr)
         return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(e.signal_name, 15)
     except OSError as e:
-        print(f"{name}: error: {file_error(e)}", file=sys.stderr)
+        print(f"{name}: error: {file_error(e, cfg.output_dir if cfg is not None else None)}", file=sys.stderr)
         return 2
     return 0
 
 
-def file_error(e: OSError) -> str:
-    """One line for a failed read or write: what failed, the path, and how to go on."""
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run: the same one with --resume."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
+        args.append("--resume")
+    return shlex.join(["python", sys.argv[0], *args])
+
+
+def file_error(e: OSError, output_dir: str | None = None) -> str:
+    """One line for a failed read or write: what failed, the path (OUTPUT_DIR when the error names none), and how
+    to go on."""
     import errno
 
     what = e.strerror or str(e)
-    where = f" ({e.filename})" if e.filename else ""
+    where = f" ({e.filename})" if e.filename else (f" (writing in {output_dir})" if output_dir else "")
     advice = ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         advice = "; the checkpoints written before are intact: free space, then rerun with --resume"
