@@ -413,8 +413,12 @@ def _check_output_dir(path: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"--output-dir: {path} cannot be created ({existing} is not a folder)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir: {path} is not writable (permission denied on {existing})")
+    probe = existing / f".write-test-{os.getpid()}"  # a real write: os.access says yes to root everywhere
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir: {path} is not writable ({e.strerror or e} in {existing})") from None
 
 
 def validate_distillation(cfg: Any) -> None:
