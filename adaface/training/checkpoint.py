@@ -410,7 +410,7 @@ def prune_checkpoints(root: str | os.PathLike, keep: int, newest: Path | None = 
     pruned."""
     root = Path(root)
     recover_checkpoints(root)
-    complete = list_checkpoints(root)
+    complete = [p for p in list_checkpoints(root) if not _is_unreadable(p)]  # never counted, never deleted
     if newest is not None:
         complete = [p for p in complete if checkpoint_step(p) <= checkpoint_step(Path(newest))]
     pruned = complete[:-keep] if keep > 0 else []
