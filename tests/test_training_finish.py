@@ -213,3 +213,34 @@ def test_stage2_with_an_inverter_whose_multipliers_do_not_match_its_weights_leav
                 "--steps", "2", "--no-progress"], _env())
     assert res.returncode != 0, res.stdout[-2000:]
     assert list(parent.iterdir()) == []
+
+
+def test_a_real_full_disk_is_one_line_and_resume_completes_after_freeing_space(tmp_path):
+    """A small tmpfs (where the tests may mount one): room for the tiny models and one checkpoint, not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the injected ENOSPC tests above cover the writer)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=260m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        out = disk / "run"
+        argv = [str(ROOT / "training" / "stage1.py"), "--output-dir", str(out), "--steps", "3",
+                "--checkpoint-every", "1", "--keep-checkpoints", "2", "--no-progress"]
+        res = _run(argv, _env())
+        assert res.returncode == 2, res.stderr[-3000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in res.stderr and last.startswith("stage1: error: No space left on device ("), last
+        assert str(out / "checkpoints") in last, last
+        left = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert left == ["step-00000001"], left  # intact, and nothing partial beside it
+        from adaface.training.checkpoint import load_checkpoint
+
+        load_checkpoint(out / "checkpoints" / "step-00000001")
+        subprocess.run(["mount", "-o", "remount,size=700m", str(disk)], check=True)
+        res = _run([*argv, "--resume"], _env())
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (out / "inverter" / "model.safetensors").is_file()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

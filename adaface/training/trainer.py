@@ -734,8 +734,12 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
     except Interrupted as e:
         print(f"{name}: {e}: {resume_command(argv)}", file=sys.stderr)
         return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(e.signal_name, 15)
-    except OSError as e:
-        print(f"{name}: error: {file_error(e, cfg.output_dir if cfg is not None else None)}", file=sys.stderr)
+    except Exception as e:
+        # a failed read or write (a full disk), also as the error types of libraries that wrap it (safetensors)
+        error = ckpt.as_os_error(e, cfg.output_dir if cfg is not None else ".")
+        if error is None:
+            raise
+        print(f"{name}: error: {file_error(error, cfg.output_dir if cfg is not None else None)}", file=sys.stderr)
         return 2
     return 0
 
