@@ -68,7 +68,9 @@ def test_checkpoint_roundtrip_keep_last_and_latest(tmp_path):
     latest = ckpt.latest_checkpoint(root)
     assert latest.name == "step-00000004"
     tensors, state = ckpt.load_checkpoint(latest)
-    assert state == {"step": 4, "files": ["w.safetensors"], "note": 4}  # files: what a complete copy holds
+    # files: what a complete copy holds, with their SHA-256
+    assert state == {"step": 4, "files": ["w.safetensors"], "note": 4,
+                     "sha256": {"w.safetensors": ckpt.file_sha256(latest / "w.safetensors")}}
     assert torch.equal(tensors["w"]["a"], torch.full((2, 3), 4.0))
     # re-saving a step (after a resume) replaces it atomically
     ckpt.save_checkpoint(root, 4, {"w": {"a": torch.zeros(1)}}, {"note": "again"}, keep=2)
@@ -152,7 +154,7 @@ def test_crash_during_resave_recovers_old_copy_at_load(tmp_path, monkeypatch):
     assert any(".old-" in p.name for p in root.iterdir())
     # loading the step by its final name recovers the aside copy
     tensors, state = ckpt.load_checkpoint(root / "step-00000004")
-    assert state == {"step": 4, "files": ["w.safetensors"], "note": "v4"}
+    assert state["note"] == "v4" and state["files"] == ["w.safetensors"]
     assert torch.equal(tensors["w"]["a"], torch.full((2,), 4.0))
     assert sorted(p.name for p in root.iterdir() if ".old-" in p.name) == []
 
@@ -515,3 +517,56 @@ def test_atomic_write_leaves_no_temp(tmp_path):
     ckpt.atomic_write_text(tmp_path / "a.json", "{}")
     ckpt.atomic_save_tensors({"x": torch.ones(2)}, tmp_path / "b.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.safetensors"]
+
+
+def test_checkpoint_sha256_mismatch_and_set_aside(tmp_path):
+    root = tmp_path / "ckpts"
+    for step in (1, 2):
+        _save(root, step, f"v{step}")
+    f = root / "step-00000002" / "w.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x80  # the last byte of the tensor data: the header still parses
+    f.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 does not match"):
+        ckpt.load_checkpoint(root / "step-00000002")
+    path, _, state, damaged = ckpt.load_latest_intact(root)
+    assert path.name == "step-00000001" and [p.name for p, _ in damaged] == ["step-00000002"]
+    aside = ckpt.set_aside(root / "step-00000002")
+    assert aside.name == "step-00000002.damaged"
+    _save(root, 2, "again")
+    assert ckpt.set_aside(root / "step-00000002").name == "step-00000002.damaged-2"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000001"]
+
+
+def test_failed_checkpoint_write_leaves_the_earlier_ones_and_no_partial_files(tmp_path, monkeypatch):
+    import errno
+
+    root = tmp_path / "ckpts"
+    _save(root, 1, "v1")
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\0" * 100)
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError) as exc:
+        _save(root, 2, "v2", keep=1)
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename.endswith("w.safetensors")
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]
+    assert ckpt.load_checkpoint(root / "step-00000001")[1]["note"] == "v1"
+
+
+def test_stale_tiny_model_builds_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from adaface.training.stage1 import remove_stale_builds
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f".build-{dead_pid}" / "sd15").mkdir(parents=True)
+    (tmp_path / f".build-{os.getppid()}").mkdir()  # a live process's build in progress
+    (tmp_path / "sd15").mkdir()
+    assert remove_stale_builds(tmp_path) == [tmp_path / f".build-{dead_pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".build-{os.getppid()}", "sd15"]

@@ -257,7 +257,18 @@ def test_hub_id_lookalike_fails_fast_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
-    argv = ["--no-tiny", "--sd-model", "mymodels/sd15", "--arc2face", "x/y", "--output-dir", str(tmp_path)]
+    argv = ["--no-tiny", "--sd-model", "mymodels/sd15", "--arc2face", "x/y", "--output-dir", str(tmp_path / "out")]
     with pytest.raises(ConfigError, match=r"--sd-model: model folder not found: mymodels/sd15 \(as a hub id: not "
                                           r"in the local cache, and HF_HUB_OFFLINE is set\)"):
         parse_config(argv, default_config=TINY)
+
+
+def test_output_dir_empty_or_current_is_refused_and_validation_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ("", " ", ".", str(tmp_path)):
+        with pytest.raises(ConfigError, match="--output-dir"):
+            parse_config(["--output-dir", value], default_config=TINY)
+    target = tmp_path / "a" / "b" / "run"
+    cfg = parse_config(["--output-dir", str(target)], default_config=TINY)
+    assert cfg.output_dir == str(target) and not (tmp_path / "a").exists()
+    assert list(tmp_path.iterdir()) == []

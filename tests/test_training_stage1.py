@@ -248,8 +248,13 @@ def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference_run, t
     assert "stopped by SIGINT after step 5" in res.stderr and "Traceback" not in res.stderr
     saved = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     assert saved == ["step-00000003", "step-00000005"]
-    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    # the message names the exact command that continues the run: run it as printed
+    import shlex
+
+    command = shlex.split(res.stderr.strip().splitlines()[-1].split("continue with --resume: ", 1)[1])
+    assert command == ["python", str(SCRIPT), *args, "--resume"]
+    res = subprocess.run([sys.executable, *command[1:]], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     got, want = _steps(out), _steps(ref_out)
     assert sorted(got) == sorted(want)

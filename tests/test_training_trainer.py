@@ -252,3 +252,120 @@ def test_a_non_finite_checkpoint_is_never_written(tmp_path):
     with pytest.raises(TrainingError, match="non-finite values in model/weight"):
         trainer.save()
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _flip_a_tensor_byte(path: Path) -> None:
+    """Flip one byte inside the tensor data (past the safetensors header): the header still parses."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + (len(data) - header) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_inside_a_tensor_is_damage_skipped_by_name(toy_run, tmp_path, capsys):
+    ref, _ = toy_run
+    out = tmp_path / "flip"
+    shutil.copytree(ref, out)
+    newest = out / "checkpoints" / "step-00000006"
+    _flip_a_tensor_byte(newest / "model.safetensors")
+    run_training(toy_config(out, steps=7, resume="latest"), ToyStage)
+    text = capsys.readouterr().out
+    assert f"{newest / 'model.safetensors'} is damaged: its SHA-256 does not match" in text
+    assert "using" in text and "step-00000004" in text
+    assert [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "start"][-1]["step"] == 4
+    got, want = steps_of(out), steps_of(ref)
+    assert got[5]["loss"] == want[5]["loss"] and got[6]["loss"] == want[6]["loss"]
+
+
+def test_rotation_after_resuming_past_a_damaged_checkpoint_keeps_the_intact_ones(toy_run, tmp_path, capsys):
+    from adaface.training import checkpoint as ckpt
+
+    ref, _ = toy_run
+    out = tmp_path / "rot"
+    shutil.copytree(ref, out)  # checkpoints 2, 4, 6
+    damaged = out / "checkpoints" / "step-00000006"
+    (damaged / "state.json").write_text('{"step": 6, "multi')
+    # resumes from 4, saves 5 (a stop at step 5 would save there too) and keeps 2 checkpoints
+    run_training(toy_config(out, steps=5, keep_checkpoints=2, resume="latest"), ToyStage)
+    text = capsys.readouterr().out
+    aside = out / "checkpoints" / "step-00000006.damaged"
+    assert f"set aside as {aside}" in text
+    kept = ckpt.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in kept] == ["step-00000004", "step-00000005"]
+    for p in kept:
+        ckpt.load_checkpoint(p)  # every kept checkpoint is intact
+    assert aside.is_dir()
+    # and the next resume starts from the newest intact one, not from the damaged copy
+    run_training(toy_config(out, steps=6, keep_checkpoints=2, resume="latest"), ToyStage)
+    assert [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "start"][-1]["step"] == 5
+    assert steps_of(out)[6]["loss"] == steps_of(ref)[6]["loss"]
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written_for_a_later_one(toy_run, tmp_path):
+    from adaface.training import checkpoint as ckpt
+
+    ref, _ = toy_run
+    out = tmp_path / "older"
+    shutil.copytree(ref, out)
+    # resume from step 2 while 4 and 6 exist; with one kept, the new step 3 must survive
+    run_training(toy_config(out, steps=3, keep_checkpoints=1, resume=str(out / "checkpoints" / "step-00000002")),
+                 ToyStage)
+    assert "step-00000003" in [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+
+
+def test_resume_at_the_final_step_finishes_the_run(toy_run, tmp_path, capsys):
+    ref, _ = toy_run
+    out = tmp_path / "final"
+    shutil.copytree(ref, out)
+    (out / "final.safetensors").unlink()
+    run_training(toy_config(out, resume="latest"), ToyStage)
+    assert "is at the final step 6: finishing the run" in capsys.readouterr().out
+    assert (out / "final.safetensors").read_bytes() == (ref / "final.safetensors").read_bytes()
+    assert steps_of(out) == steps_of(ref)
+    assert [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "summary"][-1]["steps"] == 6
+
+
+_UNREADABLE_CHILD = """
+import json, sys
+from pathlib import Path
+from adaface.training.config import TrainingConfig
+from adaface.training.ddp import DistInfo
+from adaface.training.trainer import find_resume_point
+out = Path(sys.argv[1])
+saved = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())["config"]
+cfg = TrainingConfig(**{**saved, "resume": "latest", "steps": 7})
+path, tensors, state = find_resume_point(cfg, out, DistInfo())
+print("RESUMED", path)
+"""
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_and_set_aside(toy_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the check as another user (as root, permissions do not apply)")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop privileges for the check")
+    ref, _ = toy_run
+    base = Path(tempfile.mkdtemp(prefix="adaface-perm-"))
+    try:
+        out = base / "run"
+        shutil.copytree(ref, out)
+        for p in [base, *base.rglob("*")]:
+            os.chown(p, 65534, 65534)  # nobody
+        os.chmod(base, 0o755)
+        os.chmod(out / "checkpoints" / "step-00000006", 0o000)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": root, "HOME": str(base)}
+        res = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,
+                              "-c", _UNREADABLE_CHILD, str(out)], env=env, cwd=root, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "step-00000006 is unreadable (permission denied)" in res.stdout
+        assert f"RESUMED {out / 'checkpoints' / 'step-00000004'}" in res.stdout
+        assert (out / "checkpoints" / "step-00000006.damaged").is_dir()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -386,22 +386,33 @@ def validate_training(cfg: TrainingConfig, world_size: int = 1) -> None:
 
 
 def _check_output_dir(path: str) -> None:
-    """OUTPUT_DIR must be (or become) a writable folder. Nothing is created here: a run that stops on a later
-    configuration error leaves no empty folder behind (the folder is made by the first file the run writes)."""
+    """OUTPUT_DIR must be a folder of its own (not empty, not the current folder: a run writes and, with
+    --overwrite, replaces files there) that is writable or can be created. Nothing is created here: the run
+    creates it, so a refused or failed start leaves nothing behind."""
+    if not path.strip():
+        raise ConfigError("--output-dir must name a folder, got ''")
     out = Path(path).expanduser()
+    try:
+        if out.resolve() == Path.cwd().resolve():
+            raise ConfigError(f"--output-dir: {path} is the current folder; name a folder of its own for the run "
+                              "(e.g. runs/NAME)")
+    except OSError:
+        pass  # no current folder (deleted under us): nothing to compare
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir: {path} exists and is not a folder")
     existing = out
-    while not existing.exists() and existing != existing.parent:
+    while not existing.exists():
+        if existing.parent == existing:
+            break
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"--output-dir: {path} cannot be created ({existing} is not a folder)")
-    probe = existing / f".write-test-{os.getpid()}"
+    probe = existing / f".write-test-{os.getpid()}"  # a real write: os.access says yes to root everywhere
     try:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--output-dir: {path} is not writable ({e.strerror or e})") from None
+        raise ConfigError(f"--output-dir: {path} is not writable ({e.strerror or e} in {existing})") from None
 
 
 def validate_distillation(cfg: Any) -> None:

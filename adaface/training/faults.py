@@ -6,6 +6,10 @@
 RANK limits the fault to one DDP rank. Kinds:
 - `sigkill@N`, `sigint@N`, `sigterm@N`: the process sends itself that signal once step N was logged (before the
   ranks agree on stopping and before a checkpoint due at N);
+- `sigkill_saved@N`, `sigterm_saved@N`: that signal once the checkpoint of step N was written (for the final step:
+  after its checkpoint, before the final outputs);
+- `enospc@N`: writing the checkpoint of step N fails as on a full disk (part of a tensor file is written, then
+  `OSError(ENOSPC)` naming it);
 - `nan_loss@N`: during step N every micro-batch's loss and the trainable gradients are NaN;
 - `inf_grad@N`: during step N the trainable gradients are +inf (the loss stays finite).
 Faults act through callbacks and a wrapper around the stage's `micro_loss`; the trainer itself has no test code.
@@ -13,6 +17,7 @@ Faults act through callbacks and a wrapper around the stage's `micro_loss`; the 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 FAULTS_ENV = "ADAFACE_FAULTS"
-_SPEC = re.compile(r"^(?P<kind>sigkill|sigint|sigterm|nan_loss|inf_grad)@(?P<lo>\d+)(?:-(?P<hi>\d+))?"
+_SPEC = re.compile(r"^(?P<kind>sigkill|sigint|sigterm|sigkill_saved|sigterm_saved|enospc|nan_loss|inf_grad)"
+                   r"@(?P<lo>\d+)(?:-(?P<hi>\d+))?"
                    r"(?::r(?P<rank>\d+))?$")
 
 
@@ -61,6 +67,15 @@ def install(trainer: Any) -> None:
 
     trainer.callbacks.add("step_end", on_step_end)
 
+    def on_checkpoint(tr: Any, path: Any) -> None:
+        for f in faults:
+            if f.kind.endswith("_saved") and f.applies(tr.state.step, rank):
+                os.kill(os.getpid(), signals[f.kind.removesuffix("_saved")])
+
+    trainer.callbacks.add("checkpoint", on_checkpoint)
+    if any(f.kind == "enospc" for f in faults):
+        _install_full_disk(trainer, [f for f in faults if f.kind == "enospc"], rank)
+
     numeric = [f for f in faults if f.kind in ("nan_loss", "inf_grad")]
     if not numeric:
         return
@@ -84,3 +99,20 @@ def install(trainer: Any) -> None:
         return loss, terms
 
     stage.micro_loss = faulty_micro_loss
+
+
+def _install_full_disk(trainer: Any, faults: list[Fault], rank: int) -> None:
+    """Make the checkpoint writer fail like a full disk during the steps of `faults`: the tensor file gets some
+    bytes, then OSError(ENOSPC) names it."""
+    from . import checkpoint
+
+    save_file = checkpoint.save_file
+
+    def full_disk_save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        if any(f.applies(trainer.state.step, rank) for f in faults):
+            with open(filename, "wb") as fh:
+                fh.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        save_file(tensors, filename, metadata=metadata)
+
+    checkpoint.save_file = full_disk_save_file

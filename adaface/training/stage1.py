@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ def build_tiny_models(root: Path, seed: int) -> tuple[Path, Path]:
     from adaface.testing.tiny_models import save_tiny_sd15
 
     sd, a2f = root / "sd15", root / "arc2face"
+    remove_stale_builds(root)
     if (a2f / "encoder" / "config.json").is_file() and (sd / "model_index.json").is_file():
         return sd, a2f  # deterministic builders: reuse (resume, or a rerun with the same output dir)
     tmp = root / f".build-{os.getpid()}"
@@ -83,6 +85,30 @@ def build_tiny_models(root: Path, seed: int) -> tuple[Path, Path]:
         os.replace(tmp / name, root / name)
     shutil.rmtree(tmp, ignore_errors=True)
     return sd, a2f
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Remove `.build-PID` folders under root whose process is gone (a build killed half-way); returns them."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        m = re.fullmatch(r"\.build-(\d+)", p.name)
+        if m is None or int(m.group(1)) == os.getpid() or _process_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _vae_scale_factor(sd_model: str) -> int:

@@ -37,14 +37,19 @@ shows `loss`. A stage's config is a `TrainingConfig` subclass (adaface.training.
 
 Faults: a step whose loss or gradient is not finite is skipped (nothing reaches the weights, the plateau
 detector or a checkpoint) and counted; `max_nonfinite_steps` consecutive ones stop the run with an error.
-SIGINT/SIGTERM finish the current step, save a checkpoint and stop (all ranks agree first); a second SIGINT
-aborts at once. Every checkpoint is checked finite before it is written and read back before older ones are
-pruned. `--resume` uses the newest intact checkpoint (damaged newer ones are reported by path) and refuses a
-config that differs from the checkpoint's outside RESUMABLE_CHANGES (steps, checkpoint_every, keep_checkpoints,
-max_nonfinite_steps, progress, target_drop, num_threads, device, output_dir), or `steps` not above its step.
+SIGINT/SIGTERM finish the current step, save a checkpoint and stop (all ranks agree first); in the last step
+they let the run finish (the final outputs take seconds), and a signal while those are written waits for them.
+A second SIGINT aborts at once. Every checkpoint is checked finite before it is written and read back (with its
+SHA-256) before older ones are pruned. `--resume` uses the newest intact checkpoint (damaged or unreadable newer
+ones are named and set aside as `step-N.damaged`) and refuses a config that differs from the checkpoint's
+outside RESUMABLE_CHANGES (steps, checkpoint_every, keep_checkpoints, max_nonfinite_steps, progress,
+target_drop, num_threads, device, output_dir), or `steps` below its step; `steps` equal to its step finishes a
+run stopped between its last checkpoint and its final outputs. A fresh run that fails before its first step
+removes what it added to OUTPUT_DIR; `--overwrite` deletes only the checkpoint folders this trainer wrote.
 Test code reaches the loop through `adaface.training.hooks` (callbacks, ADAFACE_TRAINING_HOOK) and
 `adaface.training.faults` (signals and non-finite values at chosen steps); `cli_main` turns a stage into a
-command line (one-line errors; exit 0, 1 failed, 2 configuration, 128 + N stopped by signal N).
+command line (one-line errors; exit 0, 1 failed, 2 configuration or a file that could not be written, such as a
+full disk, 128 + N stopped by signal N).
 """
 
 from __future__ import annotations
@@ -448,7 +453,7 @@ RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", 
 
 def check_resume_config(cfg: TrainingConfig, saved: dict[str, Any], step: int, path: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's in a key outside RESUMABLE_CHANGES, or that asks
-    for no more steps than were done."""
+    for fewer steps than were done (as many finishes the run: its final outputs are written from the checkpoint)."""
     current = cfg.to_json()
     changed = sorted(k for k in set(current) | set(saved)
                      if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))
@@ -456,9 +461,9 @@ def check_resume_config(cfg: TrainingConfig, saved: dict[str, Any], step: int, p
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with ({detail}); only "
                           f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
-    if cfg.steps <= step:
-        raise ConfigError(f"--steps: {path} is at step {step} already; pass --steps larger than {step} to train "
-                          "further")
+    if cfg.steps < step:
+        raise ConfigError(f"--steps: {path} is at step {step} already; pass --steps {step} to finish that run "
+                          f"(write its final outputs) or larger than {step} to train further")
 
 
 def find_resume_point(cfg: TrainingConfig, out: Path, info: DistInfo
@@ -477,8 +482,13 @@ def find_resume_point(cfg: TrainingConfig, out: Path, info: DistInfo
                 return None
             path, tensors, state, damaged = found
             if info.is_main:
-                for msg in damaged:
-                    _print(f"--resume: skipping a damaged checkpoint: {msg}")
+                for bad, msg in damaged:
+                    # set aside, so that rotation never counts it among the kept (nor deletes an intact one for it)
+                    try:
+                        aside = f"; set aside as {ckpt.set_aside(bad)}"
+                    except OSError as e:
+                        aside = f"; could not set it aside ({e.strerror or e})"
+                    _print(f"--resume: skipping a damaged checkpoint: {msg}{aside}")
                 if damaged:
                     _print(f"--resume: using {path}")
         else:
@@ -504,18 +514,61 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
         torch.set_num_threads(cfg.num_threads)
 
     # resume point (the newest intact checkpoint); a fresh start clears an earlier run's checkpoints (validation
-    # allowed that only with --overwrite)
+    # allowed that only with --overwrite), and only the folders this trainer wrote
     resumed = find_resume_point(cfg, out, info)
-    if resumed is None and info.is_main and (out / "checkpoints").is_dir():
-        shutil.rmtree(out / "checkpoints")
+    written = _OutputRecord(out, enabled=info.is_main and resumed is None)
+    try:
+        return _train(cfg, build_stage, info, device, out, resumed, t_start, written)
+    except BaseException:
+        written.remove_new()
+        raise
 
+
+class _OutputRecord:
+    """What a fresh run adds to OUTPUT_DIR until its first step is done: if it fails before that (an option that
+    passed validation but does not fit the models), those entries are removed, so nothing blocks a rerun."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.out, self.enabled = out, enabled
+        self.existed = out.is_dir()
+        self.before = set(os.listdir(out)) if self.existed else set()
+
+    def done(self) -> None:
+        self.enabled = False  # a step was logged: what the run wrote is its record
+
+    def remove_new(self) -> None:
+        if not self.enabled or not self.out.is_dir():
+            return
+        new = sorted(set(os.listdir(self.out)) - self.before)
+        for name in new:
+            p = self.out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+        if new:
+            _print(f"the run failed before its first step; removed what it wrote in {self.out}: {', '.join(new)}")
+        self.enabled = False
+
+
+def _train(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: DistInfo, device: torch.device,
+           out: Path, resumed: tuple[Path, dict, dict] | None, t_start: float, written: _OutputRecord) -> RunResult:
     # the stage's models and data, the trainer, the resumed state
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     amp = amp_dtype_for(cfg, device)
     stage = build_stage(RunContext(cfg, device, info, amp, out))
     name = stage.name
-    log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main,
-                     resume_step=None if resumed is None else int(resumed[2]["step"]))
-    trainer = Trainer(cfg, stage, device, info, log, amp)
+    trainer = Trainer(cfg, stage, device, info, MetricsLog(out / "metrics.jsonl", enabled=False), amp)
+    if resumed is None and info.is_main:  # only once the models loaded: a failed start deletes nothing
+        for p in ckpt.clear_checkpoints(out / "checkpoints"):
+            _print(f"--overwrite: left {p} in place (not written by this trainer)")
+    log = trainer.log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main,
+                                   resume_step=None if resumed is None else int(resumed[2]["step"]))
     resume_path = None
     if resumed is not None:
         resume_path, tensors, state = resumed
@@ -533,14 +586,18 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
               device=str(device), trainable_params=n_params, multipliers=trainer.multipliers, config=cfg.to_json())
     trainer.callbacks.emit("start", trainer)
 
+    if start == cfg.steps and info.is_main:
+        _print(f"[{name}] {resume_path} is at the final step {start}: finishing the run (writing its final outputs "
+               "from that checkpoint)")
     bar = None
-    if info.is_main and cfg.progress:
+    if info.is_main and cfg.progress and start < cfg.steps:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     samples_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     forced = set(cfg.expand_at)
     stop_signal: str | None = None
+    # the handlers stay in place while the final outputs are written: a signal then is noted, not a kill
     with StopSignals() as signals:
         while trainer.state.step < cfg.steps:
             st = trainer.state
@@ -567,6 +624,7 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
             log.write("step", step=st.step, **_json_metrics(metrics), smoothed=trainer.detector.smoothed,
                       multipliers=trainer.multipliers, skipped_steps=st.skipped_steps,
                       samples_per_s=samples_per_step / dt)
+            written.done()
             if metrics["skipped"] and info.is_main:
                 _print(f"[{name}] step {st.step}: non-finite loss or gradient (loss {metrics['loss']}, grad norm "
                        f"{metrics['grad_norm']}); step skipped, weights unchanged ({st.nonfinite_streak} in a row, "
@@ -590,37 +648,49 @@ def _run(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info: 
                 log.write("checkpoint", step=st.step, path=str(path) if path else None)
                 trainer.callbacks.emit("checkpoint", trainer, path)
                 barrier()
-            if stopping:
+            if stopping and not last:
                 stop_signal = signals.requested or "a signal on another rank"
                 break
-    if bar is not None:
-        bar.close()
+            if stopping and info.is_main:
+                # the run is complete: finishing takes seconds, and leaves nothing for a resume to do
+                _print(f"[{name}] {signals.requested or 'a stop signal'} during the last step: the run is complete; "
+                       "writing its final outputs, then stopping")
+        if bar is not None:
+            bar.close()
 
-    if stop_signal is not None:
-        log.write("interrupted", step=trainer.state.step, signal=stop_signal)
+        if stop_signal is not None:
+            log.write("interrupted", step=trainer.state.step, signal=stop_signal)
+            log.close()
+            raise Interrupted(stop_signal, trainer.state.step, trainer.checkpoint_root())
+
+        in_sync = max_param_difference(list(named_trainable(stage.trainable).values()), device)
+        summary: dict[str, Any] = {"steps": cfg.steps, "world_size": info.world_size,
+                                   "multipliers": trainer.multipliers, "ranks_max_param_diff": in_sync,
+                                   "skipped_steps": trainer.state.skipped_steps}
+        if info.is_main:
+            try:
+                final = stage.save_final(out)
+            except Exception as e:
+                os_error = ckpt.as_os_error(e, out)
+                if os_error is None:
+                    raise
+                raise os_error from None
+            first, last_, drop = loss_drop(read_jsonl(out / "metrics.jsonl"), stage.plateau_metric)
+            elapsed = time.perf_counter() - t_start
+            summary.update(first10=first, last10=last_, drop=drop, seconds=elapsed, saved=str(final),
+                           expansions=[e["step"] for e in trainer.state.expansions])
+            verdict = ""
+            if cfg.target_drop > 0:
+                verdict = " PASS" if drop >= cfg.target_drop else " FAIL"
+                verdict += f" (target >= {cfg.target_drop:.0%})"
+            log.write("summary", step=cfg.steps, **summary)
+            _print(f"[{name}] done: {cfg.steps} steps in {elapsed:.1f}s; {stage.plateau_metric} first 10% "
+                   f"{first:.4g} -> last 10% {last_:.4g} ({drop:+.1%} drop){verdict}; expansions at steps "
+                   f"{summary['expansions']}, multipliers {summary['multipliers']}; saved to {final}")
+            _print(f"[{name}] {describe_d(cfg.d0, float(trainer.optimizer.param_groups[0]['d']), cfg.steps)}")
+            if signals.requested is not None:
+                _print(f"[{name}] {signals.requested} received while finishing; the final outputs are complete")
         log.close()
-        raise Interrupted(stop_signal, trainer.state.step, trainer.checkpoint_root())
-
-    in_sync = max_param_difference(list(named_trainable(stage.trainable).values()), device)
-    summary: dict[str, Any] = {"steps": cfg.steps, "world_size": info.world_size,
-                               "multipliers": trainer.multipliers, "ranks_max_param_diff": in_sync,
-                               "skipped_steps": trainer.state.skipped_steps}
-    if info.is_main:
-        final = stage.save_final(out)
-        first, last_, drop = loss_drop(read_jsonl(out / "metrics.jsonl"), stage.plateau_metric)
-        elapsed = time.perf_counter() - t_start
-        summary.update(first10=first, last10=last_, drop=drop, seconds=elapsed, saved=str(final),
-                       expansions=[e["step"] for e in trainer.state.expansions])
-        verdict = ""
-        if cfg.target_drop > 0:
-            verdict = " PASS" if drop >= cfg.target_drop else " FAIL"
-            verdict += f" (target >= {cfg.target_drop:.0%})"
-        log.write("summary", step=cfg.steps, **summary)
-        _print(f"[{name}] done: {cfg.steps} steps in {elapsed:.1f}s; {stage.plateau_metric} first 10% {first:.4g} "
-               f"-> last 10% {last_:.4g} ({drop:+.1%} drop){verdict}; expansions at steps "
-               f"{summary['expansions']}, multipliers {summary['multipliers']}; saved to {final}")
-        _print(f"[{name}] {describe_d(cfg.d0, float(trainer.optimizer.param_groups[0]['d']), cfg.steps)}")
-    log.close()
     return RunResult(stage.trainable, summary)
 
 
@@ -648,13 +718,15 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
              build_stage: Callable[[RunContext], Stage]) -> int:
     """A training script's main: parse and validate the config, train; user errors are one line, not a traceback.
 
-    Exit status: 0 done, 1 the run failed (TrainingError), 2 a configuration error, 128 + N stopped by signal N
-    after saving a checkpoint."""
+    Exit status: 0 done, 1 the run failed (TrainingError), 2 a configuration error or a file that could not be
+    written or read (a full disk: the message names the file; the checkpoints written before are intact),
+    128 + N stopped by signal N after saving a checkpoint."""
     import sys
 
     from .._quiet import quiet_dependency_noise
 
     quiet_dependency_noise()
+    cfg = None
     try:
         cfg = parse(argv, dist_env().world_size)
         run_training(cfg, build_stage)
@@ -665,6 +737,39 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(f"{name}: {e}", file=sys.stderr)
+        print(f"{name}: {e}: {resume_command(argv)}", file=sys.stderr)
         return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(e.signal_name, 15)
+    except Exception as e:
+        # a failed read or write (a full disk), also as the error types of libraries that wrap it (safetensors)
+        error = ckpt.as_os_error(e, cfg.output_dir if cfg is not None else ".")
+        if error is None:
+            raise
+        print(f"{name}: error: {file_error(error, cfg.output_dir if cfg is not None else None)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run: the same one with --resume."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
+        args.append("--resume")
+    return shlex.join(["python", sys.argv[0], *args])
+
+
+def file_error(e: OSError, output_dir: str | None = None) -> str:
+    """One line for a failed read or write: what failed, the path (OUTPUT_DIR when the error names none), and how
+    to go on."""
+    import errno
+
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else (f" (writing in {output_dir})" if output_dir else "")
+    advice = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "; the checkpoints written before are intact: free space, then rerun with --resume"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "; check the permissions of that path"
+    return f"{what}{where}{advice}"
