@@ -8,7 +8,8 @@ Full shape: random-weight SD-1.5 UNet (student) and an Arc2Face UNet of the same
 CLIP ViT-L/14 text encoders (SD's, Arc2Face's and the Prompt Inverter, expanded by default to the paper's
 final multipliers 8,8,8,4,...,4), 512² images (64² latents), batch 4, 3 denoising steps, bf16 autocast with
 bf16 frozen weights, gradient checkpointing of the student UNet, Prodigy. It runs the shared trainer's own
-`Trainer.train_step` (adaface.training.trainer) on the stage-1 loss (adaface.training.stage1), so the figure is
+`Trainer.train_step` (adaface.training.engine.trainer) on the stage-1 loss (adaface.training.method.stage1),
+so the figure is
 the real step. Target: peak memory under 40 GB, so the paper's batch fits a 48 GB A6000 with room to spare.
 """
 
@@ -33,7 +34,7 @@ def _models(setting: StepSetting, tmp: Path):
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.testing.step_benchmark import latent_size_for, prepare_models, text_config_for, unet_for
     from adaface.testing.tiny_models import save_tiny_tokenizer, sd15_scheduler
-    from adaface.training.stage1 import Stage1Models
+    from adaface.training.method.stage1 import Stage1Models
 
     shape = setting.args.shape
     tok = CLIPTokenizer.from_pretrained(str(save_tiny_tokenizer(tmp / "tokenizer")))
@@ -57,12 +58,12 @@ def run(argv: list[str] | None = None) -> dict | None:
         return None
     from adaface.testing.device import device_name
     from adaface.testing.step_benchmark import timed_steps
-    from adaface.training.config import Stage1Config
-    from adaface.training.data import FaceIdSource
-    from adaface.training.ddp import DistInfo
-    from adaface.training.metrics_log import MetricsLog
-    from adaface.training.stage1 import Stage1
-    from adaface.training.trainer import Trainer, amp_dtype_for
+    from adaface.training.engine.config import Stage1Config
+    from adaface.training.engine.data import FaceIdSource
+    from adaface.training.engine.ddp import DistInfo
+    from adaface.training.engine.metrics_log import MetricsLog
+    from adaface.training.engine.trainer import Trainer, amp_dtype_for
+    from adaface.training.method.stage1 import Stage1
 
     device, batch, steps = setting.device, setting.batch, setting.steps
     cfg = Stage1Config(tiny=True, batch_size=batch, grad_accum=1, steps=10**6, denoise_steps=[args.denoise_steps],

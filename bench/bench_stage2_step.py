@@ -8,7 +8,7 @@ Full shape: random-weight SD-1.5 UNet (16 cross-attention layers, all captured),
 Arc2Face's and the Prompt Inverter at the paper's final multipliers 8,8,8,4,...,4), SD-1.5's VAE encoder, 512²
 images (64² latents), batch 3 subjects x 4 prompts, bf16 autocast with bf16 frozen weights, gradient
 checkpointing of the UNet, Prodigy. Every step is a composition step (no mixed-in stage-1 steps), run through the
-shared trainer's own `Trainer.train_step` on `adaface.training.stage2.Stage2`, so the figure is the real step:
+shared trainer's own `Trainer.train_step` on `adaface.training.method.stage2.Stage2`, so the figure is the real step:
 the delta loss on the attention outputs, maps and prompt embeddings and the face-preserving loss on every layer
 by the fused ops.
 """
@@ -35,7 +35,7 @@ class SyntheticFaces:
         self.mask = ((xx / 0.45) ** 2 + (yy / 0.6) ** 2 <= 1).float()[None]
 
     def sample(self, batch: int, generator: torch.Generator):
-        from adaface.training.data import FaceBatch, random_ids
+        from adaface.training.engine.data import FaceBatch, random_ids
 
         images = torch.rand(batch, 3, *self.mask.shape[-2:], generator=generator) * 2 - 1
         return FaceBatch(random_ids(batch, generator), torch.ones(batch, dtype=torch.bool), images,
@@ -56,9 +56,9 @@ def _models(setting: StepSetting, tmp: Path, cfg):
     from adaface.models.unet_feature_capture import UNetFeatureCapture
     from adaface.testing.step_benchmark import latent_size_for, prepare_models, text_config_for, unet_for, vae_for
     from adaface.testing.tiny_models import save_tiny_tokenizer, sd15_scheduler
-    from adaface.training.composition_step import CompositionModels, capture_layers
-    from adaface.training.stage1 import Stage1Models
-    from adaface.training.stage2 import Stage2Models, composition_config
+    from adaface.training.method.composition_step import CompositionModels, capture_layers
+    from adaface.training.method.stage1 import Stage1Models
+    from adaface.training.method.stage2 import Stage2Models, composition_config
 
     shape, device = setting.args.shape, setting.device
     tok = CLIPTokenizer.from_pretrained(str(save_tiny_tokenizer(tmp / "tokenizer")))
@@ -86,10 +86,10 @@ def run(argv: list[str] | None = None) -> dict | None:
         return None
     from adaface.testing.device import device_name
     from adaface.testing.step_benchmark import timed_steps
-    from adaface.training.ddp import DistInfo
-    from adaface.training.metrics_log import MetricsLog
-    from adaface.training.stage2 import Stage2, Stage2Config
-    from adaface.training.trainer import Trainer, amp_dtype_for
+    from adaface.training.engine.ddp import DistInfo
+    from adaface.training.engine.metrics_log import MetricsLog
+    from adaface.training.engine.trainer import Trainer, amp_dtype_for
+    from adaface.training.method.stage2 import Stage2, Stage2Config
 
     device, batch, steps = setting.device, setting.batch, setting.steps
     cfg = Stage2Config(tiny=True, batch_size=batch, grad_accum=1, steps=10**6, stage1_p=0.0, device=str(device),

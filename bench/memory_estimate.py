@@ -5,8 +5,8 @@
 
 Every model is built at full size on the `meta` device (SD-1.5 UNet, VAE and text encoder, Arc2Face's UNet and
 encoder, a CLIP-L-sized Prompt Inverter at the paper's final multipliers 8,8,8,4,...,4), and the trainers' own
-per-micro-batch functions run on it, forward and backward (`adaface.training.stage1.stage1_loss` and
-`adaface.training.composition_step.composition_step` with the paper's stage-2 options), while
+per-micro-batch functions run on it, forward and backward (`adaface.training.method.stage1.stage1_loss` and
+`adaface.training.method.composition_step.composition_step` with the paper's stage-2 options), while
 `adaface.testing.meta_memory.LiveBytes` follows every tensor they create. Attention is counted as the fused GPU
 kernels hold it (flash / memory-efficient attention keep the output and a log-sum-exp, not the N×N map), the
 fused losses through their ops' fakes, and the Prodigy state from its definition. A row is
@@ -77,7 +77,7 @@ def stage1_models(dtype: torch.dtype, resolution: int, with_vae: bool = False):
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.testing.full_size import clip_l_text_encoder, frozen, sd15_unet, sd15_vae
     from adaface.testing.tiny_models import sd15_scheduler
-    from adaface.training.stage1 import Stage1Models
+    from adaface.training.method.stage1 import Stage1Models
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = _tokenizer(Path(tmp))
@@ -140,8 +140,8 @@ def measure(stage: str, batch: int, resolution: int, dtype: str, checkpointing: 
 def estimate_stage1(batch: int, *, resolution: int = 512, dtype: str = "bf16", checkpointing: bool = True,
                     slice_p: int = 1, denoise_steps: int = 1) -> Row:
     """One stage-1 micro-batch of random IDs (a k-step trajectory, one student UNet graph at a time)."""
-    from adaface.training.data import FaceBatch, random_ids
-    from adaface.training.stage1 import DistillSettings, stage1_loss
+    from adaface.training.engine.data import FaceBatch, random_ids
+    from adaface.training.method.stage1 import DistillSettings, stage1_loss
 
     m = stage1_models(DTYPES[dtype], resolution)
     set_checkpointing(m.unet, checkpointing)
@@ -157,8 +157,8 @@ def stage2_settings(backend: str = "triton"):
     ops' fakes count their outputs and saved state (the PyTorch references would materialise N×N maps)."""
     import dataclasses
 
-    from adaface.training.config import load_config_file
-    from adaface.training.stage2 import Stage2Config, composition_config
+    from adaface.training.engine.config import load_config_file
+    from adaface.training.method.stage2 import Stage2Config, composition_config
 
     cfg = Stage2Config(**load_config_file(ROOT / "training" / "configs" / "stage2_paper.json", Stage2Config))
     return dataclasses.replace(composition_config(cfg), backend=backend)
@@ -169,9 +169,14 @@ def estimate_stage2(batch: int, *, resolution: int = 512, dtype: str = "bf16", c
     """One stage-2 composition micro-batch: `batch` subjects × 4 prompts sharing a noisy latent, the feature
     capture on the selected layers, the delta and face-preserving losses, backward."""
     from adaface.models.unet_feature_capture import UNetFeatureCapture
-    from adaface.training.composition_step import CompositionBatch, CompositionModels, capture_layers, composition_step
-    from adaface.training.compositions import CompositionPool
-    from adaface.training.data import random_ids
+    from adaface.training.engine.data import random_ids
+    from adaface.training.method.composition_step import (
+        CompositionBatch,
+        CompositionModels,
+        capture_layers,
+        composition_step,
+    )
+    from adaface.training.method.compositions import CompositionPool
 
     s1 = stage1_models(DTYPES[dtype], resolution, with_vae=True)
     set_checkpointing(s1.unet, checkpointing)

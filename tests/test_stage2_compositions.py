@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adaface.training.compositions import (
+from adaface.training.method.compositions import (
     DEFAULT_POOL,
     TOKEN_WEIGHTS,
     CompositionPool,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from adaface.training.metrics_log import read_jsonl
+from adaface.training.engine.metrics_log import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage2.py"
@@ -26,9 +26,9 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaface.training.stage1 import build_tiny_models
-    from adaface.training.stage2 import tiny_inverter
-    from adaface.training.synthetic_faces import write_synthetic_faces
+    from adaface.training.method.stage1 import build_tiny_models
+    from adaface.training.method.stage2 import tiny_inverter
+    from adaface.training.method.synthetic_faces import write_synthetic_faces
 
     root = tmp_path_factory.mktemp("tiny")
     sd, a2f = build_tiny_models(root, seed=0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adaface import ops
-from adaface.training import composition_losses as cl
-from adaface.training.composition_step import (
+from adaface.training.method import composition_losses as cl
+from adaface.training.method.composition_step import (
     TERMS,
     CompositionBatch,
     CompositionConfig,
@@ -17,7 +17,7 @@ from adaface.training.composition_step import (
     capture_layers,
     composition_step,
 )
-from adaface.training.compositions import CompositionPool
+from adaface.training.method.compositions import CompositionPool
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +99,7 @@ def test_four_branches_share_the_initial_noise_and_the_class_branch_has_no_graph
     assert all(not v.requires_grad for v in res.terms.values()) and res.loss.requires_grad
     assert len(res.compositions) == 2
     # the class branches see the natural class sentences ("a photo of a man, <composition>"), as encoded plainly
-    from adaface.training.compositions import build_prompts, encode_class_prompts
+    from adaface.training.method.compositions import build_prompts, encode_class_prompts
 
     prompts = build_prompts(models.tokenizer, res.compositions, ["man", "person"])
     assert prompts.class_single == ["a photo of a man", "a photo of a person"]
@@ -250,7 +250,7 @@ def test_step_calls_the_fused_ops_and_matches_their_references(models, monkeypat
     want_out = sum(ref_delta(a) for a, *_ in out_calls) / len(layers)
     want_map = sum(ref_delta(a) for a, *_ in map_calls) / len(layers)
     prompt_args = calls["delta"][-1][0]
-    from adaface.training.compositions import build_prompts
+    from adaface.training.method.compositions import build_prompts
 
     weights = build_prompts(models.tokenizer, res.compositions, ["man", "person"]).token_weights
     want_prompt = ref_delta(prompt_args, weights)

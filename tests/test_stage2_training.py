@@ -1,5 +1,5 @@
 """training/stage2.py end to end on tiny models: outputs and metrics, exact resume after SIGKILL (injected by
-adaface.training.faults), 2-process gloo DDP, the one-line errors for bad input, and --help.
+adaface.training.engine.faults), 2-process gloo DDP, the one-line errors for bad input, and --help.
 
 Runs are subprocesses on tiny models, a fresh tiny inverter and synthetic faces saved once, single-threaded so
 that they are reproducible bit for bit. Executed as a script (under torchrun) this file
@@ -18,13 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage2.py"
 TINY = str(ROOT / "training" / "configs" / "stage2_tiny.json")
-HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.faults:install"}
+HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.engine.faults:install"}
 
 
 def _ddp_worker(argv: list[str]) -> None:
     from safetensors.torch import save_file
 
-    from adaface.training import stage2
+    from adaface.training.method import stage2
 
     cfg = stage2.parse_stage2_config(argv, default_config=TINY, world_size=int(os.environ["WORLD_SIZE"]))
     result = stage2.run(cfg)
@@ -40,7 +40,7 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from adaface.training.metrics_log import read_jsonl  # noqa: E402
+from adaface.training.engine.metrics_log import read_jsonl  # noqa: E402
 
 STEPS = 4
 TERMS = ("loss_delta_attn_out", "loss_delta_attn_map", "loss_delta_prompt", "loss_face_preserve")
@@ -54,9 +54,9 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaface.training.stage1 import build_tiny_models
-    from adaface.training.stage2 import tiny_inverter
-    from adaface.training.synthetic_faces import write_synthetic_faces
+    from adaface.training.method.stage1 import build_tiny_models
+    from adaface.training.method.stage2 import tiny_inverter
+    from adaface.training.method.synthetic_faces import write_synthetic_faces
 
     root = tmp_path_factory.mktemp("tiny")
     sd, a2f = build_tiny_models(root, seed=0)
@@ -158,7 +158,7 @@ def test_ddp_two_processes_keep_parameters_identical(tiny, tmp_path):
 
 
 def _error(argv: list[str], capsys) -> str:
-    from adaface.training.stage2 import main
+    from adaface.training.method.stage2 import main
 
     assert main(argv, default_config=TINY) == 2
     err = capsys.readouterr().err.strip()
@@ -205,7 +205,7 @@ def test_bad_input_one_line_errors(tiny, tmp_path, capsys):
 def test_help_documents_every_option():
     from dataclasses import fields
 
-    from adaface.training.stage2 import Stage2Config
+    from adaface.training.method.stage2 import Stage2Config
 
     res = subprocess.run([sys.executable, str(SCRIPT), "--help"], env=_env(), cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
@@ -220,8 +220,8 @@ def test_loss_defaults_follow_the_paper_where_it_speaks():
     mix, so those follow the authors' released training and say so in their help. The paper config agrees."""
     from dataclasses import fields
 
-    from adaface.training.composition_step import CompositionConfig
-    from adaface.training.stage2 import Stage2Config, composition_config
+    from adaface.training.method.composition_step import CompositionConfig
+    from adaface.training.method.stage2 import Stage2Config, composition_config
 
     cfg = Stage2Config()
     documented = {

@@ -11,9 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from adaface.training import checkpoint as ckpt
-from adaface.training.ddp import DistInfo, mix_seed, rank_seed, shard, shared_seed
-from adaface.training.distill import (
+from adaface.training.engine import checkpoint as ckpt
+from adaface.training.engine.ddp import DistInfo, mix_seed, rank_seed, shard, shared_seed
+from adaface.training.engine.expansion import ExpansionSchedule, parse_expansions
+from adaface.training.engine.metrics_log import MetricsLog, read_jsonl
+from adaface.training.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    copy_source,
+    load_scheduler_state,
+    scheduler_state,
+    snapshot_state,
+    transfer_state,
+)
+from adaface.training.engine.plateau import PlateauDetector
+from adaface.training.method.distill import (
     combined_loss,
     distill_trajectory,
     losses_to_floats,
@@ -23,18 +35,6 @@ from adaface.training.distill import (
     sample_timesteps,
     trajectory_timesteps,
 )
-from adaface.training.expansion import ExpansionSchedule, parse_expansions
-from adaface.training.metrics_log import MetricsLog, read_jsonl
-from adaface.training.optim import (
-    build_optimizer,
-    build_scheduler,
-    copy_source,
-    load_scheduler_state,
-    scheduler_state,
-    snapshot_state,
-    transfer_state,
-)
-from adaface.training.plateau import PlateauDetector
 
 
 def _prodigy(params, **kw):
@@ -561,7 +561,7 @@ def test_stale_tiny_model_builds_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from adaface.training.stage1 import remove_stale_builds
+    from adaface.training.method.stage1 import remove_stale_builds
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)

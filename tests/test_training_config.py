@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adaface.training.config import EMBEDDINGS_FILE, ConfigError, Stage1Config, build_parser, parse_config
+from adaface.training.engine.config import EMBEDDINGS_FILE, ConfigError, Stage1Config, build_parser, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "training" / "configs" / "tiny.json")
@@ -102,7 +102,7 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path):
 
 
 def test_main_fails_fast_before_loading_models(tmp_path, monkeypatch, capsys):
-    from adaface.training import stage1
+    from adaface.training.method import stage1
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded despite a bad configuration")
@@ -116,7 +116,7 @@ def test_main_fails_fast_before_loading_models(tmp_path, monkeypatch, capsys):
 
 
 def test_help_exits_cleanly(capsys):
-    from adaface.training import stage1
+    from adaface.training.method import stage1
 
     with pytest.raises(SystemExit) as exc:
         stage1.main(["--help"], default_config=TINY)

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from adaface.training.config import EMBEDDINGS_FILE
-from adaface.training.data import DataError, FaceIdSource, RealFaces, random_affine
-from adaface.training.ddp import DistInfo
-from adaface.training.metrics_log import read_jsonl
+from adaface.training.engine.config import EMBEDDINGS_FILE
+from adaface.training.engine.data import DataError, FaceIdSource, RealFaces, random_affine
+from adaface.training.engine.ddp import DistInfo
+from adaface.training.engine.metrics_log import read_jsonl
 
 
 @pytest.fixture()
@@ -75,8 +75,8 @@ def test_mixed_batches(face_dir):
 def test_training_with_real_faces(face_dir, tmp_path):
     from test_training_config import TINY
 
-    from adaface.training import stage1
-    from adaface.training.config import parse_config
+    from adaface.training.engine.config import parse_config
+    from adaface.training.method import stage1
 
     sd, a2f = stage1.build_tiny_models(tmp_path / "tiny", seed=0)
     out = tmp_path / "run"
@@ -236,8 +236,8 @@ def test_tiny_preset_trains_on_a_prepared_folder_with_a_nan_embedding(tmp_path, 
     encodes them; the NaN embedding is reported by name and never reaches a written file."""
     from test_training_config import TINY
 
-    from adaface.training import stage1
-    from adaface.training.config import parse_config
+    from adaface.training.engine.config import parse_config
+    from adaface.training.method import stage1
 
     data = make_prepared(tmp_path / "prep", KEYS, bad_embedding=torch.full((512,), float("nan")))
     out = tmp_path / "run"

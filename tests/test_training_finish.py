@@ -1,7 +1,7 @@
 """Both training scripts stopped at their very end, or by a full disk, as a user meets it (a subprocess from the
 repository root): a kill -9 after the final checkpoint and before inverter/, a SIGTERM in the last step, an
 ENOSPC while a checkpoint is written. Every such run completes with `--resume` (same --steps), and its inverter
-equals an uninterrupted run's bit for bit. Faults are aimed with adaface.training.faults; runs are tiny,
+equals an uninterrupted run's bit for bit. Faults are aimed with adaface.training.engine.faults; runs are tiny,
 single-threaded and deterministic.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.faults:install"}
+HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.engine.faults:install"}
 STEPS = 3
 
 
@@ -31,9 +31,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaface.training.stage1 import build_tiny_models
-    from adaface.training.stage2 import tiny_inverter
-    from adaface.training.synthetic_faces import write_synthetic_faces
+    from adaface.training.method.stage1 import build_tiny_models
+    from adaface.training.method.stage2 import tiny_inverter
+    from adaface.training.method.synthetic_faces import write_synthetic_faces
 
     root = tmp_path_factory.mktemp("tiny")
     sd, a2f = build_tiny_models(root, seed=0)
@@ -117,7 +117,7 @@ def test_full_disk_while_checkpointing_is_one_line_and_resume_completes(fail_at,
     # the earlier checkpoint is intact, and nothing partial is left
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert left == [f"step-{s:08d}" for s in range(max(1, fail_at - 2), fail_at)], left
-    from adaface.training.checkpoint import load_checkpoint
+    from adaface.training.engine.checkpoint import load_checkpoint
 
     load_checkpoint(out / "checkpoints" / left[-1])
     assert not (out / "inverter").exists()
@@ -235,7 +235,7 @@ def test_a_real_full_disk_is_one_line_and_resume_completes_after_freeing_space(t
         assert str(out / "checkpoints") in last, last
         left = sorted(p.name for p in (out / "checkpoints").iterdir())
         assert left == ["step-00000001"], left  # intact, and nothing partial beside it
-        from adaface.training.checkpoint import load_checkpoint
+        from adaface.training.engine.checkpoint import load_checkpoint
 
         load_checkpoint(out / "checkpoints" / "step-00000001")
         subprocess.run(["mount", "-o", "remount,size=700m", str(disk)], check=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaface.models.expanded_clip_attention import expansion_sources
-from adaface.training.optim import build_optimizer, snapshot_state, transfer_state
+from adaface.training.engine.optim import build_optimizer, snapshot_state, transfer_state
 
 LAYER = "text_encoder.encoder.layers.{i}.self_attn"
 PER_COPY = ("exp_avg", "exp_avg_sq", "s", "p0")

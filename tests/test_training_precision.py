@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaface.testing.tiny_models import sd15_scheduler
-from adaface.training.distill import distill_trajectory, predict_x0, q_sample
+from adaface.training.method.distill import distill_trajectory, predict_x0, q_sample
 
 
 def _ac() -> torch.Tensor:
@@ -120,8 +120,8 @@ def test_bf16_context_gradient_is_accumulated_in_fp32_and_rounded_once():
 
 
 def test_unsupported_prediction_type_is_one_line_error(tmp_path):
-    from adaface.training.config import ConfigError, parse_config
-    from adaface.training.stage1 import build_tiny_models, load_models
+    from adaface.training.engine.config import ConfigError, parse_config
+    from adaface.training.method.stage1 import build_tiny_models, load_models
 
     sd, a2f = build_tiny_models(tmp_path / "tiny", seed=0)
     cfg_path = sd / "scheduler" / "scheduler_config.json"
@@ -137,9 +137,9 @@ def test_unsupported_prediction_type_is_one_line_error(tmp_path):
 
 def test_stage1_loss_starts_the_trajectory_in_fp32_with_bf16_models(tmp_path, monkeypatch):
     """stage1_loss with bf16 frozen models hands distill_trajectory an fp32 x_{t_1} (cast only at the UNet calls)."""
-    from adaface.training import stage1
-    from adaface.training.config import parse_config
-    from adaface.training.data import FaceIdSource
+    from adaface.training.engine.config import parse_config
+    from adaface.training.engine.data import FaceIdSource
+    from adaface.training.method import stage1
 
     sd, a2f = stage1.build_tiny_models(tmp_path / "tiny", seed=0)
     cfg = parse_config(["--no-tiny", "--sd-model", str(sd), "--arc2face", str(a2f), "--output-dir",

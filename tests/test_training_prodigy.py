@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaface.training.config import Stage1Config, load_config_file
-from adaface.training.optim import (
+from adaface.training.engine.config import Stage1Config, load_config_file
+from adaface.training.engine.optim import (
     build_optimizer,
     build_scheduler,
     describe_d,

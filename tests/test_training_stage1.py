@@ -1,5 +1,5 @@
 """training/stage1.py end to end on tiny models: a short run (forced + plateau expansions, checkpoints, JSONL,
-final inverter), exact resume after SIGKILL (injected by adaface.training.faults), and 2-process DDP on the CPU
+final inverter), exact resume after SIGKILL (injected by adaface.training.engine.faults), and 2-process DDP on the CPU
 with gloo.
 
 Each run is a subprocess on tiny models saved to disk once (loaded through the real --sd-model/--arc2face
@@ -19,14 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage1.py"
 TINY = str(ROOT / "training" / "configs" / "tiny.json")
-HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.faults:install"}
+HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.engine.faults:install"}
 
 
 def _ddp_worker(argv: list[str]) -> None:
     from safetensors.torch import save_file
 
-    from adaface.training import stage1
-    from adaface.training.config import parse_config
+    from adaface.training.engine.config import parse_config
+    from adaface.training.method import stage1
 
     cfg = parse_config(argv, default_config=TINY, world_size=int(os.environ["WORLD_SIZE"]))
     result = stage1.run(cfg)
@@ -42,7 +42,7 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from adaface.training.metrics_log import read_jsonl  # noqa: E402
+from adaface.training.engine.metrics_log import read_jsonl  # noqa: E402
 
 STEPS = 14
 
@@ -55,7 +55,7 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from adaface.training.stage1 import build_tiny_models
+    from adaface.training.method.stage1 import build_tiny_models
 
     sd, a2f = build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
     return sd, a2f
@@ -155,13 +155,13 @@ def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_p
     denoising step at t_max - 1, while a real-image sample keeps its drawn t_1; spied on the teacher callable's t."""
     from diffusers import AutoencoderKL
 
-    from adaface.training import stage1
-    from adaface.training.config import parse_config
-    from adaface.training.data import FaceBatch
-    from adaface.training.ddp import DistInfo, rank_seed
-    from adaface.training.distill import sample_num_steps, sample_timesteps
-    from adaface.training.metrics_log import MetricsLog
-    from adaface.training.trainer import Trainer
+    from adaface.training.engine.config import parse_config
+    from adaface.training.engine.data import FaceBatch
+    from adaface.training.engine.ddp import DistInfo, rank_seed
+    from adaface.training.engine.metrics_log import MetricsLog
+    from adaface.training.engine.trainer import Trainer
+    from adaface.training.method import stage1
+    from adaface.training.method.distill import sample_num_steps, sample_timesteps
 
     sd, _ = tiny_dirs
     cfg = parse_config(_args(tiny_dirs, tmp_path / "out") + ["--batch-size", "4", "--denoise-steps", "2,3",

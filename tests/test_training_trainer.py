@@ -1,4 +1,4 @@
-"""The shared trainer (adaface.training.trainer) with a toy stage: the stage API (graph-carrying loss, terms,
+"""The shared trainer (adaface.training.engine.trainer) with a toy stage: the stage API (graph-carrying loss, terms,
 extra state, no expansion), checkpoints and exact resume, in process and in a fraction of a second per run."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from adaface.training.config import TrainingConfig
-from adaface.training.metrics_log import read_jsonl
-from adaface.training.trainer import MicroStep, RunContext, run_training
+from adaface.training.engine.config import TrainingConfig
+from adaface.training.engine.metrics_log import read_jsonl
+from adaface.training.engine.trainer import MicroStep, RunContext, run_training
 
 
 class ToyStage:
@@ -100,13 +100,13 @@ def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path):
     assert result.summary["steps"] == 6
 
 
-# ---- faults, injected with adaface.training.faults through the trainer's hook -------------------------------
+# ---- faults, injected with adaface.training.engine.faults through the trainer's hook -------------------------------
 
 
 @pytest.fixture()
 def faults(monkeypatch):
     def install(spec: str) -> None:
-        monkeypatch.setenv("ADAFACE_TRAINING_HOOK", "adaface.training.faults:install")
+        monkeypatch.setenv("ADAFACE_TRAINING_HOOK", "adaface.training.engine.faults:install")
         monkeypatch.setenv("ADAFACE_FAULTS", spec)
     return install
 
@@ -136,7 +136,7 @@ def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path, faults, c
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, faults):
-    from adaface.training.trainer import TrainingError
+    from adaface.training.engine.trainer import TrainingError
 
     faults("nan_loss@2-6")
     out = tmp_path / "stop"
@@ -147,7 +147,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, faults):
 
 
 def test_sigint_saves_at_the_interrupted_step_and_resume_matches(toy_run, tmp_path, faults, monkeypatch):
-    from adaface.training.trainer import Interrupted
+    from adaface.training.engine.trainer import Interrupted
 
     ref, _ = toy_run
     faults("sigint@3")
@@ -167,7 +167,7 @@ def test_second_sigint_aborts_at_once():
     import os
     import signal
 
-    from adaface.training.signals import StopSignals
+    from adaface.training.engine.signals import StopSignals
 
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -207,7 +207,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(toy_run, tmp_p
 
 
 def test_resume_refuses_changed_config_and_fewer_steps(toy_run, tmp_path):
-    from adaface.training.config import ConfigError
+    from adaface.training.engine.config import ConfigError
 
     ref, _ = toy_run
     out = tmp_path / "cfg"
@@ -222,7 +222,7 @@ def test_resume_refuses_changed_config_and_fewer_steps(toy_run, tmp_path):
 
 
 def test_resume_path_is_validated(toy_run, tmp_path):
-    from adaface.training.config import ConfigError
+    from adaface.training.engine.config import ConfigError
 
     ref, _ = toy_run
     (tmp_path / "not_a_ckpt").mkdir()
@@ -240,9 +240,9 @@ def test_resume_path_is_validated(toy_run, tmp_path):
 
 
 def test_a_non_finite_checkpoint_is_never_written(tmp_path):
-    from adaface.training.ddp import DistInfo
-    from adaface.training.metrics_log import MetricsLog
-    from adaface.training.trainer import Trainer, TrainingError
+    from adaface.training.engine.ddp import DistInfo
+    from adaface.training.engine.metrics_log import MetricsLog
+    from adaface.training.engine.trainer import Trainer, TrainingError
 
     stage = ToyStage(None)
     trainer = Trainer(toy_config(tmp_path), stage, torch.device("cpu"), DistInfo(),
@@ -278,7 +278,7 @@ def test_a_flipped_byte_inside_a_tensor_is_damage_skipped_by_name(toy_run, tmp_p
 
 
 def test_rotation_after_resuming_past_a_damaged_checkpoint_keeps_the_intact_ones(toy_run, tmp_path, capsys):
-    from adaface.training import checkpoint as ckpt
+    from adaface.training.engine import checkpoint as ckpt
 
     ref, _ = toy_run
     out = tmp_path / "rot"
@@ -302,7 +302,7 @@ def test_rotation_after_resuming_past_a_damaged_checkpoint_keeps_the_intact_ones
 
 
 def test_rotation_never_deletes_the_checkpoint_just_written_for_a_later_one(toy_run, tmp_path):
-    from adaface.training import checkpoint as ckpt
+    from adaface.training.engine import checkpoint as ckpt
 
     ref, _ = toy_run
     out = tmp_path / "older"
@@ -328,9 +328,9 @@ def test_resume_at_the_final_step_finishes_the_run(toy_run, tmp_path, capsys):
 _UNREADABLE_CHILD = """
 import json, sys
 from pathlib import Path
-from adaface.training.config import TrainingConfig
-from adaface.training.ddp import DistInfo
-from adaface.training.trainer import find_resume_point
+from adaface.training.engine.config import TrainingConfig
+from adaface.training.engine.ddp import DistInfo
+from adaface.training.engine.trainer import find_resume_point
 out = Path(sys.argv[1])
 saved = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())["config"]
 cfg = TrainingConfig(**{**saved, "resume": "latest", "steps": 7})

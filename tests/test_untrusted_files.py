@@ -37,7 +37,7 @@ from PIL import Image, ImageOps  # noqa: F401
 from safetensors.torch import load_file  # noqa: F401
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
 for name in ("adaface.convert_released", "adaface.models._io", "adaface.models.prompt_inverter",
-             "adaface.models.arc2face", "adaface.training.data", "adaface.prepare_data", "adaface.generate",
+             "adaface.models.arc2face", "adaface.training.engine.data", "adaface.prepare_data", "adaface.generate",
     "adaface.subject", "adaface.faces.class_words"):
     importlib.import_module(name)
 
@@ -353,7 +353,7 @@ def outcomes(tmp_path_factory) -> dict:
              {"key": "proc", "image": "/proc/self/environ"}]
     (folder / "manifest.jsonl").write_text("".join(json.dumps({**e, "status": "ok", "mask": "masks/m.png"}) + "\n"
                                                    for e in lines) + "[" * 100_000 + "\n")
-    _case(cases, folder, "manifest-paths", call="adaface.training.data:list_entries", args=[str(folder)])
+    _case(cases, folder, "manifest-paths", call="adaface.training.engine.data:list_entries", args=[str(folder)])
     # Class-word tables with a NUL byte and with bytes that are not UTF-8.
     folder = root / "csv"
     folder.mkdir()

@@ -6,8 +6,8 @@
     torchrun --nproc_per_node 2 training/stage1.py --config ...   # DDP
     python training/stage1.py ... --resume                # continue from the latest checkpoint
 
-The stage (models, data, loss) is adaface.training.stage1; the loop, optimizer, expansion, DDP, checkpoints and
-metrics are the shared trainer (adaface.training.trainer). Outputs in OUTPUT_DIR: metrics.jsonl,
+The stage (models, data, loss) is adaface.training.method.stage1; the loop, optimizer, expansion, DDP, checkpoints and
+metrics are the shared trainer (adaface.training.engine.trainer). Outputs in OUTPUT_DIR: metrics.jsonl,
 checkpoints/step-NNNNNNNN/ (safetensors + JSON, the last K), inverter/ (PromptInverter.save_pretrained) and,
 for the tiny preset, tiny_models/.
 """
@@ -15,7 +15,7 @@ for the tiny preset, tiny_models/.
 import sys
 from pathlib import Path
 
-from adaface.training.stage1 import main
+from adaface.training.method.stage1 import main
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.json")
 

@@ -7,8 +7,8 @@
     torchrun --nproc_per_node 2 training/stage2.py --config ...   # DDP
     python training/stage2.py ... --resume                # continue from the latest checkpoint
 
-The stage (models, data, the composition step and the mixed-in stage-1 steps) is adaface.training.stage2; the
-loop, optimizer, DDP, checkpoints and metrics are the shared trainer (adaface.training.trainer). Outputs in
+The stage (models, data, the composition step and the mixed-in stage-1 steps) is adaface.training.method.stage2; the
+loop, optimizer, DDP, checkpoints and metrics are the shared trainer (adaface.training.engine.trainer). Outputs in
 OUTPUT_DIR: metrics.jsonl, checkpoints/, inverter/, summary.json and, for the tiny preset, tiny_models/ and
 synthetic_faces/.
 """
@@ -16,7 +16,7 @@ synthetic_faces/.
 import sys
 from pathlib import Path
 
-from adaface.training.stage2 import main
+from adaface.training.method.stage2 import main
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "stage2_tiny.json")
 

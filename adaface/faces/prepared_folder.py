@@ -1,6 +1,6 @@
 """The prepared data folder's writer: crops, masks, `manifest.jsonl` and `arcface.safetensors`, crash-safe.
 
-Layout (shared with the training data loader, `adaface.training.data`):
+Layout (shared with the training data loader, `adaface.training.engine.data`):
 
     manifest.jsonl          one JSON line per input file; the newest line for a key wins
     images/<key>.png        RGB face-centred training crop

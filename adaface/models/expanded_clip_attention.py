@@ -68,7 +68,7 @@ def expansion_sources(current: int, multiplier: int) -> list[int]:
     """The copy each new copy duplicates when E = `current` grows to `multiplier`: copy c ← copy c mod E.
 
     One list per expansion, in the order the new copies are appended (copies E..E'-1). Shared with the
-    optimizer-state transfer (`adaface.training.optim`), which gives each new copy its source's state.
+    optimizer-state transfer (`adaface.training.engine.optim`), which gives each new copy its source's state.
     """
     current = _check_multiplier("current multiplier", current)
     multiplier = _check_multiplier("multiplier", multiplier)

@@ -1,3 +1,3 @@
-"""Training building blocks composed by the scripts in training/: the shared trainer (trainer.py: loop,
-optimizer and expansion, DDP, checkpoints, resume, metrics, progress; its docstring says how a stage plugs in),
-the stages (stage1.py), data, losses, checkpoints, schedules."""
+"""Training, in two sub-packages: `engine` (the loop, checkpoints, DDP, signals, faults, metrics, configs, data;
+nothing specific to AdaFace) and `method` (the two stages and their losses, built on the engine). The scripts in
+training/ compose them."""

@@ -4,10 +4,10 @@ Per micro-batch: draw face IDs (random Gaussian, or real faces with their ArcFac
 (teacher) encode them into its context and 16 image-space ID tokens, let the inverter map those tokens to 16
 text-space embeddings, write them into `photo of a z` and encode that with the frozen SD text encoder (student
 context), then distil the teacher UNet's noise predictions into the frozen SD UNet along one multi-timestep
-trajectory (adaface.training.distill, eq. 2). Only the inverter trains.
+trajectory (adaface.training.method.distill, eq. 2). Only the inverter trains.
 
 `stage1_loss(models, batch, generator, ...)` is that micro-batch loss on its own, so stage 2 can mix stage-1
-distillation iterations into its training; `Stage1` plugs it into the shared trainer (adaface.training.trainer).
+distillation iterations into its training; `Stage1` plugs it into the shared trainer (adaface.training.engine.trainer).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, Stage1Config, parse_config
-from .data import FaceBatch, FaceIdSource, RealFaces
+from ..engine.config import ConfigError, Stage1Config, parse_config
+from ..engine.data import FaceBatch, FaceIdSource, RealFaces
+from ..engine.trainer import MicroStep, RunContext, RunResult, cli_main, run_training
 from .distill import PREDICTION_TYPES, distill_trajectory, q_sample, sample_num_steps, trajectory_timesteps
-from .trainer import MicroStep, RunContext, RunResult, cli_main, run_training
 
 STUDENT_PROMPT = "photo of a z"
 
@@ -231,7 +231,7 @@ def stage1_loss(models: Stage1Models, batch: FaceBatch, generator: torch.Generat
 
 
 class Stage1:
-    """Stage 1 as the shared trainer sees it (adaface.training.trainer.Stage)."""
+    """Stage 1 as the shared trainer sees it (adaface.training.engine.trainer.Stage)."""
 
     name = "stage1"
     checkpoint_name = "inverter"
@@ -250,7 +250,7 @@ class Stage1:
         if cfg.data_dir:
             real = RealFaces(cfg.data_dir, cfg.resolution, cfg.seed, ctx.info, on_bad_data=cfg.on_bad_data)
         if cfg.tiny:
-            from .ddp import barrier
+            from ..engine.ddp import barrier
 
             tiny_root = ctx.output_dir / "tiny_models" / f"seed{cfg.seed}"
             if ctx.info.is_main:
@@ -278,7 +278,7 @@ class Stage1:
 
 
 def run(cfg: Stage1Config) -> RunResult:
-    """Train stage 1 according to a validated config (adaface.training.config.parse_config)."""
+    """Train stage 1 according to a validated config (adaface.training.engine.config.parse_config)."""
     return run_training(cfg, Stage1.build)
 
 

@@ -55,7 +55,7 @@ DELTA_TERMS = TERMS[:3]
 @dataclass
 class CompositionConfig:
     """Options of the stage-2 losses; defaults follow the paper where it speaks, else the authors' released training
-    (adaface.training.stage2.Stage2Config's help text says which)."""
+    (adaface.training.method.stage2.Stage2Config's help text says which)."""
 
     delta_layers: list[Any] = field(default_factory=lambda: ["*"])  # paper: all cross-attention layers
     face_layers: list[Any] = field(default_factory=lambda: ["*"])  # paper: each cross-attention layer

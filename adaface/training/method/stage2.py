@@ -1,8 +1,8 @@
 """Stage 2 -- composition distillation (paper §2.3–2.4) on the shared trainer.
 
 Starts from a stage-1 Prompt Inverter. Each optimizer step is, with probability `stage1_p` (drawn from the run's
-seed, the same on every rank), a stage-1 face-distillation step (adaface.training.stage1.stage1_loss) that holds
-the subject's authenticity, else a composition step (adaface.training.composition_step): the compositional delta
+seed, the same on every rank), a stage-1 face-distillation step (adaface.training.method.stage1.stage1_loss) that holds
+the subject's authenticity, else a composition step (adaface.training.method.composition_step): the compositional delta
 loss on cross-attention outputs, attention maps and prompt embeddings, and the elastic face-preserving loss.
 Real faces with masks come from a prepared data folder (`--data-dir`); the tiny preset writes synthetic ones.
 """
@@ -18,17 +18,7 @@ from typing import Any
 
 import torch
 
-from .composition_step import (
-    DELTA_TERMS,
-    TERMS,
-    CompositionBatch,
-    CompositionConfig,
-    CompositionModels,
-    capture_layers,
-    composition_step,
-)
-from .compositions import CompositionPool
-from .config import (
+from ..engine.config import (
     EMBEDDINGS_FILE,
     ConfigError,
     TrainingConfig,
@@ -40,11 +30,21 @@ from .config import (
     validate_distillation,
     validate_training,
 )
-from .data import MANIFEST, FaceIdSource, RealFaces
-from .ddp import shared_seed
+from ..engine.data import MANIFEST, FaceIdSource, RealFaces
+from ..engine.ddp import shared_seed
+from ..engine.trainer import MicroStep, RunContext, RunResult, cli_main, run_training
+from .composition_step import (
+    DELTA_TERMS,
+    TERMS,
+    CompositionBatch,
+    CompositionConfig,
+    CompositionModels,
+    capture_layers,
+    composition_step,
+)
+from .compositions import CompositionPool
 from .distill import PREDICTION_TYPES
 from .stage1 import DistillSettings, Stage1Models, build_tiny_models, stage1_loss
-from .trainer import MicroStep, RunContext, RunResult, cli_main, run_training
 
 DESCRIPTION = "AdaFace stage 2: composition distillation of the Prompt Inverter (paper §2.3-2.4)."
 
@@ -346,7 +346,7 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
 
 
 class Stage2:
-    """Stage 2 as the shared trainer sees it (adaface.training.trainer.Stage)."""
+    """Stage 2 as the shared trainer sees it (adaface.training.engine.trainer.Stage)."""
 
     name = "stage2"
     checkpoint_name = "inverter"
@@ -365,7 +365,7 @@ class Stage2:
     @classmethod
     def build(cls, ctx: RunContext) -> Stage2:
         cfg: Stage2Config = ctx.cfg  # type: ignore[assignment]
-        from .ddp import barrier
+        from ..engine.ddp import barrier
 
         data_dir, inverter = cfg.data_dir, cfg.inverter
         if cfg.tiny:
@@ -450,8 +450,8 @@ def composition_summary(records: list[dict]) -> dict[str, Any]:
 
 def write_summary(output_dir: Path) -> dict[str, Any]:
     """composition_summary of OUTPUT_DIR/metrics.jsonl, written to OUTPUT_DIR/summary.json and printed."""
-    from .checkpoint import atomic_write_text
-    from .metrics_log import read_jsonl
+    from ..engine.checkpoint import atomic_write_text
+    from ..engine.metrics_log import read_jsonl
 
     summary = composition_summary(read_jsonl(output_dir / "metrics.jsonl"))
     atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -26,14 +26,14 @@ A stage is an object with these members (see `Stage`); the scripts in training/ 
 
 A stage that starts from a trained stage-1 inverter loads it with `PromptInverter.from_pretrained(folder)` (it
 comes back with its multipliers, already expanded) and runs with `expansions=""`. To mix stage-1 distillation
-iterations into another stage, call `adaface.training.stage1.stage1_loss(models, batch, ms.generator,
+iterations into another stage, call `adaface.training.method.stage1.stage1_loss(models, batch, ms.generator,
 settings=..., inverter=ms.model, backward_scale=ms.backward_scale, autocast=ms.autocast)` from `micro_loss`
 with probability p (drawn from `ms.generator`), and return its (loss, terms): it back-propagates itself.
 
 `build_stage(ctx: RunContext) -> Stage` receives the resolved device, the DDP rank info and the autocast dtype,
 and loads the models. Each step's metrics (`loss`, the terms, `grad_norm`, `lr`, `d`, ...) go to
-OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints/ (adaface.training.checkpoint), the progress bar
-shows `loss`. A stage's config is a `TrainingConfig` subclass (adaface.training.config).
+OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints/ (adaface.training.engine.checkpoint), the progress bar
+shows `loss`. A stage's config is a `TrainingConfig` subclass (adaface.training.engine.config).
 
 Faults: a step whose loss or gradient is not finite is skipped (nothing reaches the weights, the plateau
 detector or a checkpoint) and counted; `max_nonfinite_steps` consecutive ones stop the run with an error.
@@ -46,8 +46,8 @@ outside RESUMABLE_CHANGES (steps, checkpoint_every, keep_checkpoints, max_nonfin
 target_drop, num_threads, device, output_dir), or `steps` below its step; `steps` equal to its step finishes a
 run stopped between its last checkpoint and its final outputs. A fresh run that fails before its first step
 removes what it added to OUTPUT_DIR; `--overwrite` deletes only the checkpoint folders this trainer wrote.
-Test code reaches the loop through `adaface.training.hooks` (callbacks, ADAFACE_TRAINING_HOOK) and
-`adaface.training.faults` (signals and non-finite values at chosen steps); `cli_main` turns a stage into a
+Test code reaches the loop through `adaface.training.engine.hooks` (callbacks, ADAFACE_TRAINING_HOOK) and
+`adaface.training.engine.faults` (signals and non-finite values at chosen steps); `cli_main` turns a stage into a
 command line (one-line errors; exit 0, 1 failed, 2 configuration or a file that could not be written, such as a
 full disk, 128 + N stopped by signal N).
 """
@@ -723,7 +723,7 @@ def cli_main(name: str, argv: list[str] | None, parse: Callable[[list[str] | Non
     128 + N stopped by signal N after saving a checkpoint."""
     import sys
 
-    from .._quiet import quiet_dependency_noise
+    from ..._quiet import quiet_dependency_noise
 
     quiet_dependency_noise()
     cfg = None

@@ -1,6 +1,6 @@
 """Fault injection for tests of the trainer's fault handling, installed through the trainer's hook variable:
 
-    ADAFACE_TRAINING_HOOK=adaface.training.faults:install ADAFACE_FAULTS="sigterm@3:r1,nan_loss@5-6" python ...
+    ADAFACE_TRAINING_HOOK=adaface.training.engine.faults:install ADAFACE_FAULTS="sigterm@3:r1,nan_loss@5-6" python ...
 
 `ADAFACE_FAULTS` is a comma-separated list of `KIND@STEPS[:rRANK]`; STEPS is N or N-M (1-based optimizer steps),
 RANK limits the fault to one DDP rank. Kinds:
@@ -55,7 +55,7 @@ def parse_faults(text: str) -> list[Fault]:
 
 
 def install(trainer: Any) -> None:
-    """Register the faults of ADAFACE_FAULTS on a trainer (adaface.training.trainer.Trainer)."""
+    """Register the faults of ADAFACE_FAULTS on a trainer (adaface.training.engine.trainer.Trainer)."""
     faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
     rank = trainer.info.rank
     signals = {"sigkill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..faces.prepared_folder import file_inside
+from ...faces.prepared_folder import file_inside
 from .ddp import DistInfo, mix_seed, shard
 from .errors import ConfigError
 from .face_files import EMBEDDINGS_FILE, list_face_images
