@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from adaface.testing.training_runs import tiny_stage2_models
 from adaface.training.engine.metrics_log import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +27,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaface.training.method.stage1 import build_tiny_models
-    from adaface.training.method.stage2 import tiny_inverter
-    from adaface.training.method.synthetic_faces import write_synthetic_faces
-
-    root = tmp_path_factory.mktemp("tiny")
-    sd, a2f = build_tiny_models(root, seed=0)
-    return {"sd": sd, "a2f": a2f, "inv": tiny_inverter(root, str(sd)),
-            "data": write_synthetic_faces(root / "faces", 4, seed=0)}
+    return tiny_stage2_models(tmp_path_factory.mktemp("tiny"), faces=4)
 
 
 def _run(tiny, out: Path, precision: str) -> dict[int, dict]:

@@ -18,7 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage2.py"
 TINY = str(ROOT / "training" / "configs" / "stage2_tiny.json")
-HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.engine.faults:install"}
 
 
 def _ddp_worker(argv: list[str]) -> None:
@@ -40,28 +39,19 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from adaface.testing.training_runs import FAULT_HOOK as HOOK  # noqa: E402
+from adaface.testing.training_runs import script_env as _env  # noqa: E402
+from adaface.testing.training_runs import step_records as _steps  # noqa: E402
+from adaface.testing.training_runs import tiny_stage2_models  # noqa: E402
 from adaface.training.engine.metrics_log import read_jsonl  # noqa: E402
 
 STEPS = 4
 TERMS = ("loss_delta_attn_out", "loss_delta_attn_map", "loss_delta_prompt", "loss_face_preserve")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaface.training.method.stage1 import build_tiny_models
-    from adaface.training.method.stage2 import tiny_inverter
-    from adaface.training.method.synthetic_faces import write_synthetic_faces
-
-    root = tmp_path_factory.mktemp("tiny")
-    sd, a2f = build_tiny_models(root, seed=0)
-    return {"sd": sd, "a2f": a2f, "inv": tiny_inverter(root, str(sd)),
-            "data": write_synthetic_faces(root / "faces", 6, seed=0)}
+    return tiny_stage2_models(tmp_path_factory.mktemp("tiny"), faces=6)
 
 
 def _args(tiny, out: Path, steps: int = STEPS) -> list[str]:
@@ -71,10 +61,6 @@ def _args(tiny, out: Path, steps: int = STEPS) -> list[str]:
         "--grad-accum", "2", "--stage1-p", "0.3", "--seed", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2",
         "--device", "cpu", "--deterministic", "--no-progress",
     ]
-
-
-def _steps(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "step"}
 
 
 @pytest.fixture(scope="module")

@@ -15,30 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from adaface.testing.training_runs import FAULT_HOOK as HOOK
+from adaface.testing.training_runs import script_env as _env
+from adaface.testing.training_runs import tiny_stage2_models
+
 ROOT = Path(__file__).resolve().parents[1]
-HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.engine.faults:install"}
 STEPS = 3
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("ADAFACE_FAULTS", None)
-    env.pop("ADAFACE_TRAINING_HOOK", None)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaface.training.method.stage1 import build_tiny_models
-    from adaface.training.method.stage2 import tiny_inverter
-    from adaface.training.method.synthetic_faces import write_synthetic_faces
-
-    root = tmp_path_factory.mktemp("tiny")
-    sd, a2f = build_tiny_models(root, seed=0)
-    return {"sd": sd, "a2f": a2f, "inv": tiny_inverter(root, str(sd)),
-            "data": write_synthetic_faces(root / "faces", 4, seed=0)}
+    return tiny_stage2_models(tmp_path_factory.mktemp("tiny"), faces=4)
 
 
 def _args(stage: str, tiny, out: Path, every: int = 2) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage1.py"
 TINY = str(ROOT / "training" / "configs" / "tiny.json")
-HOOK = {"ADAFACE_TRAINING_HOOK": "adaface.training.engine.faults:install"}
 
 
 def _ddp_worker(argv: list[str]) -> None:
@@ -42,15 +41,12 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from adaface.testing.training_runs import FAULT_HOOK as HOOK  # noqa: E402
+from adaface.testing.training_runs import script_env as _env  # noqa: E402
+from adaface.testing.training_runs import step_records as _steps  # noqa: E402
 from adaface.training.engine.metrics_log import read_jsonl  # noqa: E402
 
 STEPS = 14
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +69,6 @@ def _args(tiny_dirs, out: Path, steps: int = STEPS) -> list[str]:
         "--checkpoint-every", "3", "--keep-checkpoints", "2",
         "--device", "cpu", "--deterministic", "--no-progress",
     ]
-
-
-def _steps(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "step"}
 
 
 @pytest.fixture(scope="module")
