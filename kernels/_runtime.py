@@ -75,3 +75,17 @@ def forced_tiles(module: ModuleType, **fixed: int) -> Iterator[None]:
 
     with use_tiles(module, policy):
         yield
+
+
+def soft_warp_saved_state_like(q_subj, feat_comp) -> tuple:
+    """Empty tensors shaped as the soft-warp forward's saved state (rows, warped, lse2 in fp32; order, count in
+    int32), which every backend returns: what the forward ops' `register_fake` give torch.compile."""
+    import torch
+
+    B, N = q_subj.shape[:2]
+    C = feat_comp.shape[2]
+    f32, i32 = torch.float32, torch.int32
+    return (
+        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N, C), dtype=f32),
+        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N), dtype=i32), q_subj.new_empty((B,), dtype=i32),
+    )

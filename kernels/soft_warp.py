@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import COSINE_EPS, interpreting, policy_for_this_process
+from ._runtime import COSINE_EPS, interpreting, policy_for_this_process, soft_warp_saved_state_like
 
 LOG2E = math.log2(math.e)
 
@@ -460,14 +460,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _(q_subj, q_comp, feat_subj, feat_comp, weights, scale, precision):
-    B, N = q_subj.shape[:2]
-    C = feat_comp.shape[2]
-    f32 = torch.float32
-    return (
-        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N, C), dtype=f32),
-        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N), dtype=torch.int32),
-        q_subj.new_empty((B,), dtype=torch.int32),
-    )
+    return soft_warp_saved_state_like(q_subj, feat_comp)
 
 
 @torch.library.custom_op("adaface::soft_warp_triton_bwd", mutates_args=())

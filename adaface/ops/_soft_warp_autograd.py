@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._runtime import soft_warp_saved_state_like
+
 # ---------------------------------------------------------------------------------------------------------
 # The kernel backends' autograd. Every backend (Triton, CUDA, C++) has a forward op
 #     fwd(q_subj, q_comp, feat_subj, feat_comp, weights, scale) -> (rows, warped, lse2, order, count)
@@ -22,14 +24,7 @@ import torch
 
 def soft_warp_fwd_fake(q_subj, q_comp, feat_subj, feat_comp, weights, scale):
     """Shapes and dtypes of the saved state, for a forward op's register_fake."""
-    B, N = q_subj.shape[:2]
-    C = feat_comp.shape[2]
-    f32 = torch.float32
-    return (
-        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N, C), dtype=f32),
-        q_subj.new_empty((B, N), dtype=f32), q_subj.new_empty((B, N), dtype=torch.int32),
-        q_subj.new_empty((B,), dtype=torch.int32),
-    )
+    return soft_warp_saved_state_like(q_subj, feat_comp)
 
 
 def register_soft_warp_autograd(fwd_op: str, bwd_op) -> None:
