@@ -231,3 +231,23 @@ def test_a_real_full_disk_is_one_line_and_resume_completes_after_freeing_space(t
         assert (out / "inverter" / "model.safetensors").is_file()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_a_hub_kernel_in_the_base_models_config_is_refused_before_loading(stage, tiny, tmp_path):
+    """A shared SD-1.5 folder whose text encoder names a hub kernel would have transformers fetch and run code: the
+    training scripts refuse it by file, offline, and write nothing."""
+    import json
+    import shutil
+
+    sd = tmp_path / "sd15"
+    shutil.copytree(tiny["sd"], sd)
+    config = sd / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "attn_implementation": "kernels-community/x"}))
+    out = tmp_path / "run"
+    argv = _args(stage, {**tiny, "sd": sd}, out)
+    res = _run(argv, _env(HF_HUB_OFFLINE="1"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr and str(config) in last and "attn_implementation" in last, last
+    assert not out.exists()

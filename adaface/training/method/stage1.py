@@ -125,9 +125,11 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from adaface.models._io import check_model_folder
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
 
+    check_model_folder(sd_model)  # no config may have transformers load code or a kernel from the hub
     scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:

@@ -308,12 +308,14 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from adaface.models._io import check_model_folder
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.models.unet_feature_capture import UNetFeatureCapture
 
     from .stage1 import _vae_scale_factor
 
+    check_model_folder(sd_model)  # no config may have transformers load code or a kernel from the hub
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
