@@ -459,6 +459,7 @@ CASES = [
           ("config-missing", ["--config", "{f}/nowhere.json"], "--config"),
           ("config-invalid-json", ["--config", "{f}/config_invalid.json"], "config_invalid.json"),
           ("config-list", ["--config", "{f}/config_list.json"], "config_list.json"),
+          ("config-binary", ["--config", "{f}/config_binary.json"], "config_binary.json"),
           ("lr-nan", ["--lr", "nan"], "--lr"),
           ("batch-size-0", ["--batch-size", "0"], "--batch-size"),
           ("data-dir-missing", ["--data-dir", "{w}/nowhere"], "--data-dir"),

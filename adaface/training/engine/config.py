@@ -122,9 +122,15 @@ def load_config_file(path: str | os.PathLike, config_cls: type[TrainingConfig] |
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {p}")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {p} is not a JSON text file (undecodable byte at offset {e.start})") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config: {p} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"--config: {p} is nested too deeply to be a config") from None
+    except OSError as e:
+        raise ConfigError(f"--config: {p} cannot be read ({e.strerror or e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {p} must hold a JSON object")
     by_name = {f.name: f for f in fields(config_cls or Stage1Config)}

@@ -118,6 +118,16 @@ def _vae_scale_factor(sd_model: str) -> int:
     return 8  # SD-1.5
 
 
+def check_resolution(resolution: int, sd_model: str, unet: Any) -> None:
+    """--resolution must give a latent the UNet's down blocks can halve to at least one position each time."""
+    vae_scale = _vae_scale_factor(sd_model)
+    halvings = 2 ** (len(unet.config.down_block_types) - 1)
+    step = vae_scale * halvings
+    if resolution % step or resolution < step:
+        raise ConfigError(f"--resolution {resolution}: must be a positive multiple of {step} for this model (VAE "
+                          f"scale {vae_scale} x {halvings} for the UNet's down blocks)")
+
+
 def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.device,
                 weight_dtype: torch.dtype) -> Stage1Models:
     """Student (SD-1.5 text encoder + UNet, frozen), teacher (Arc2Face, frozen), a fresh inverter, and the VAE
@@ -138,6 +148,7 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
+    check_resolution(cfg.resolution, sd_model, unet)
     teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer)
     inverter = PromptInverter(cfg.inverter_init or sd_model, tokenizer=tokenizer, mode=cfg.expand_mode)
     vae = None

@@ -313,12 +313,13 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.models.unet_feature_capture import UNetFeatureCapture
 
-    from .stage1 import _vae_scale_factor
+    from .stage1 import _vae_scale_factor, check_resolution
 
     check_model_folder(sd_model)  # no config may have transformers load code or a kernel from the hub
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
+    check_resolution(cfg.resolution, sd_model, unet)
     vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
     scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")  # matters to the stage-1 steps only
