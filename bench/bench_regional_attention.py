@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    from adaface._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     if args.runs < 1 or args.steps < 1 or args.size < 8 or args.size % 8:
         p.error("--runs and --steps must be at least 1, --size a positive multiple of 8")
 

@@ -291,6 +291,9 @@ BUDGETS_GIB = (24.0, 48.0)  # an RTX 3090/4090; an RTX A6000
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from adaface._quiet import quiet_dependency_noise
+
+    quiet_dependency_noise()
     if not MIN_RESOLUTION <= args.resolution <= MAX_RESOLUTION or args.resolution % 64:
         print(f"memory_estimate: --resolution must be a multiple of 64 from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
               f"got {args.resolution}", file=sys.stderr)

@@ -56,6 +56,9 @@ class StepBenchmark:
 
     def setting(self, args: argparse.Namespace) -> StepSetting | None:
         """The run's settings, or None (with a line saying so) when the full shape has no CUDA device."""
+        from adaface._quiet import quiet_dependency_noise
+
+        quiet_dependency_noise()
         if args.shape == "full" and not torch.cuda.is_available():
             print(f"{self.name}: skipped, the full shape needs a CUDA device (use --shape small on the CPU)")
             return None
