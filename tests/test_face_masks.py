@@ -3,10 +3,6 @@ the parser keeps BiSeNet's hair label, the landmark and box masks reach above th
 
 from __future__ import annotations
 
-import importlib.machinery
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +11,7 @@ from PIL import Image
 from adaface.faces.crop import CropTransform
 from adaface.faces.masks import box_mask, landmark_mask
 from adaface.faces.parsing import FACE_LABELS, FaceParser, mask_from_labels
+from adaface.testing.stub_facexlib import install_stub_facexlib
 
 SIZE = 512
 IDENTITY = CropTransform(A=np.eye(2), t=np.zeros(2), size=SIZE)  # crop pixels = photo pixels
@@ -37,14 +34,7 @@ class StubBiSeNet(torch.nn.Module):
 
 @pytest.fixture
 def stub_parser(tmp_path, monkeypatch):
-    def fake(name):
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        return module
-
-    for name in ("facexlib", "facexlib.parsing", "facexlib.parsing.bisenet"):
-        monkeypatch.setitem(sys.modules, name, fake(name))
-    sys.modules["facexlib.parsing.bisenet"].BiSeNet = StubBiSeNet
+    install_stub_facexlib(monkeypatch, StubBiSeNet)
     net = StubBiSeNet(19)
     labels = torch.tensor(LABEL_ROWS)[:, None].expand(8, 8).clone()
     labels[:, 0] = BACKGROUND  # a background column on the left

@@ -339,10 +339,9 @@ def prepare_data_parser_available() -> bool:
 def test_parser_masks_through_a_facexlib_bisenet(packs, tmp_path, monkeypatch):
     """`--masks auto` picks the parser when facexlib and BiSeNet weights are there (a stand-in facexlib module
     with a tiny BiSeNet-shaped net: labels 'skin' where the crop is bright); it loads the weights safely."""
-    import importlib.machinery
-    import types
-
     import torch
+
+    from adaface.testing.stub_facexlib import install_stub_facexlib
 
     class TinyBiSeNet(torch.nn.Module):
         def __init__(self, num_class: int) -> None:
@@ -353,14 +352,7 @@ def test_parser_masks_through_a_facexlib_bisenet(packs, tmp_path, monkeypatch):
             out = self.head(x)
             return out, out, out
 
-    def fake(name):
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        return module
-
-    for name in ("facexlib", "facexlib.parsing", "facexlib.parsing.bisenet"):
-        monkeypatch.setitem(sys.modules, name, fake(name))
-    sys.modules["facexlib.parsing.bisenet"].BiSeNet = TinyBiSeNet
+    install_stub_facexlib(monkeypatch, TinyBiSeNet)
     net = TinyBiSeNet(19)
     with torch.no_grad():
         net.head.weight.zero_()
