@@ -87,7 +87,23 @@ class TrainingConfig:
 
 
 @dataclass
-class Stage1Config(TrainingConfig):
+class DistillationConfig:
+    """Face distillation's options (paper §2.2, eq. 2): all of stage 1's loss, and stage 2's mixed-in stage-1 steps."""
+
+    # --- multi-timestep distillation ---------------------------------------------------------------------
+    random_id_fraction: float = _f(0.4, "fraction of samples with random Gaussian IDs when --data-dir is given (stage "
+                                        "2: in its stage-1 steps)")
+    denoise_steps: list[int] = _f([1, 3, 5], "choices for the number k of denoising steps per trajectory")
+    denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "probabilities of the DENOISE_STEPS choices "
+                                                            "(normalised)")
+    t_min: int = _f(1, "smallest timestep sampled")
+    t_max: int = _f(1000, "largest timestep sampled (exclusive)")
+    loss_reduction: str = _f("sum", "how per-step losses combine: 'sum' (paper, eq. 2) or 'sqrt_k' (sum / sqrt(k), "
+                                    "reference code)", choices=("sum", "sqrt_k"))
+
+
+@dataclass
+class Stage1Config(DistillationConfig, TrainingConfig):
     """Stage 1: models, face data and multi-timestep distillation on top of the shared options."""
 
     # --- models -----------------------------------------------------------------------------------------
@@ -105,16 +121,7 @@ class Stage1Config(TrainingConfig):
     on_bad_data: str = _f("skip", "what to do with data that fails the start-up checks (an image that does not decode, "
                                   "an embedding that is non-finite, zero or not 512-d): 'skip' (listed, then left "
                                   "out) or 'refuse' (stop before training)", choices=("skip", "refuse"))
-    random_id_fraction: float = _f(0.4, "fraction of samples with random Gaussian IDs when --data-dir is given")
     resolution: int = _f(512, "image size in pixels (latents are RESOLUTION / VAE scale factor)")
-    # --- multi-timestep distillation ---------------------------------------------------------------------
-    denoise_steps: list[int] = _f([1, 3, 5], "choices for the number k of denoising steps per trajectory")
-    denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "probabilities of the DENOISE_STEPS choices "
-                                                            "(normalised)")
-    t_min: int = _f(1, "smallest timestep sampled")
-    t_max: int = _f(1000, "largest timestep sampled (exclusive)")
-    loss_reduction: str = _f("sum", "how per-step losses combine: 'sum' (paper, eq. 2) or 'sqrt_k' (sum / sqrt(k), "
-                                    "reference code)", choices=("sum", "sqrt_k"))
 
 
 def load_config_file(path: str | os.PathLike, config_cls: type[TrainingConfig] | None = None) -> dict[str, Any]:

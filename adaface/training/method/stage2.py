@@ -21,6 +21,7 @@ import torch
 from ..engine.config import (
     EMBEDDINGS_FILE,
     ConfigError,
+    DistillationConfig,
     TrainingConfig,
     _check_model_source,
     _f,
@@ -50,7 +51,7 @@ DESCRIPTION = "AdaFace stage 2: composition distillation of the Prompt Inverter 
 
 
 @dataclass
-class Stage2Config(TrainingConfig):
+class Stage2Config(DistillationConfig, TrainingConfig):
     """Stage 2 on top of the shared options (defaults: the paper's real run)."""
 
     # --- the paper's stage-2 run (overrides of the shared defaults) -----------------------------------------
@@ -118,13 +119,6 @@ class Stage2Config(TrainingConfig):
     stage1_p: float = _f(5 / 6, "probability that an optimizer step is a stage-1 face-distillation step, else a "
                                 "composition step (not in the paper: the authors' released training ran about one "
                                 "composition step in six, the stage-1 steps holding the subject's authenticity)")
-    random_id_fraction: float = _f(0.4, "fraction of random Gaussian IDs in the stage-1 steps")
-    denoise_steps: list[int] = _f([1, 3, 5], "stage-1 steps: choices for the number k of denoising steps")
-    denoise_step_weights: list[float] = _f([0.4, 0.3, 0.2], "stage-1 steps: probabilities of the DENOISE_STEPS "
-                                                            "choices")
-    t_min: int = _f(1, "stage-1 steps: smallest timestep")
-    t_max: int = _f(1000, "stage-1 steps: largest timestep (exclusive)")
-    loss_reduction: str = _f("sum", "stage-1 steps: 'sum' (paper, eq. 2) or 'sqrt_k'", choices=("sum", "sqrt_k"))
 
 
 def _selection(text: str) -> list[int | str]:
