@@ -121,10 +121,10 @@ def kernel_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg
     `do_elem`: bytes per input / stored-dO element; `needs`: which of q_subj, q_comp, feat_subj, feat_comp
     need gradients. Mirrors the launchers' and kernels' loops one for one.
     """
-    BN, BM, BD, BC, OC, OD = (cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D"))
+    BN, BM, BD, OC = (cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "OUT_C"))
     BR, BCC = cfg["BLOCK_R"], cfg["BLOCK_CC"]
-    nNb, nMb, nM, nD, nCb = _cdiv(N, BN), _cdiv(M, BM), _cdiv(M, BM), _cdiv(Dq, BD), _cdiv(C, BC)
-    nOC, nOD, nCC, nRp = max(_cdiv(C, OC), 1), _cdiv(Dq, OD), _cdiv(C, BCC), _cdiv(N, BR)
+    nNb, nM, nD = _cdiv(N, BN), _cdiv(M, BM), _cdiv(Dq, BD)
+    nOC, nCC, nRp = max(_cdiv(C, OC), 1), _cdiv(C, BCC), _cdiv(N, BR)
     work = [_cdiv(c, BN) for c in counts]  # row blocks that hold selected rows
     cnt, W = sum(counts), sum(work)
     f = 4
@@ -150,38 +150,60 @@ def kernel_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg
     need_qs, need_qc, need_fs, need_fc = needs
     need_do = need_qs or need_qc or need_fc
     if need_do or need_fs:
+        nRp, nCC = _cdiv(N, cfg["BWD_BLOCK_R"]), _cdiv(C, cfg["BWD_BLOCK_CC"])
         out["_bwd_prep_kernel"] = Cost(
             loads=nRp * B * (2 + 4 * nCC), load_bytes=B * N * 4 + 2 * cnt * C * (f + elem) + cnt * 4,
             store_bytes=(cnt * C * do_elem + cnt * f if need_do else 0) + (B * N * C * elem if need_fs else 0))
-    if need_qs and Dq > 0:
+    out.update(_backward_costs(B, N, M, Dq, C, counts, cfg, elem, do_elem, precision, needs))
+    return out
+
+
+def _backward_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg: dict, elem: int, do_elem: int,
+                    precision: str, needs: tuple[bool, bool, bool, bool]) -> dict[str, Cost]:
+    """The dq_subj row kernel and the fused dq_comp / dfeat_comp column kernel, load for load (`kernel_costs`)."""
+    from adaface.kernels.soft_warp import bwd_pieces
+
+    need_qs, need_qc, _, need_fc = needs
+    (D1, D2), (C1, C2) = bwd_pieces(Dq, C, cfg["BWD_OUT"])
+    BD, BC = cfg["BWD_BLOCK_D"], cfg["BWD_BLOCK_C"]
+    nDb, nCb = _cdiv(Dq, BD), _cdiv(C, BC)
+    pd, pc = 1 + (D2 > 0), 1 + (C2 > 0)  # output pieces (one load each)
+    cnt, busy = sum(counts), sum(1 for c in counts if c)
+    rows_in = cnt * (Dq * elem + C * do_elem)  # the selected rows of q_subj and dO, once
+    out: dict[str, Cost] = {}
+    if need_qs:
+        BNq, BMq = cfg["BWD_DQ_BLOCK_N"], cfg["BWD_DQ_BLOCK_M"]
+        nO, nMq = _cdiv(Dq, D1 + D2), _cdiv(M, BMq)
+        W = sum(_cdiv(c, BNq) for c in counts)  # row blocks that hold selected rows (the others only store 0)
         dq = Cost(precision=precision)
-        dq.loads = B * nNb * nOD * 4 + W * nOD * nM * (2 * nD + 2 * nCb + 1)
-        dq.load_bytes = (B * nNb * nOD * 4 + nOD * (B * N * 4 + 2 * cnt * 4) + nOD * nM * cnt * Dq * elem
-                         + W * nOD * M * Dq * elem + nOD * nM * cnt * C * do_elem + W * nOD * M * C * elem
-                         + W * M * Dq * elem)
-        dq.flops = W * nOD * nM * (2 * BN * BM * BD * nD + 2 * BN * BM * BC * nCb + 2 * BN * BM * OD)
+        # per program: count, order, lse, D; per key step: S (q, K chunks), dP (dO, V chunks), the K pieces
+        dq.loads = 4 * B * _cdiv(N, BNq) * nO + W * nO * nMq * (2 * nDb + 2 * nCb + pd)
+        dq.load_bytes = nO * (B * _cdiv(N, BNq) * 4 + B * N * 4 + 2 * cnt * 4 + nMq * rows_in
+                              + W * M * (Dq + C) * elem) + W * M * Dq * elem
+        dq.flops = W * nO * nMq * 2 * BNq * BMq * (BD * nDb + BC * nCb + D1 + D2)
         dq.store_bytes = B * N * Dq * elem
-        dq.footprint = B * 4 + B * N * 4 + 2 * cnt * 4 + cnt * (Dq * elem + C * do_elem) + kv
+        dq.footprint = B * 4 + B * N * 4 + 2 * cnt * 4 + rows_in + busy * M * (Dq + C) * elem
         out["_bwd_dq_kernel"] = dq
-    if need_qc and M > 0 and Dq > 0:
-        dk = Cost(precision=precision)
-        dk.loads = B * nMb * nOD + nMb * nOD * W * (4 + 2 * nD + 2 * nCb)
-        dk.load_bytes = (B * nMb * nOD * 4 + 3 * nMb * nOD * cnt * 4 + nOD * W * M * Dq * elem
-                         + nOD * nMb * cnt * Dq * elem + nOD * W * M * C * elem + nOD * nMb * cnt * C * do_elem
-                         + nMb * cnt * Dq * elem)
-        dk.flops = nMb * nOD * W * (2 * BM * BN * BD * nD + 2 * BM * BN * BC * nCb + 2 * BM * BN * OD)
-        dk.store_bytes = B * M * Dq * elem
-        dk.footprint = B * 4 + 3 * cnt * 4 + cnt * (Dq * elem + C * do_elem) + kv
-        out["_bwd_col_kernel[dq_comp]"] = dk
-    if need_fc and M > 0 and C > 0:
-        dv = Cost(precision=precision)
-        dv.loads = B * nMb * nOC + nMb * nOC * W * (3 + 2 * nD)
-        dv.load_bytes = (B * nMb * nOC * 4 + 2 * nMb * nOC * cnt * 4 + nOC * W * M * Dq * elem
-                         + nOC * nMb * cnt * Dq * elem + nMb * cnt * C * do_elem)
-        dv.flops = nMb * nOC * W * (2 * BM * BN * BD * nD + 2 * BM * BN * OC)
-        dv.store_bytes = B * M * C * elem
-        dv.footprint = B * 4 + 2 * cnt * 4 + cnt * (Dq * elem + C * do_elem) + busy * M * Dq * elem
-        out["_bwd_col_kernel[dfeat_comp]"] = dv
+    if need_qc or need_fc:
+        BNc, BMc = cfg["BWD_BLOCK_N"], cfg["BWD_BLOCK_M"]
+        nMc = _cdiv(M, BMc)
+        nO = max(_cdiv(Dq, D1 + D2) if need_qc else 1, _cdiv(C, C1 + C2) if need_fc else 1)
+        W = sum(_cdiv(c, BNc) for c in counts)  # row steps of every key-block program of batch b
+        col = Cost(precision=precision)
+        # per row step: order, S (K, q chunks), lse; dq_comp: dP (V, dO chunks), D, the q pieces; dfeat_comp:
+        # the dO pieces
+        step_loads = 2 + 2 * nDb + (2 * nCb + 1 + pd if need_qc else 0) + (pc if need_fc else 0)
+        col.loads = B * nMc * nO + nMc * nO * W * step_loads
+        col.load_bytes = (B * nMc * nO * 4 + nO * (2 * nMc * cnt * 4 + W * M * Dq * elem + nMc * cnt * Dq * elem)
+                          + (nO * (nMc * cnt * 4 + W * M * C * elem + nMc * cnt * C * do_elem)
+                             + nMc * cnt * Dq * elem if need_qc else 0)
+                          + (nMc * cnt * C * do_elem if need_fc else 0))
+        step_flops = BD * nDb + (BC * nCb + D1 + D2 if need_qc else 0) + (C1 + C2 if need_fc else 0)
+        col.flops = nMc * nO * W * 2 * BMc * BNc * step_flops
+        col.store_bytes = (B * M * Dq * elem if need_qc else 0) + (B * M * C * elem if need_fc else 0)
+        col.footprint = (B * 4 + cnt * (8 + (4 if need_qc else 0)) + rows_in
+                         + busy * M * (Dq + (C if need_qc else 0)) * elem)
+        out["_bwd_col_kernel"] = col
     return out
 
 
@@ -193,8 +215,8 @@ def triton_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], pre
     """The kernels on fp32 inputs (the training path) at the CUDA launch configuration, with `precision`."""
     from adaface.kernels.soft_warp import gpu_tiles
 
-    return kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C), elem=4, do_elem=PRECISION_BYTES[precision],
-                        precision=precision, backward=backward)
+    return kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C, precision=precision), elem=4,
+                        do_elem=PRECISION_BYTES[precision], precision=precision, backward=backward)
 
 
 def total(costs: dict[str, Cost], gpu: str) -> dict[str, float]:
@@ -255,7 +277,7 @@ def predicted_for_benchmark(info: dict, backward: bool) -> dict[str, float] | No
         rows = int(info["selected_rows"])
         counts = [rows // B + (1 if b < rows % B else 0) for b in range(B)]
         precision = info.get("precision") or {4: "ieee", 2: "bf16"}[elem]
-        costs = kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C), elem=elem,
+        costs = kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C, precision=precision), elem=elem,
                              do_elem=PRECISION_BYTES[precision], precision=precision, backward=backward)
     return {gpu: total(costs, gpu)["time_s"] for gpu in PEAKS}
 

@@ -200,98 +200,136 @@ def _bwd_prep_kernel(
 
 
 @triton.jit
+def _tile(ptr, rows, rmask, W, col0, P: tl.constexpr):
+    """The [rows, col0 : col0 + P] tile of a row-major matrix W wide; zeros past W and at masked rows."""
+    offs = col0 + tl.arange(0, P)
+    return tl.load(ptr + rows[:, None] * W + offs[None, :], mask=rmask[:, None] & (offs < W)[None, :], other=0.0)
+
+
+@triton.jit
+def _put(ptr, rows, rmask, W, col0, val, P: tl.constexpr):
+    offs = col0 + tl.arange(0, P)
+    tl.store(ptr + rows[:, None] * W + offs[None, :], val.to(ptr.dtype.element_ty),
+             mask=rmask[:, None] & (offs < W)[None, :])
+
+
+@triton.jit
 def _bwd_dq_kernel(
     qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, dqs_ptr,
     N, M, Dq, C, qk_scale, scale,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    OUT_D: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq_subj rows: programs over the compacted row order; positions past count write zero rows."""
+    """dq_subj rows (programs over the compacted row order; positions past count write zero rows): S and dP once
+    per (row block, key block) tile, dq_subj = scale · dS k. Program (pid_n, pid_o) owns the columns
+    pid_o·(D1 + D2) + [0, D1 + D2) as the pieces D1, D2 (D2 = 0: none)."""
     pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_o = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     cnt = tl.load(count_ptr + b)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
     rmask = offs_n < cnt
-    rows = tl.load(order_ptr + b * N + offs_n, mask=in_n, other=0).to(tl.int64)
+    rows = tl.load(order_ptr + b * N + offs_n, mask=in_n, other=0)
     qs_b = qs_ptr + b * N * Dq
     qc_b = qc_ptr + b * M * Dq
     fc_b = fc_ptr + b * M * C
     do_b = do_ptr + b * N * C
     lse = tl.load(lse_ptr + b * N + rows, mask=rmask, other=0.0)
     di = tl.load(di_ptr + b * N + rows, mask=rmask, other=0.0)
-    offs_d = pid_d * OUT_D + tl.arange(0, OUT_D)
-    dm = offs_d < Dq
-    acc = tl.zeros([BLOCK_N, OUT_D], dtype=tl.float32)
+    d0 = pid_o * (D1 + D2)
+    acc1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    if D2 > 0:
+        acc2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
     hi = tl.where(start_n < cnt, M, 0)
     for start_m in range(0, hi, BLOCK_M):
-        offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         colm = offs_m < M
         s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, BLOCK_D, COMPUTE, PREC)
         p = tl.where(rmask[:, None] & colm[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = _dot_rows(do_b, rows, rmask, fc_b, offs_m, colm, C, BLOCK_N, BLOCK_M, BLOCK_C, COMPUTE, PREC)
-        ds = p * (dp - di[:, None])
-        k = tl.load(qc_b + offs_m[:, None] * Dq + offs_d[None, :], mask=colm[:, None] & dm[None, :], other=0.0)
-        acc += tl.dot(ds.to(COMPUTE), k.to(COMPUTE), input_precision=PREC)
-    out = acc * scale
-    tl.store(dqs_ptr + b * N * Dq + rows[:, None] * Dq + offs_d[None, :], out.to(dqs_ptr.dtype.element_ty),
-             mask=in_n[:, None] & dm[None, :])
+        ds = (p * (dp - di[:, None])).to(COMPUTE)
+        acc1 += tl.dot(ds, _tile(qc_b, offs_m, colm, Dq, d0, D1).to(COMPUTE), input_precision=PREC)
+        if D2 > 0:
+            acc2 += tl.dot(ds, _tile(qc_b, offs_m, colm, Dq, d0 + D1, D2).to(COMPUTE), input_precision=PREC)
+    dqs_b = dqs_ptr + b * N * Dq
+    _put(dqs_b, rows, in_n, Dq, d0, acc1 * scale, D1)
+    if D2 > 0:
+        _put(dqs_b, rows, in_n, Dq, d0 + D1, acc2 * scale, D2)
 
 
 @triton.jit
 def _bwd_col_kernel(
-    qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, out_ptr,
+    qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, dqc_ptr, dfc_ptr,
     N, M, Dq, C, qk_scale, scale,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    OUT: tl.constexpr, IS_DV: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """IS_DV: dfeat_comp = Pᵀ dO, else dq_comp = scale · dSᵀ q_subj; loops over the selected rows only."""
+    """One key block, looping over the selected rows: S (and, for dq_comp, dP) once per tile, accumulating
+    dq_comp = scale · dSᵀ q_subj (NEED_DK) and dfeat_comp = Pᵀ dO (NEED_DV). Program (pid_m, pid_o) owns
+    dq_comp's columns pid_o·(D1 + D2) + [0, D1 + D2) as the pieces D1, D2 and dfeat_comp's
+    pid_o·(C1 + C2) + [0, C1 + C2) as C1, C2 (a second piece of 0: none)."""
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     cnt = tl.load(count_ptr + b)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     colm = offs_m < M
     qs_b = qs_ptr + b * N * Dq
     qc_b = qc_ptr + b * M * Dq
     fc_b = fc_ptr + b * M * C
     do_b = do_ptr + b * N * C
-    if IS_DV:
-        W = C
-    else:
-        W = Dq
-    offs_o = pid_o * OUT + tl.arange(0, OUT)
-    om = offs_o < W
-    acc = tl.zeros([BLOCK_M, OUT], dtype=tl.float32)
+    d0 = pid_o * (D1 + D2)
+    c0 = pid_o * (C1 + C2)
+    if NEED_DK:
+        dk1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+        if D2 > 0:
+            dk2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    if NEED_DV:
+        dv1 = tl.zeros([BLOCK_M, C1], dtype=tl.float32)
+        if C2 > 0:
+            dv2 = tl.zeros([BLOCK_M, C2], dtype=tl.float32)
     for start_n in range(0, cnt, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rmask = offs_n < cnt
-        rows = tl.load(order_ptr + b * N + offs_n, mask=rmask, other=0).to(tl.int64)
+        rows = tl.load(order_ptr + b * N + offs_n, mask=rmask, other=0)
         st = _dot_rows(qc_b, offs_m, colm, qs_b, rows, rmask, Dq, BLOCK_M, BLOCK_N, BLOCK_D, COMPUTE, PREC)
         lse = tl.load(lse_ptr + b * N + rows, mask=rmask, other=0.0)
         pt = tl.where(colm[:, None] & rmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
-        if IS_DV:
-            d_o = tl.load(do_b + rows[:, None] * C + offs_o[None, :], mask=rmask[:, None] & om[None, :], other=0.0)
-            acc += tl.dot(pt.to(COMPUTE), d_o.to(COMPUTE), input_precision=PREC)
-        else:
+        if NEED_DK:
             dpt = _dot_rows(fc_b, offs_m, colm, do_b, rows, rmask, C, BLOCK_M, BLOCK_N, BLOCK_C, COMPUTE, PREC)
             di = tl.load(di_ptr + b * N + rows, mask=rmask, other=0.0)
-            dst = pt * (dpt - di[None, :])
-            q = tl.load(qs_b + rows[:, None] * Dq + offs_o[None, :], mask=rmask[:, None] & om[None, :], other=0.0)
-            acc += tl.dot(dst.to(COMPUTE), q.to(COMPUTE), input_precision=PREC)
-    if not IS_DV:
-        acc = acc * scale
-    tl.store(out_ptr + b * M * W + offs_m[:, None] * W + offs_o[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=colm[:, None] & om[None, :])
+            dst = (pt * (dpt - di[None, :])).to(COMPUTE)
+            dk1 += tl.dot(dst, _tile(qs_b, rows, rmask, Dq, d0, D1).to(COMPUTE), input_precision=PREC)
+            if D2 > 0:
+                dk2 += tl.dot(dst, _tile(qs_b, rows, rmask, Dq, d0 + D1, D2).to(COMPUTE), input_precision=PREC)
+        if NEED_DV:
+            ptc = pt.to(COMPUTE)
+            dv1 += tl.dot(ptc, _tile(do_b, rows, rmask, C, c0, C1).to(COMPUTE), input_precision=PREC)
+            if C2 > 0:
+                dv2 += tl.dot(ptc, _tile(do_b, rows, rmask, C, c0 + C1, C2).to(COMPUTE), input_precision=PREC)
+    if NEED_DK:
+        dqc_b = dqc_ptr + b * M * Dq
+        _put(dqc_b, offs_m, colm, Dq, d0, dk1 * scale, D1)
+        if D2 > 0:
+            _put(dqc_b, offs_m, colm, Dq, d0 + D1, dk2 * scale, D2)
+    if NEED_DV:
+        dfc_b = dfc_ptr + b * M * C
+        _put(dfc_b, offs_m, colm, C, c0, dv1, C1)
+        if C2 > 0:
+            _put(dfc_b, offs_m, colm, C, c0 + C1, dv2, C2)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 
-TILE_KEYS = {k: 16 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D", "BLOCK_R", "BLOCK_CC")}
+# every tile size the launchers read, with its minimum (tl.dot's 16); the BWD_ keys are the backward's
+TILE_KEYS = {k: 16 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "BLOCK_R", "BLOCK_CC",
+                             "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_DQ_BLOCK_N", "BWD_DQ_BLOCK_M", "BWD_BLOCK_D",
+                             "BWD_BLOCK_C", "BWD_OUT", "BWD_BLOCK_R", "BWD_BLOCK_CC")}
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -311,24 +349,73 @@ def _out_chunk(dim: int, other: int, cap: int) -> int:
     return best
 
 
-def gpu_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
-    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs)."""
-    out_c, out_d = _out_chunk(C, Dq, 256), _out_chunk(Dq, Dq + C, 256)
+def _bwd_gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str | None) -> dict[str, int]:
+    """The backward's CUDA configuration. Register budget (255 per thread): the column kernel holds BWD_BLOCK_M ×
+    (its dq_comp + dfeat_comp columns, ≤ 2 · 320 at cap 256) fp32 accumulators, 80 registers per thread at 32
+    rows and 8 warps; the operand tiles, S / dP and their addresses take the rest, and ptxas fits the paper's
+    320 + 320 without spilling only with 16-row steps, unpipelined (num_stages 1: the outer loop's loads are
+    synchronous, the S / dP chunk loops software-pipeline under the dq kernel's 2 stages). "ieee" dots run on
+    the CUDA cores from registers (every thread holds its rows' and columns' operands for the whole step), so
+    they take 16-key column blocks."""
     return {
-        "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64, "OUT_C": out_c, "OUT_D": out_d,
-        "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
-        "num_warps": 8 if max(out_c, out_d) >= 256 else 4, "num_stages": 2,
+        "BWD_BLOCK_N": 16, "BWD_BLOCK_M": 16 if precision == "ieee" else 32, "BWD_DQ_BLOCK_N": 32,
+        "BWD_DQ_BLOCK_M": 16, "BWD_BLOCK_D": 64, "BWD_BLOCK_C": 64, "BWD_OUT": 256, "BWD_BLOCK_R": 16,
+        "BWD_BLOCK_CC": _pow2(C, 16, 128), "BWD_WARPS": 8, "BWD_STAGES_COL": 1, "BWD_STAGES_DQ": 2,
     }
 
 
-def interpreter_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
+def _pieces(width: int, cap: int) -> tuple[int, int] | None:
+    """Two power-of-two pieces (P1 ≥ 16, P2 = 0 or 16 ≤ P2 ≤ P1 / 4, P1 ≤ cap) covering `width` columns, or None
+    where none exist (e.g. 320 → (256, 64), 72 → (64, 16), 24 → (32, 0), 600 with cap 256 → None). The second
+    piece is small so that it pads little and adds little to the registers."""
+    p1 = max(16, min(cap, 1 << (max(width, 1).bit_length() - 1)))
+    rest = width - p1
+    if rest <= 0:
+        return p1, 0
+    p2 = max(16, triton.next_power_of_2(rest))
+    if p2 <= p1 // 4:
+        return p1, p2
+    return (2 * p1, 0) if 2 * p1 <= cap else None
+
+
+def bwd_pieces(Dq: int, C: int, cap: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The pieces (`_pieces` with `cap`) of the dq_subj / dq_comp columns and of the dfeat_comp columns that one
+    backward program owns; chunk j owns the columns j·(P1 + P2) + [0, P1 + P2). Every chunk redoes S and dP (a
+    cost ∝ Dq + C), so the fewest chunks that fit win: one (the paper's 320 = 256 + 64 at cap 256) unless a
+    width exceeds cap + cap / 4, then n equal chunks (SD-1.5's 640: 2 × (256 + 64), 1280: 4 × (256 + 64))."""
+    n = 1
+    while True:
+        pd, pc = _pieces(triton.cdiv(Dq, n), cap), _pieces(triton.cdiv(C, n), cap)
+        if pd is not None and pc is not None:
+            return pd, pc
+        n += 1
+
+
+def gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str | None = None) -> dict[str, int]:
+    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs); `precision` (one of
+    PRECISIONS; None: a tensor-core one) picks the backward's tiles."""
+    out_c = _out_chunk(C, Dq, 256)
+    return {
+        "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64, "OUT_C": out_c,
+        "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
+        "num_warps": 8 if out_c >= 256 else 4, "num_stages": 2,
+        **_bwd_gpu_tiles(N, M, Dq, C, precision),
+    }
+
+
+def interpreter_tiles(N: int, M: int, Dq: int, C: int, precision: str | None = None) -> dict[str, int]:
     """Few, large programs (the interpreter's cost is per program and per op)."""
     return {
         "BLOCK_N": _pow2(N, 16, 64), "BLOCK_M": _pow2(M, 16, 64),
         "BLOCK_D": _pow2(Dq, 16, 128), "BLOCK_C": _pow2(C, 16, 128),
-        "OUT_C": _pow2(C, 16, 128), "OUT_D": _pow2(Dq, 16, 128),
+        "OUT_C": _pow2(C, 16, 128),
         "BLOCK_R": _pow2(N, 16, 64), "BLOCK_CC": _pow2(C, 16, 128),
         "num_warps": 4, "num_stages": 2,
+        # the backward: one chunk of output columns up to 160 (128 + 32)
+        "BWD_BLOCK_N": _pow2(N, 16, 64), "BWD_BLOCK_M": _pow2(M, 16, 64), "BWD_DQ_BLOCK_N": _pow2(N, 16, 64),
+        "BWD_DQ_BLOCK_M": _pow2(M, 16, 64), "BWD_BLOCK_D": _pow2(Dq, 16, 128), "BWD_BLOCK_C": _pow2(C, 16, 128),
+        "BWD_OUT": 128, "BWD_BLOCK_R": _pow2(N, 16, 64), "BWD_BLOCK_CC": _pow2(C, 16, 128), "BWD_WARPS": 4,
+        "BWD_STAGES_COL": 1, "BWD_STAGES_DQ": 2,
     }
 
 
@@ -416,32 +503,34 @@ def soft_warp_bwd(
     dfc = _empty_like(fc) if need_fc else None
     if B == 0 or N == 0 and not (need_qc or need_fc):
         return dqs, dqc, dfs, dfc
-    cfg = tiles(N, M, Dq, C)
-    compute, do_dtype, prec = _compute_dtype(precision or default_precision(qs.dtype))
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    precision = precision or default_precision(qs.dtype)
+    cfg = tiles(N, M, Dq, C, precision=precision)
+    compute, do_dtype, prec = _compute_dtype(precision)
     need_do = need_qs or need_qc or need_fc
     d_o = _empty((B, N, C), device=dev, dtype=do_dtype) if need_do else warped
     di = _empty((B, N), device=dev, dtype=torch.float32) if need_do else lse
     if N > 0 and (need_do or need_fs):
-        _bwd_prep_kernel[(triton.cdiv(N, cfg["BLOCK_R"]), B)](
+        _bwd_prep_kernel[(triton.cdiv(N, cfg["BWD_BLOCK_R"]), B)](
             g, warped, fs, w, d_o, di, dfs if need_fs else fs, N, C, COSINE_EPS,
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_CC=cfg["BLOCK_CC"], NEED_DO=need_do, NEED_DFS=need_fs,
+            BLOCK_R=cfg["BWD_BLOCK_R"], BLOCK_CC=cfg["BWD_BLOCK_CC"], NEED_DO=need_do, NEED_DFS=need_fs,
         )
+    (d1, d2), (c1, c2) = bwd_pieces(Dq, C, cfg["BWD_OUT"])
     common = dict(
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_C=cfg["BLOCK_C"],
-        COMPUTE=compute, PREC=prec, **opts,
+        BLOCK_D=cfg["BWD_BLOCK_D"], BLOCK_C=cfg["BWD_BLOCK_C"], D1=d1, D2=d2,
+        COMPUTE=compute, PREC=prec, num_warps=cfg["BWD_WARPS"],
     )
     args = (qs, qc, fc, d_o, lse, di, order, count)
     sizes = (N, M, Dq, C, float(scale) * LOG2E, float(scale))
-    if need_qs and N > 0 and Dq > 0:
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(Dq, cfg["OUT_D"]), B)
-        _bwd_dq_kernel[grid](*args, dqs, *sizes, OUT_D=cfg["OUT_D"], **common)
-    if need_qc and M > 0 and Dq > 0:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Dq, cfg["OUT_D"]), B)
-        _bwd_col_kernel[grid](*args, dqc, *sizes, OUT=cfg["OUT_D"], IS_DV=False, **common)
-    if need_fc and M > 0 and C > 0:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["OUT_C"]), B)
-        _bwd_col_kernel[grid](*args, dfc, *sizes, OUT=cfg["OUT_C"], IS_DV=True, **common)
+    if need_qs and N > 0:
+        grid = (triton.cdiv(N, cfg["BWD_DQ_BLOCK_N"]), triton.cdiv(Dq, d1 + d2), B)
+        _bwd_dq_kernel[grid](*args, dqs, *sizes, BLOCK_N=cfg["BWD_DQ_BLOCK_N"], BLOCK_M=cfg["BWD_DQ_BLOCK_M"],
+                             num_stages=cfg["BWD_STAGES_DQ"], **common)
+    if (need_qc or need_fc) and M > 0:
+        chunks = max(triton.cdiv(Dq, d1 + d2) if need_qc else 1, triton.cdiv(C, c1 + c2) if need_fc else 1)
+        grid = (triton.cdiv(M, cfg["BWD_BLOCK_M"]), chunks, B)
+        _bwd_col_kernel[grid](*args, dqc if need_qc else qc, dfc if need_fc else fc, *sizes,
+                              BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_M=cfg["BWD_BLOCK_M"], C1=c1, C2=c2, NEED_DK=need_qc,
+                              NEED_DV=need_fc, num_stages=cfg["BWD_STAGES_COL"], **common)
     return dqs, dqc, dfs, dfc
 
 

@@ -21,7 +21,7 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOFLINE = load_script(ROOT / "bench" / "roofline.py")
-SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16)
+SMALL = dict(K.TILE_KEYS)  # every tile at its minimum (16)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
@@ -39,7 +39,7 @@ def test_eager_flops_match_flop_counter(shape, backward):
 
 @contextlib.contextmanager
 def counting_loads():
-    """Within the block, every load the interpreter executes is counted per kernel (IS_DV told apart):
+    """Within the block, every load the interpreter executes is counted per kernel:
     {kernel: [instructions, bytes of the unmasked lanes]}."""
     from triton.runtime import interpreter
 
@@ -55,10 +55,7 @@ def counting_loads():
         return out
 
     def run(self, *args, **kwargs):
-        name = self.fn.__name__
-        if name == "_bwd_col_kernel":
-            name += "[dfeat_comp]" if kwargs["IS_DV"] else "[dq_comp]"
-        current[0] = name
+        current[0] = self.fn.__name__
         return real_run(self, *args, **kwargs)
 
     interpreter.InterpreterBuilder.create_masked_load = load
