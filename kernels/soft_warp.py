@@ -30,9 +30,19 @@ dP − D is a small difference of large numbers):
     P = exp(S − lse)  (recomputed),   dP = dO vᵀ          (blocked over C)
     dS = P ∘ (dP − D)
     dq_subj = scale · dS k,   dq_comp = scale · dSᵀ q,   dfeat_comp = Pᵀ dO
-Three backward kernels: row-parallel dq_subj (loop over M), column-parallel dq_comp and dfeat_comp (loop
-over the selected rows); each splits its output's feature dimension across programs (recomputing S / dP),
-and only runs for the inputs that require grad. A small row kernel computes dO, D and dfeat_subj first.
+A small row kernel computes dO, D and dfeat_subj first; then, as FlashAttention-2 splits it, a column kernel per
+key block loops over the selected rows, computing S and dP once per (row, key) tile and accumulating dq_comp and
+dfeat_comp together, and a row pass per block of selected rows loops over the keys, computing S and dP once per
+tile again, for dq_subj. Per tile that is S, dP, dq_comp, dfeat_comp, S, dP, dq_subj: 4·Dq + 3·C of matmul width
+(the paper's Dq = C = 320: 2,240 · 2·N·M FLOPs per batch). The row pass recomputes S and dP rather than the
+column kernel adding dq_subj atomically: every gradient element is summed by one program in a fixed order, so
+the gradients are deterministic (bit for bit, run to run). A program owns all of an output's feature columns as
+up to two power-of-two pieces (`bwd_pieces`: 320 = 256 + 64); wider features (SD-1.5's 640, 1280) are split into
+equal chunks over programs, each redoing S and dP. S and dP contract over Dq and C in BLOCK_D / BLOCK_C chunks
+(a whole 256-wide fp32 operand would take 128 registers per thread), so a row step reads its q_subj and dO rows
+twice, in chunks and in pieces (cache traffic, no extra matmul). The kernels run only for the inputs that
+require grad; a column kernel for one of dq_comp / dfeat_comp skips the other's accumulators (and, for
+dfeat_comp alone, dP).
 Precision of the matmuls (`precision`, resolved by adaface.ops.soft_warp): "bf16" / "fp16" round the operand
 tiles to that dtype and accumulate in fp32 (dO is stored in it); "tf32" feeds fp32 tiles to TF32 tensor cores
 (fp32 accumulation); "ieee" is exact fp32 on the CUDA cores. Softmax statistics, O, D and the cosine are fp32

@@ -8,6 +8,7 @@ error: compared there with atol = rtol = 2e-3 × the reference's largest entry.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -174,7 +175,7 @@ def test_backward_skips_kernels_for_inputs_without_grad(device, monkeypatch):
 
             def __getitem__(self, grid):
                 def launch(*args, **kw):
-                    calls.append((self.kname, kw.get("IS_DV")))
+                    calls.append((self.kname, kw.get("NEED_DK"), kw.get("NEED_DV")))
                     return self.kernel[grid](*args, **kw)
                 return launch
 
@@ -182,11 +183,15 @@ def test_backward_skips_kernels_for_inputs_without_grad(device, monkeypatch):
     x = make_inputs(1, 9, 11, 5, 6, device=device)
     fs = x[2].clone().requires_grad_()
     (g,) = torch.autograd.grad(soft_warp_loss(x[0], x[1], fs, x[3], backend="triton"), (fs,))
-    assert calls == [("_bwd_prep_kernel", None)]
+    assert calls == [("_bwd_prep_kernel", None, None)]
     calls.clear()
     fc = x[3].clone().requires_grad_()
     torch.autograd.grad(soft_warp_loss(x[0], x[1], x[2], fc, backend="triton"), (fc,))
-    assert calls == [("_bwd_prep_kernel", None), ("_bwd_col_kernel", True)]
+    assert calls == [("_bwd_prep_kernel", None, None), ("_bwd_col_kernel", False, True)]
+    calls.clear()
+    qc = x[1].clone().requires_grad_()
+    torch.autograd.grad(soft_warp_loss(x[0], qc, x[2], x[3], backend="triton"), (qc,))
+    assert calls == [("_bwd_prep_kernel", None, None), ("_bwd_col_kernel", True, False)]
 
 
 def test_no_grad_inputs_forward_only(device):
@@ -399,3 +404,95 @@ def test_bad_precision_names_the_argument(backend, precision, match, device):
     x = make_inputs(1, 3, 4, 5, 6, device=device)
     with pytest.raises(ValueError, match=match):
         soft_warp_loss(*x, backend=backend, precision=precision)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backward code paths (kernels/soft_warp.py `bwd_pieces`): output columns owned as one or two power-of-two
+# pieces, or split into chunks; 16-wide steps cross several row / key / contraction blocks. Gradients against
+# the float64 reference at the "ieee" bound of PRECISION_BOUND.
+STEPS16 = dict(BWD_BLOCK_N=16, BWD_BLOCK_M=16, BWD_DQ_BLOCK_N=16, BWD_DQ_BLOCK_M=16, BWD_BLOCK_D=16, BWD_BLOCK_C=16)
+
+
+def _mask_selecting(counts, N, device):
+    """Bool mask [len(counts), N]: batch b selects counts[b] rows, spread over the rows."""
+    mask = torch.zeros(len(counts), N, dtype=torch.bool)
+    for b, c in enumerate(counts):
+        mask[b, torch.linspace(N - 1, 0, c).round().long()] = True
+    return mask.to(device)
+
+
+def _bwd_errors(shape, counts, needs, blocks, device, seed=31):
+    """Relative errors (max |got − ref| / max |ref|) of the needed gradients against float64; also asserts that
+    q_subj's and feat_subj's gradients are exactly 0 at unselected rows."""
+    B, N, M, Dq, C = shape
+    x = make_inputs(B, N, M, Dq, C, device=device, seed=seed)
+    mask = _mask_selecting(counts, N, device)
+    ins = [t.clone().requires_grad_(n) for t, n in zip(x, needs)]
+    with forced_tiles(K, **blocks):
+        grads = torch.autograd.grad(soft_warp_loss(*ins, mask, backend="triton", precision="ieee"),
+                                    [t for t in ins if t.requires_grad])
+    r64 = [t.double().requires_grad_(n) for t, n in zip(x, needs)]
+    ref = soft_warp_loss_reference(*r64, mask, upcast=False)
+    rgrads = torch.autograd.grad(ref, [t for t in r64 if t.requires_grad])
+    names = [n for n, need in zip(NAMES, needs) if need]
+    for name, g in zip(names, grads):
+        if name in ("q_subj", "feat_subj"):
+            assert torch.equal(g[~mask], torch.zeros_like(g[~mask])), name
+    return {name: ((g.double() - rg).abs().max() / rg.abs().max().clamp_min(1e-300)).item()
+            for name, g, rg in zip(names, grads, rgrads)}
+
+
+BWD_PATHS = {  # (B, N, M, Dq, C), forced tiles, the pieces / chunks they make
+    "one_piece": ((2, 21, 19, 24, 40), {}),  # 24 → (32, 0), 40 → (64, 0)
+    "two_pieces": ((2, 19, 23, 72, 80), {}),  # 72, 80 → (64, 16): one chunk
+    "two_pieces_16_steps": ((2, 37, 35, 72, 80), STEPS16),  # several row, key and Dq / C blocks
+    "chunks_328": ((1, 17, 21, 72, 328), dict(STEPS16, BWD_OUT=64)),  # 5 chunks: dq 5 × 16, C 5 × (64 + 16)
+    "chunks_unequal": ((2, 18, 20, 20, 72), dict(STEPS16, BWD_OUT=16)),  # 5 chunks of C, 2 of Dq (3 idle)
+}
+
+
+@pytest.mark.parametrize("path", list(BWD_PATHS))
+def test_backward_paths_against_float64(path, device):
+    shape, blocks = BWD_PATHS[path]
+    B, N = shape[:2]
+    counts = [N, 5][:B]  # every row, and some
+    errors = _bwd_errors(shape, counts, (True,) * 4, blocks, device)
+    assert all(e <= PRECISION_BOUND["ieee"] for e in errors.values()), f"{path}: relative errors {errors}"
+
+
+def test_backward_pieces_and_chunks():
+    assert K.bwd_pieces(320, 320, 256) == ((256, 64), (256, 64))  # the paper: one program owns every column
+    assert K.bwd_pieces(640, 640, 256) == ((256, 64), (256, 64))  # two chunks of 320
+    assert K.bwd_pieces(1280, 1280, 256) == ((256, 64), (256, 64))  # four
+    assert K.bwd_pieces(72, 328, 64) == ((16, 0), (64, 16))  # five chunks, dq's of 16 columns
+    assert K.bwd_pieces(24, 8, 256) == ((32, 0), (16, 0))
+    for width in range(1, 700):
+        for cap in (16, 64, 256):
+            pieces = K._pieces(width, cap)
+            if pieces is None:
+                continue
+            p1, p2 = pieces
+            assert p1 <= cap and p1 + p2 >= width and (p2 == 0 or 16 <= p2 <= p1 // 4), (width, cap, pieces)
+            assert p1 & (p1 - 1) == 0 and p2 & (p2 - 1) == 0
+
+
+@pytest.mark.parametrize("counts", [(0, 1), (1, 0), (0, 0), (14, 14)], ids=lambda c: f"rows_{c[0]}_{c[1]}")
+def test_backward_masks_selecting_0_1_all_rows(counts, device):
+    """A batch with no selected row (its column programs loop zero times and store zeros), one row, all rows."""
+    if counts == (0, 0):  # the masked mean of no rows is 0 with zero gradients (its own test): nothing to compare
+        x = [t.requires_grad_() for t in make_inputs(2, 14, 9, 72, 80, device=device)]
+        grads = torch.autograd.grad(soft_warp_loss(*x, _mask_selecting(counts, 14, device), backend="triton",
+                                                   precision="ieee"), x)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+        return
+    errors = _bwd_errors((2, 14, 9, 72, 80), list(counts), (True,) * 4, STEPS16, device)
+    assert all(e <= PRECISION_BOUND["ieee"] for e in errors.values()), f"{counts}: relative errors {errors}"
+
+
+@pytest.mark.parametrize("needs", [n for n in itertools.product((False, True), repeat=4) if any(n)],
+                         ids=lambda n: "".join("x" if v else "_" for v in n))
+def test_backward_every_subset_of_needed_grads(needs, device):
+    """dq_comp alone (dP, no dfeat_comp accumulator), dfeat_comp alone (no dP), both, with chunks of unequal
+    counts (dq's 2, dfeat_comp's 5), and dq_subj / feat_subj with or without them."""
+    errors = _bwd_errors((2, 18, 20, 20, 72), [18, 7], needs, dict(STEPS16, BWD_OUT=16), device)
+    assert all(e <= PRECISION_BOUND["ieee"] for e in errors.values()), f"{needs}: relative errors {errors}"
