@@ -67,17 +67,23 @@ def counting_loads():
         interpreter.InterpretedFunction.run = real_run
 
 
-@pytest.mark.parametrize("dtype, needs", [
-    (torch.float32, (True, True, True, True)),
-    (torch.float16, (False, True, False, True)),
-], ids=["fp32_all_grads", "fp16_comp_grads"])
-def test_kernel_tile_loads_match_the_interpreter(dtype, needs):
-    """16-wide tiles at odd sizes: several row / key / feature blocks, partial tiles, an output split in 3."""
-    B, N, M, Dq, C = 2, 37, 45, 41, 35
+PIECES = dict(SMALL, BWD_OUT=64)  # the backward's outputs as two pieces (72 → 64 + 16) in one chunk
+
+
+@pytest.mark.parametrize("dtype, needs, shape, tiles", [
+    (torch.float32, (True, True, True, True), (2, 37, 45, 41, 35), SMALL),
+    (torch.float16, (False, True, False, True), (2, 37, 45, 41, 35), SMALL),
+    (torch.float32, (True, False, False, True), (2, 21, 19, 72, 80), PIECES),
+    (torch.float32, (False, True, True, False), (2, 21, 19, 72, 80), PIECES),
+], ids=["fp32_all_grads", "fp16_comp_grads", "two_pieces_dq_subj_dfeat_comp", "two_pieces_dq_comp"])
+def test_kernel_tile_loads_match_the_interpreter(dtype, needs, shape, tiles):
+    """16-wide tiles at odd sizes: several row / key / feature blocks, partial tiles, outputs split in 3 chunks
+    or owned as two pieces, each subset of the column kernel's outputs."""
+    B, N, M, Dq, C = shape
     x = make_inputs(B, N, M, Dq, C, dtype=dtype, seed=5)
     mask = make_mask("bool", B, N, torch.device("cpu"), torch.Generator().manual_seed(3))
     ins = [t.clone().requires_grad_(n) for t, n in zip(x, needs)]
-    with forced_tiles(K, **SMALL):
+    with forced_tiles(K, **tiles):
         cfg = K.tiles(N, M, Dq, C)
         with counting_loads() as counts:
             loss = soft_warp_loss(*ins, mask, backend="triton")
