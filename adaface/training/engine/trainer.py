@@ -84,8 +84,7 @@ from .expansion import ExpansionSchedule, format_stage
 from .hooks import Callbacks, load_env_hook
 from .metrics_log import MetricsLog, read_jsonl
 from .optim import (
-    build_optimizer,
-    build_scheduler,
+    build_for_config,
     describe_d,
     load_scheduler_state,
     scheduler_state,
@@ -186,10 +185,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         named = named_trainable(self.module)
         self.names = {p: n for n, p in named.items()}
-        c = self.cfg
-        self.optimizer = build_optimizer(named.values(), lr=c.lr, d0=c.d0, d_coef=c.d_coef, weight_decay=c.weight_decay,
-                                         safeguard_warmup=c.safeguard_warmup, bias_correction=c.bias_correction)
-        self.scheduler = build_scheduler(self.optimizer, c.warmup_steps)
+        self.optimizer, self.scheduler = build_for_config(named.values(), self.cfg)
         self.model = self.module
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
