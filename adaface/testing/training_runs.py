@@ -11,8 +11,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import pytest
 
 # the repository: the training scripts take their relative paths (configs, data) from there
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +68,7 @@ def run_script(script: Path, args: Sequence[str], env: dict[str, str] | None = N
     return _python([str(script), *args], env, check)
 
 
-def uninterrupted_run(tmp_path_factory, script: Path, args_for: Callable[[Path], list[str]],
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, script: Path, args_for: Callable[[Path], list[str]],
                       steps: int) -> tuple[Path, str, dict[int, dict]]:
     """A run of `script` with arguments `args_for(out)` into a fresh folder `out` that exits 0 and logs every step
     1..`steps`: what the interrupted runs are compared with. (out, its stdout, its step records)."""
