@@ -21,7 +21,8 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOFLINE = load_script(ROOT / "bench" / "roofline.py")
-SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16)
+SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16,
+             FWD_BLOCK_N=16, FWD_BLOCK_M=16, FWD_D0=16, FWD_D1=0, FWD_C0=16, FWD_C1=0)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])

@@ -23,7 +23,8 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
 NAMES = ("q_subj", "q_comp", "feat_subj", "feat_comp")
-SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16)
+SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16,
+             FWD_BLOCK_N=16, FWD_BLOCK_M=16, FWD_D0=16, FWD_D1=0, FWD_C0=16, FWD_C1=0)
 
 
 def _exact(dtype: torch.dtype) -> str:
