@@ -2,11 +2,15 @@
 
 Per batch b, with q = q_subj [N, Dq], k = q_comp [M, Dq], v = feat_comp [M, C], f = feat_subj [N, C]:
 
-Forward (streaming over M, the N×M matrix is never stored):
-    S = scale · q kᵀ                              (blocked over Dq: S = Σ_chunks q[:, d] k[:, d]ᵀ)
+Forward (streaming over M, the N×M matrix is never stored), as FlashAttention-2 does it: a program owns a block
+of selected rows and all C output columns (or, for wide C, a chunk of them: `_fwd_plan`), as one or two
+power-of-two pieces (320 = 256 + 64, 72 = 64 + 16) with an fp32 accumulator each; it loads its rows' q once
+(in up to two pieces) and makes one pass over the key blocks, loading only K and V there (pipelined):
+    S = scale · q kᵀ                              (S = Σ_pieces q[:, d] k[:, d]ᵀ, each piece's dot accumulating
+                                                  into the running S; q streamed in chunks where it is too
+                                                  wide to keep in registers)
     online softmax per row: m = max_j S, l = Σ_j exp(S − m), lse = m + log l   (kept in base 2 internally)
-    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; the C dimension is split across programs,
-                                                          each program redoing the cheap-to-stream S)
+    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; a further output chunk recomputes S)
     cosine exactly as torch.nn.functional.cosine_similarity(O, f, eps):
         n_o = max(|O|, eps),  n_f = max(|f|, eps),  cos = O·f / (n_o n_f),  row = 1 − cos
 Saved for the backward: O (fp32 [B, N, C]), lse ([B, N] fp32) and the compacted row order / count.
@@ -368,37 +372,41 @@ def _cover(n: int) -> tuple[int, int]:
     return (first * 2, 0) if second == first else (first, second)
 
 
-# The forward's tile plan (`_fwd_plan`). A program keeps across its key loop the fp32 accumulator of its output
+# The forward's tile plan (`_fwd_plan`). A program keeps across its key loop the fp32 accumulator of its W output
 # columns and, when resident, its rows' q; per key block it holds the V tile as a matmul operand. On sm_80
-# Triton's MMA keeps the whole operand fragments in registers: with FWD_BLOCK_N = 32 rows and 8 warps (2 along
-# the rows × 4 along the columns) a thread holds W/8 accumulator words for W output columns, Dq·b/8 words of
-# resident q (b bytes per operand element: every column-warp holds its rows' whole q) and BLOCK_M·W·b/512 words
-# of V. Their sum stays within FWD_WORDS, the budget (of 255 registers) that ptxas met without spilling at the
-# paper's shapes (bench/kernel_resources.py); the CUDA cores' dot ("ieee") keeps a strip of both operands per
-# thread, counted as b = 8. The K and V tiles of one pipeline stage, BLOCK_M·(Dq or the streamed chunk + W) input
-# elements, stay within FWD_STAGE_BYTES (two stages and the layout scratch within sm_86's 99 KB).
+# Triton's MMA keeps whole operand fragments in registers, and a warp's MMA covers at least 16 rows, so a warp
+# holds the whole q of its 16 rows: with 64 rows and 8 warps (4 along the rows × 2 along the columns) q of
+# Dq = 320 and W = 320 spilled in every precision. Hence 32 rows and 8 warps (2 × 4): a thread holds W/8
+# accumulator words, Dq·b/8 words of resident q (b bytes per operand element) and FWD_BLOCK_M·W·b/512 words of
+# V. Their sum stays within FWD_WORDS, the part of 255 registers that ptxas fits with the softmax and the K tile
+# without spilling at SD-1.5's shapes (bench/kernel_resources.py); the CUDA cores' dot ("ieee") holds a strip
+# of both operands per thread, counted as b = 8. So fp32 q (TF32) of 320 features is streamed with each key
+# block in FWD_STREAM_D-wide chunks, bf16/fp16 q is resident. One pipeline stage's K and V tiles,
+# FWD_BLOCK_M·(Dq or the streamed chunk + W) input elements (copied to shared memory as loaded, fp32 inputs at
+# 4 bytes whatever the precision), stay within FWD_STAGE_BYTES: two stages within sm_86's 99 KB.
 FWD_WORDS = 160
 FWD_STAGE_BYTES = 48 * 1024
-FWD_STREAM_D = 64  # q's chunk when it is streamed with each key block
+FWD_STREAM_D = 64
 
 
-def _fwd_plan(Dq: int, C: int, op_bytes: int, in_bytes: int, block_ms=(32, 16), words: float = FWD_WORDS,
-              stage_bytes: float = FWD_STAGE_BYTES, widest: int = 1024) -> dict[str, int]:
+def _fwd_plan(Dq: int, C: int, op_bytes: int, in_bytes: int) -> dict[str, int]:
     """The forward's key block, q pieces and output chunk: the least modelled matmul work (per row and key,
     ⌈C / W⌉ · (Dq padded + W) for W output columns per program: each further chunk recomputes the scores) within
-    the register and shared-memory budgets; ties go to a resident q, then a wider key block, then one piece."""
+    the register and shared-memory budgets; ties go to a resident q, then a wider key block, then one piece.
+    At SD-1.5's layers: 320 features in one program per row block; 640 in one (two 320-wide for "ieee");
+    1280 in two 640-wide chunks (four 320-wide for "ieee")."""
     best, best_key = None, None
-    for rank_m, block_m in enumerate(block_ms):
+    for rank_m, block_m in enumerate((32, 16)):
         for resident in (True, False):
             d0, d1 = _cover(Dq) if resident else (_pow2(Dq, 16, FWD_STREAM_D), 0)
             dk = d0 + d1 if resident else triton.cdiv(Dq, d0) * d0
             q_words = dk * op_bytes / 8 if resident else 0
             c0 = 16
-            while c0 <= widest:
+            while c0 <= 1024:
                 for c1 in [0] + [w for w in (16, 32, 64, 128, 256, 512) if w <= c0 // 2]:
                     w = c0 + c1
-                    fits = (w / 8 + q_words + block_m * w * op_bytes / 512 <= words
-                            and block_m * ((dk if resident else d0) + w) * in_bytes <= stage_bytes)
+                    fits = (w / 8 + q_words + block_m * w * op_bytes / 512 <= FWD_WORDS
+                            and block_m * ((dk if resident else d0) + w) * in_bytes <= FWD_STAGE_BYTES)
                     key = (triton.cdiv(C, w) * (dk + w), not resident, rank_m, c1 > 0, w)
                     if fits and (best_key is None or key < best_key):
                         best_key = key
