@@ -97,6 +97,13 @@ def _rows_tile_t(ptr, rows, rmask, lo, K, W: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(ptr, rows, rmask, lo, K, x, W: tl.constexpr):
+    """ptr[rows, lo:lo + W] = x (columns below K, unmasked rows) of a row-major [·, K] matrix."""
+    offs = lo + tl.arange(0, W)
+    tl.store(ptr + rows[:, None] * K + offs[None, :], x, mask=rmask[:, None] & (offs < K)[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
     qs_ptr, qc_ptr, fc_ptr, order_ptr, count_ptr, o_ptr, lse_ptr,
     N, M, Dq, C, qk_scale,
@@ -159,13 +166,6 @@ def _fwd_kernel(
             _store_rows(o_b, rows, rmask, c_lo + C0, C, acc1 / l_safe[:, None], C1)
         if pid_c == 0:
             tl.store(lse_ptr + b * N + rows, m_i + tl.log2(l_safe), mask=rmask)
-
-
-@triton.jit
-def _store_rows(ptr, rows, rmask, lo, K, x, W: tl.constexpr):
-    """ptr[rows, lo:lo + W] = x (columns below K, unmasked rows) of a row-major [·, K] matrix."""
-    offs = lo + tl.arange(0, W)
-    tl.store(ptr + rows[:, None] * K + offs[None, :], x, mask=rmask[:, None] & (offs < K)[None, :])
 
 
 @triton.jit
