@@ -132,11 +132,18 @@ def kernel_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg
     if B == 0 or N == 0:
         return out
 
-    fwd = Cost(precision=precision)
-    fwd.loads = B * nNb * nOC + W * nOC * (1 + nM * (2 * nD + 1))
-    fwd.load_bytes = (B * nNb * nOC * 4 + nOC * cnt * 4 + nOC * nM * cnt * Dq * elem + W * nOC * M * Dq * elem
-                      + W * M * C * elem)
-    fwd.flops = W * nOC * nM * (2 * BN * BM * BD * nD + 2 * BN * BM * OC)
+    fwd = Cost(precision=precision)  # one program per FWD_BLOCK_N rows × (C0 + C1) output columns
+    FN, FM, D0, D1, C0, C1 = (cfg[k] for k in ("FWD_BLOCK_N", "FWD_BLOCK_M", "FWD_D0", "FWD_D1", "FWD_C0", "FWD_C1"))
+    resident = Dq <= D0 + D1  # q loaded once in its pieces; else streamed with every key block in D0 chunks
+    q_pieces = 1 + (D1 > 0) if resident else 0
+    d_pad = D0 + D1 if resident else _cdiv(Dq, D0) * D0
+    fNb, fM, fC = _cdiv(N, FN), _cdiv(M, FM), max(_cdiv(C, C0 + C1), 1)
+    fW = sum(_cdiv(c, FN) for c in counts)  # row blocks that hold selected rows
+    per_key = q_pieces if resident else 2 * _cdiv(Dq, D0)
+    fwd.loads = B * fNb * fC + fW * fC * (1 + q_pieces + fM * (per_key + 1 + (C1 > 0)))
+    q_bytes = fC * cnt * Dq * elem * (1 if resident else fM)
+    fwd.load_bytes = B * fNb * fC * 4 + fC * cnt * 4 + q_bytes + fW * fC * M * Dq * elem + fW * M * C * elem
+    fwd.flops = fW * fC * fM * (2 * FN * FM * d_pad + 2 * FN * FM * (C0 + C1))
     fwd.store_bytes = cnt * C * f + cnt * f
     busy = sum(1 for c in counts if c)  # batches whose K / V are read
     kv = busy * M * (Dq + C) * elem
@@ -193,7 +200,8 @@ def triton_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], pre
     """The kernels on fp32 inputs (the training path) at the CUDA launch configuration, with `precision`."""
     from adaface.kernels.soft_warp import gpu_tiles
 
-    return kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C), elem=4, do_elem=PRECISION_BYTES[precision],
+    cfg = gpu_tiles(N, M, Dq, C, precision=precision, elem=4)
+    return kernel_costs(B, N, M, Dq, C, counts, cfg, elem=4, do_elem=PRECISION_BYTES[precision],
                         precision=precision, backward=backward)
 
 
@@ -255,8 +263,9 @@ def predicted_for_benchmark(info: dict, backward: bool) -> dict[str, float] | No
         rows = int(info["selected_rows"])
         counts = [rows // B + (1 if b < rows % B else 0) for b in range(B)]
         precision = info.get("precision") or {4: "ieee", 2: "bf16"}[elem]
-        costs = kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C), elem=elem,
-                             do_elem=PRECISION_BYTES[precision], precision=precision, backward=backward)
+        cfg = gpu_tiles(N, M, Dq, C, precision=precision, elem=elem)
+        costs = kernel_costs(B, N, M, Dq, C, counts, cfg, elem=elem, do_elem=PRECISION_BYTES[precision],
+                             precision=precision, backward=backward)
     return {gpu: total(costs, gpu)["time_s"] for gpu in PEAKS}
 
 

@@ -2,11 +2,15 @@
 
 Per batch b, with q = q_subj [N, Dq], k = q_comp [M, Dq], v = feat_comp [M, C], f = feat_subj [N, C]:
 
-Forward (streaming over M, the N×M matrix is never stored):
-    S = scale · q kᵀ                              (blocked over Dq: S = Σ_chunks q[:, d] k[:, d]ᵀ)
+Forward (streaming over M, the N×M matrix is never stored), as FlashAttention-2 does it: a program owns a block
+of selected rows and all C output columns (or, for wide C, a chunk of them: `_fwd_plan`), as one or two
+power-of-two pieces (320 = 256 + 64, 72 = 64 + 16) with an fp32 accumulator each; it loads its rows' q once
+(in up to two pieces) and makes one pass over the key blocks, loading only K and V there (pipelined):
+    S = scale · q kᵀ                              (S = Σ_pieces q[:, d] k[:, d]ᵀ, each piece's dot accumulating
+                                                  into the running S; q streamed in chunks where it is too
+                                                  wide to keep in registers)
     online softmax per row: m = max_j S, l = Σ_j exp(S − m), lse = m + log l   (kept in base 2 internally)
-    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; the C dimension is split across programs,
-                                                          each program redoing the cheap-to-stream S)
+    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; a further output chunk recomputes S)
     cosine exactly as torch.nn.functional.cosine_similarity(O, f, eps):
         n_o = max(|O|, eps),  n_f = max(|f|, eps),  cos = O·f / (n_o n_f),  row = 1 − cos
 Saved for the backward: O (fp32 [B, N, C]), lse ([B, N] fp32) and the compacted row order / count.
@@ -79,12 +83,37 @@ def _dot_rows(
 
 
 @triton.jit
+def _rows_tile(ptr, rows, rmask, lo, K, W: tl.constexpr):
+    """[len(rows), W] = ptr[rows, lo:lo + W] of a row-major [·, K] matrix (zero past K and on masked rows)."""
+    offs = lo + tl.arange(0, W)
+    return tl.load(ptr + rows[:, None] * K + offs[None, :], mask=rmask[:, None] & (offs < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _rows_tile_t(ptr, rows, rmask, lo, K, W: tl.constexpr):
+    """[W, len(rows)]: `_rows_tile` transposed (the key tile as the right operand of q kᵀ)."""
+    offs = lo + tl.arange(0, W)
+    return tl.load(ptr + rows[None, :] * K + offs[:, None], mask=rmask[None, :] & (offs < K)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, rmask, lo, K, x, W: tl.constexpr):
+    """ptr[rows, lo:lo + W] = x (columns below K, unmasked rows) of a row-major [·, K] matrix."""
+    offs = lo + tl.arange(0, W)
+    tl.store(ptr + rows[:, None] * K + offs[None, :], x, mask=rmask[:, None] & (offs < K)[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
     qs_ptr, qc_ptr, fc_ptr, order_ptr, count_ptr, o_ptr, lse_ptr,
     N, M, Dq, C, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, OUT_C: tl.constexpr,
-    COMPUTE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, Q_RESIDENT: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
+    """BLOCK_N selected rows × the C0 + C1 output columns from pid_c·(C0 + C1) (C1 = 0: one piece), in one pass
+    over the keys. Q_RESIDENT: the rows' q (Dq ≤ D0 + D1) is loaded once, in two pieces, and the key loop
+    loads only K and V (pipelined by the launch's num_stages); otherwise q is streamed with each key block in
+    D0-wide chunks (`_dot_rows`)."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -97,26 +126,44 @@ def _fwd_kernel(
         qs_b = qs_ptr + b * N * Dq
         qc_b = qc_ptr + b * M * Dq
         fc_b = fc_ptr + b * M * C
-        offs_c = pid_c * OUT_C + tl.arange(0, OUT_C)
-        cm = offs_c < C
+        o_b = o_ptr + b * N * C
+        c_lo = pid_c * (C0 + C1)
+        if Q_RESIDENT:
+            q0 = _rows_tile(qs_b, rows, rmask, 0, Dq, D0).to(COMPUTE)
+            if D1 > 0:
+                q1 = _rows_tile(qs_b, rows, rmask, D0, Dq, D1).to(COMPUTE)
         m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_N, OUT_C], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_N, C0], dtype=tl.float32)
+        if C1 > 0:
+            acc1 = tl.zeros([BLOCK_N, C1], dtype=tl.float32)
         for start_m in range(0, M, BLOCK_M):
             offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
             colm = offs_m < M
-            s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, BLOCK_D, COMPUTE, PREC)
+            if Q_RESIDENT:
+                k0 = _rows_tile_t(qc_b, offs_m, colm, 0, Dq, D0)
+                s = tl.dot(q0, k0.to(COMPUTE), input_precision=PREC)
+                if D1 > 0:
+                    k1 = _rows_tile_t(qc_b, offs_m, colm, D0, Dq, D1)
+                    s = tl.dot(q1, k1.to(COMPUTE), s, input_precision=PREC)
+            else:
+                s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, D0, COMPUTE, PREC)
             s = tl.where(colm[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(fc_b + offs_m[:, None] * C + offs_c[None, :], mask=colm[:, None] & cm[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v.to(COMPUTE), input_precision=PREC)
+            p = p.to(COMPUTE)
+            v0 = _rows_tile(fc_b, offs_m, colm, c_lo, C, C0)
+            acc0 = tl.dot(p, v0.to(COMPUTE), acc0 * alpha[:, None], input_precision=PREC)
+            if C1 > 0:
+                v1 = _rows_tile(fc_b, offs_m, colm, c_lo + C0, C, C1)
+                acc1 = tl.dot(p, v1.to(COMPUTE), acc1 * alpha[:, None], input_precision=PREC)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / l_safe[:, None]
-        tl.store(o_ptr + b * N * C + rows[:, None] * C + offs_c[None, :], o, mask=rmask[:, None] & cm[None, :])
+        _store_rows(o_b, rows, rmask, c_lo, C, acc0 / l_safe[:, None], C0)
+        if C1 > 0:
+            _store_rows(o_b, rows, rmask, c_lo + C0, C, acc1 / l_safe[:, None], C1)
         if pid_c == 0:
             tl.store(lse_ptr + b * N + rows, m_i + tl.log2(l_safe), mask=rmask)
 
@@ -291,7 +338,9 @@ def _bwd_col_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 
-TILE_KEYS = {k: 16 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D", "BLOCK_R", "BLOCK_CC")}
+TILE_KEYS = {k: 16 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "OUT_D", "BLOCK_R", "BLOCK_CC",
+                              "FWD_BLOCK_N", "FWD_BLOCK_M", "FWD_D0", "FWD_C0")}
+TILE_KEYS.update(FWD_D1=0, FWD_C1=0)  # a second piece of 0: none
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -311,25 +360,102 @@ def _out_chunk(dim: int, other: int, cap: int) -> int:
     return best
 
 
-def gpu_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
-    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs)."""
+def _cover(n: int) -> tuple[int, int]:
+    """The narrowest one or two powers of two ≥ 16 (larger first, 0: no second) whose sum is ≥ n."""
+    first = 16
+    while first * 2 <= n:
+        first *= 2
+    rest = n - first
+    if rest <= 0:
+        return first, 0
+    second = _pow2(rest, 16, first)
+    return (first * 2, 0) if second == first else (first, second)
+
+
+# The forward's tile plan (`_fwd_plan`). A program keeps across its key loop the fp32 accumulator of its W output
+# columns and, when resident, its rows' q; per key block it holds the V tile as a matmul operand. On sm_80
+# Triton's MMA keeps whole operand fragments in registers, and a warp's MMA covers at least 16 rows, so a warp
+# holds the whole q of its 16 rows: with 64 rows and 8 warps (4 along the rows × 2 along the columns) q of
+# Dq = 320 and W = 320 spilled in every precision. Hence 32 rows and 8 warps (2 × 4): a thread holds W/8
+# accumulator words, Dq·b/8 words of resident q (b bytes per operand element) and FWD_BLOCK_M·W·b/512 words of
+# V. Their sum stays within FWD_WORDS, the part of 255 registers that ptxas fits with the softmax and the K tile
+# without spilling at SD-1.5's shapes (bench/kernel_resources.py); the CUDA cores' dot ("ieee") holds a strip
+# of both operands per thread, counted as b = 8. So fp32 q (TF32) of 320 features is streamed with each key
+# block in FWD_STREAM_D-wide chunks, bf16/fp16 q is resident. One pipeline stage's K and V tiles,
+# FWD_BLOCK_M·(Dq or the streamed chunk + W) input elements (copied to shared memory as loaded, fp32 inputs at
+# 4 bytes whatever the precision), stay within FWD_STAGE_BYTES: two stages within sm_86's 99 KB.
+FWD_WORDS = 160
+FWD_STAGE_BYTES = 48 * 1024
+FWD_STREAM_D = 64
+
+
+def _fwd_plan(Dq: int, C: int, op_bytes: int, in_bytes: int) -> dict[str, int]:
+    """The forward's key block, q pieces and output chunk: the least modelled matmul work (per row and key,
+    ⌈C / W⌉ · (Dq padded + W) for W output columns per program: each further chunk recomputes the scores) within
+    the register and shared-memory budgets; ties go to a resident q, then a wider key block, then one piece.
+    At SD-1.5's layers: 320 features in one program per row block; 640 in one (two 320-wide for "ieee");
+    1280 in two 640-wide chunks (four 320-wide for "ieee")."""
+    best, best_key = None, None
+    for rank_m, block_m in enumerate((32, 16)):
+        for resident in (True, False):
+            d0, d1 = _cover(Dq) if resident else (_pow2(Dq, 16, FWD_STREAM_D), 0)
+            dk = d0 + d1 if resident else triton.cdiv(Dq, d0) * d0
+            q_words = dk * op_bytes / 8 if resident else 0
+            c0 = 16
+            while c0 <= 1024:
+                for c1 in [0] + [w for w in (16, 32, 64, 128, 256, 512) if w <= c0 // 2]:
+                    w = c0 + c1
+                    fits = (w / 8 + q_words + block_m * w * op_bytes / 512 <= FWD_WORDS
+                            and block_m * ((dk if resident else d0) + w) * in_bytes <= FWD_STAGE_BYTES)
+                    key = (triton.cdiv(C, w) * (dk + w), not resident, rank_m, c1 > 0, w)
+                    if fits and (best_key is None or key < best_key):
+                        best_key = key
+                        best = {"FWD_BLOCK_M": block_m, "FWD_D0": d0, "FWD_D1": d1, "FWD_C0": c0, "FWD_C1": c1}
+                c0 *= 2
+    if best is None:  # nothing fits the budgets (Dq far beyond the paper's): the narrowest streamed plan
+        return {"FWD_BLOCK_M": 16, "FWD_D0": 16, "FWD_D1": 0, "FWD_C0": 16, "FWD_C1": 0}
+    return best
+
+
+_OPERAND_BYTES = {"ieee": 8, "tf32": 4, "bf16": 2, "fp16": 2}
+
+
+def gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str = "bf16", elem: int = 4) -> dict[str, int]:
+    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs) for `precision`'s
+    matmuls on inputs of `elem` bytes (the FWD_ keys: the forward's, the others: the backward's)."""
     out_c, out_d = _out_chunk(C, Dq, 256), _out_chunk(Dq, Dq + C, 256)
     return {
         "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64, "OUT_C": out_c, "OUT_D": out_d,
         "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
         "num_warps": 8 if max(out_c, out_d) >= 256 else 4, "num_stages": 2,
+        "FWD_BLOCK_N": 32, **_fwd_plan(Dq, C, _OPERAND_BYTES[precision], elem), "FWD_WARPS": 8, "FWD_STAGES": 2,
     }
 
 
-def interpreter_tiles(N: int, M: int, Dq: int, C: int) -> dict[str, int]:
-    """Few, large programs (the interpreter's cost is per program and per op)."""
+def interpreter_tiles(N: int, M: int, Dq: int, C: int, precision: str = "bf16", elem: int = 4) -> dict[str, int]:
+    """Few, large programs (the interpreter's cost is per program and per op). The forward sums the scores over
+    the same Dq chunks as the backward (q resident up to 128 features, else streamed in 128-wide chunks) and
+    owns up to 320 output columns per program."""
+    block_d = _pow2(Dq, 16, 128)
+    c0, c1 = _cover(min(C, 320))
     return {
         "BLOCK_N": _pow2(N, 16, 64), "BLOCK_M": _pow2(M, 16, 64),
-        "BLOCK_D": _pow2(Dq, 16, 128), "BLOCK_C": _pow2(C, 16, 128),
+        "BLOCK_D": block_d, "BLOCK_C": _pow2(C, 16, 128),
         "OUT_C": _pow2(C, 16, 128), "OUT_D": _pow2(Dq, 16, 128),
         "BLOCK_R": _pow2(N, 16, 64), "BLOCK_CC": _pow2(C, 16, 128),
         "num_warps": 4, "num_stages": 2,
+        "FWD_BLOCK_N": _pow2(N, 16, 64), "FWD_BLOCK_M": _pow2(M, 16, 64), "FWD_D0": block_d, "FWD_D1": 0,
+        "FWD_C0": c0, "FWD_C1": c1, "FWD_WARPS": 4, "FWD_STAGES": 2,
     }
+
+
+def _fwd_pieces(cfg: dict[str, int]) -> tuple[int, int, int, int]:
+    """(D0, D1, C0, C1) of a configuration; a second piece is 0 or, as tl.dot needs, a power of two ≥ 16."""
+    pieces = tuple(cfg[k] for k in ("FWD_D0", "FWD_D1", "FWD_C0", "FWD_C1"))
+    if any(v and (v < 16 or v & (v - 1)) for v in pieces) or not all(pieces[::2]):
+        raise ValueError(f"soft_warp: forward pieces (FWD_D0, FWD_D1, FWD_C0, FWD_C1) must be powers of two >= 16 "
+                         f"(a second piece may be 0), got {pieces}")
+    return pieces  # type: ignore[return-value]
 
 
 tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
@@ -379,17 +505,16 @@ def soft_warp_fwd(
     # every launch (forward and backward) puts the batch on grid axis 2, which CUDA caps at 65535
     if B > 65535:
         raise ValueError(f"soft_warp_loss: batch size B={B} exceeds the kernels' grid limit of 65535")
-    cfg = tiles(N, M, Dq, C)
-    compute, _, prec = _compute_dtype(precision or default_precision(qs.dtype))
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    if C > 0:
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["OUT_C"]), B)
-    else:  # still write lse (not needed by anything, but keep the buffer defined)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), 1, B)
+    precision = precision or default_precision(qs.dtype)
+    cfg = tiles(N, M, Dq, C, precision=precision, elem=qs.element_size())
+    compute, _, prec = _compute_dtype(precision)
+    d0, d1, c0, c1 = _fwd_pieces(cfg)
+    grid = (triton.cdiv(N, cfg["FWD_BLOCK_N"]), max(triton.cdiv(C, c0 + c1), 1), B)  # C = 0: still write lse
     _fwd_kernel[grid](
         qs, qc, fc, order, count, warped, lse, N, M, Dq, C, float(scale) * LOG2E,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], OUT_C=cfg["OUT_C"],
-        COMPUTE=compute, PREC=prec, **opts,
+        BLOCK_N=cfg["FWD_BLOCK_N"], BLOCK_M=cfg["FWD_BLOCK_M"], D0=d0, D1=d1 if Dq <= d0 + d1 else 0, C0=c0, C1=c1,
+        Q_RESIDENT=Dq <= d0 + d1, COMPUTE=compute, PREC=prec,
+        num_warps=cfg["FWD_WARPS"], num_stages=cfg["FWD_STAGES"],
     )
     _cos_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_R"]), B)](
         warped, fs, w, rows, N, C, COSINE_EPS, BLOCK_R=cfg["BLOCK_R"], BLOCK_CC=cfg["BLOCK_CC"],

@@ -21,7 +21,8 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOFLINE = load_script(ROOT / "bench" / "roofline.py")
-SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16)
+SMALL = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_C=16, OUT_C=16, OUT_D=16, BLOCK_R=16, BLOCK_CC=16,
+             FWD_BLOCK_N=16, FWD_BLOCK_M=16, FWD_D0=16, FWD_D1=0, FWD_C0=16, FWD_C1=0)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
@@ -70,17 +71,23 @@ def counting_loads():
         interpreter.InterpretedFunction.run = real_run
 
 
-@pytest.mark.parametrize("dtype, needs", [
-    (torch.float32, (True, True, True, True)),
-    (torch.float16, (False, True, False, True)),
-], ids=["fp32_all_grads", "fp16_comp_grads"])
-def test_kernel_tile_loads_match_the_interpreter(dtype, needs):
+# the forward with q resident in two pieces (41 = 32 + 9) and 16 + 16 output columns per program (35: the last
+# program's second piece lies wholly past C)
+RESIDENT = dict(SMALL, FWD_D0=32, FWD_D1=16, FWD_C1=16)
+
+
+@pytest.mark.parametrize("dtype, needs, blocks", [
+    (torch.float32, (True, True, True, True), SMALL),
+    (torch.float16, (False, True, False, True), SMALL),
+    (torch.float32, (True, False, False, False), RESIDENT),
+], ids=["fp32_all_grads", "fp16_comp_grads", "fp32_resident_q"])
+def test_kernel_tile_loads_match_the_interpreter(dtype, needs, blocks):
     """16-wide tiles at odd sizes: several row / key / feature blocks, partial tiles, an output split in 3."""
     B, N, M, Dq, C = 2, 37, 45, 41, 35
     x = make_inputs(B, N, M, Dq, C, dtype=dtype, seed=5)
     mask = make_mask("bool", B, N, torch.device("cpu"), torch.Generator().manual_seed(3))
     ins = [t.clone().requires_grad_(n) for t, n in zip(x, needs)]
-    with forced_tiles(K, **SMALL):
+    with forced_tiles(K, **blocks):
         cfg = K.tiles(N, M, Dq, C)
         with counting_loads() as counts:
             loss = soft_warp_loss(*ins, mask, backend="triton")
