@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -36,9 +37,10 @@ import torch, transformers  # noqa: F401 (imported once, before the children for
 from PIL import Image, ImageOps  # noqa: F401
 from safetensors.torch import load_file  # noqa: F401
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
+import diffusers  # noqa: F401
 for name in ("adaface.convert_released", "adaface.models._io", "adaface.models.prompt_inverter",
              "adaface.models.arc2face", "adaface.training.engine.data", "adaface.prepare_data", "adaface.generate",
-    "adaface.subject", "adaface.faces.class_words"):
+             "adaface.subject", "adaface.faces.class_words", "adaface.training.method.stage1"):
     importlib.import_module(name)
 
 SOCKETS = []
@@ -244,6 +246,10 @@ def repeated_layer(layers: int = 2000, width: int = 256) -> dict:
 
 # ---- the harness ---------------------------------------------------------------------------------------------
 
+# Offline, single-threaded; no progress bars (model loading draws them on stderr, which holds the refusal).
+_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
 def _case(cases: list, folder: Path, case_id: str, **spec: object) -> None:
     cases.append({"id": case_id, "folder": str(folder), **spec})
 
@@ -254,6 +260,34 @@ def _convert(cases: list, root: Path, case_id: str, content: bytes | dict) -> No
     path = folder / "checkpoint.pt"
     path.write_bytes(content if isinstance(content, bytes) else _saved(content))
     _case(cases, folder, case_id, main="adaface.convert_released", argv=[str(path), str(folder / "out")])
+
+
+def _resume_cases(cases: list, root: Path) -> None:
+    """A one-step stage-1 run on tiny models, then copies of its output folder whose checkpoint's state.json
+    declares multipliers 2**20 copies wide (a terabyte of attention copies over 27 MB of weights) or is nested
+    100,000 deep; each resumed with `--resume PATH`."""
+    from adaface.training.method.stage1 import build_tiny_models
+
+    sd, a2f = build_tiny_models(root / "tiny-models", seed=0)
+    args = ["--config", str(ROOT / "training" / "configs" / "tiny.json"), "--no-tiny", "--sd-model", str(sd),
+            "--arc2face", str(a2f), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--denoise-steps", "1",
+            "--denoise-step-weights", "1", "--expansions", "2:all", "--checkpoint-every", "1", "--device", "cpu",
+            "--no-progress"]
+    run = root / "resume-run"
+    main = "import sys; from adaface.training.method.stage1 import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", main, *args, "--output-dir", str(run)], capture_output=True,
+                          text=True, env=_ENV, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    step = Path("checkpoints") / "step-00000001"
+    state = json.loads((run / step / "state.json").read_text())
+    assert state["multipliers"] == [1, 1, 1, 1]
+    for case_id, text in (("resume-multipliers", json.dumps({**state, "multipliers": [2**20] * 4})),
+                          ("resume-deep-state", "[" * 100_000 + "]" * 100_000)):
+        folder = root / case_id
+        shutil.copytree(run, folder)
+        (folder / step / "state.json").write_text(text)
+        _case(cases, folder, case_id, main="adaface.training.method.stage1",
+              argv=[*args, "--output-dir", str(folder), "--resume", str(folder / step)])
 
 
 @pytest.fixture(scope="module")
@@ -391,11 +425,11 @@ def outcomes(tmp_path_factory) -> dict:
         "written": {"ti.safetensors": fingerprint(folder / "ti.safetensors")}}))
     _case(cases, folder, "recorded-settings", call="adaface.generate:earlier_run", args=[{"path": str(folder)}])
 
+    _resume_cases(cases, root)
+
     spec = root / "cases.json"
     spec.write_text(json.dumps(cases))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", HARNESS, str(spec)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(spec)], capture_output=True, text=True, env=_ENV,
                           timeout=900, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -524,3 +558,13 @@ def test_overwrite_never_deletes_files_a_planted_settings_json_names(outcomes):
     r = outcomes["results"]["recorded-settings"]
     assert sorted(Path(p).name for p in r["value"]) == ["settings.json", "ti.safetensors"]
     assert (root / "planted" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("resume-multipliers", ("state.json declares multipliers [1048576, 1048576, 1048576, 1048576]",
+                            "inverter.safetensors holds", "refused before allocating", "step-00000001")),
+    ("resume-deep-state", ("state.json is damaged", "MAX_JSON_DEPTH = 64"))])
+def test_a_planted_resume_state_is_refused_before_allocating(outcomes, case, fragments):
+    # The checkpoint's own weights bound what a resume allocates; nothing in the run's folder changes (the
+    # metrics log is cut back to the resumed step only once the state fits).
+    _refused_by_command(outcomes["results"][case], "--resume", *fragments)
