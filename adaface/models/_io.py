@@ -170,7 +170,10 @@ def check_model_source(source: PathLike) -> tuple[Path, dict[str, str]]:
         raise TypeError(f"a model source must be a folder or a hub id, got {type(source).__name__}")
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(str(source), allow_patterns=HUB_CONFIG_FILES))
+    try:
+        folder = Path(snapshot_download(str(source), allow_patterns=HUB_CONFIG_FILES))
+    except ValueError as e:  # huggingface_hub's HFValidationError: not shaped like a hub id
+        raise FileNotFoundError(f"{source}: no such folder, and not a hub id ({first_line(e)})") from None
     check_model_folder(folder)
     return folder, {"revision": folder.name}
 
