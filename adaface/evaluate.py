@@ -453,10 +453,11 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
     from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
     from . import __version__
+    from .models._io import check_model_source
     from .models.face_encoder import FaceEncoder
 
     device = resolve_device(args.device)
-    if not Path(args.clip).is_dir():  # a hub id: its config is fetched alone, before the model
+    if not Path(args.clip).is_dir():  # a hub id: its configs are fetched alone and checked, before the model
         check_model_type(args.clip, "--clip", CLIP_TYPES, "a CLIP model (e.g. openai/clip-vit-base-patch32)")
     if args.dino and not Path(args.dino).is_dir():
         check_model_type(args.dino, "--dino", DINO_TYPES, "a DINO ViT (e.g. facebook/dino-vits16)")
@@ -475,9 +476,10 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         ref_arcface = reference_arcface(encoder, refs)
         arc = arcface_scores(encoder, items, ref_arcface)
 
-    with loading("--clip", args.clip):
-        clip = CLIPModel.from_pretrained(args.clip).eval().to(device)
-        processor = CLIPProcessor.from_pretrained(args.clip)
+    with loading("--clip", args.clip):  # pinned to the files checked (a hub id: its snapshot's commit)
+        _, pin = check_model_source(args.clip)
+        clip = CLIPModel.from_pretrained(args.clip, **pin).eval().to(device)
+        processor = CLIPProcessor.from_pretrained(args.clip, **pin)
     files = [i.file for i in items]
     placeholders = list(several) if several else [placeholder]
     eval_prompts = []
@@ -495,8 +497,9 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         clip_i = (img @ clip_image_features(clip, processor, refs["images"], device, args.batch_size).T).mean(1)
         if args.dino:
             with loading("--dino", args.dino):
-                dmodel = AutoModel.from_pretrained(args.dino).eval().to(device)
-                dproc = AutoImageProcessor.from_pretrained(args.dino)
+                _, pin = check_model_source(args.dino)
+                dmodel = AutoModel.from_pretrained(args.dino, **pin).eval().to(device)
+                dproc = AutoImageProcessor.from_pretrained(args.dino, **pin)
             gen = dino_features(dmodel, dproc, files, device, args.batch_size)
             dino = (gen @ dino_features(dmodel, dproc, refs["images"], device, args.batch_size).T).mean(1)
 

@@ -450,20 +450,18 @@ def check_model_folders(args: argparse.Namespace) -> None:
 
 
 def motion_window(source: str) -> int:
-    """The motion adapter's `motion_max_seq_length` from its config (a local file or the hub's config only)."""
+    """The motion adapter's `motion_max_seq_length` from its config (a local file, or the hub repo's checked
+    snapshot of configs)."""
+    from .models._io import check_model_source, read_json
+
     path = Path(source) / "config.json"
-    if path.is_file():
-        from .models._io import read_json
-
-        try:
-            config = read_json(path, what="config")
-        except OSError as e:
-            raise OptionError(f"--motion-adapter {source}: {e}") from e
-    else:
-        from diffusers import MotionAdapter
-
-        with loading("--motion-adapter", source):
-            config = MotionAdapter.load_config(source)
+    try:
+        if not path.is_file():
+            with loading("--motion-adapter", source):
+                path = check_model_source(source)[0] / "config.json"
+        config = read_json(path, what="config")
+    except OSError as e:
+        raise OptionError(f"--motion-adapter {source}: {e}") from e
     window = config.get("motion_max_seq_length")
     if window is None:  # an older config without the key: MotionAdapter's own default applies
         import inspect
@@ -585,24 +583,27 @@ def make_scheduler(name: str, config: Any, video: bool) -> Any:
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """StableDiffusionPipeline, or AnimateDiffPipeline with the MotionAdapter for --video."""
-    from .models._io import check_model_folder
+    from .models._io import check_model_source
 
+    # Every config is checked (for a hub id: on its snapshot) before diffusers acts on any, and the load is
+    # pinned to the files checked.
     if args.video:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
         with loading("--motion-adapter", args.motion_adapter):
-            adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+            _, pin = check_model_source(args.motion_adapter)
+            adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype, **pin)
         with loading("--base", args.base):
-            check_model_folder(args.base)
-            pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype)
+            _, pin = check_model_source(args.base)
+            pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype, **pin)
         if args.free_noise:
             pipe.enable_free_noise(context_length=args.context_length, context_stride=args.context_stride)
     else:
         from diffusers import StableDiffusionPipeline
 
         with loading("--base", args.base):
-            check_model_folder(args.base)
-            pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
+            _, pin = check_model_source(args.base)
+            pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, **pin)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.video)
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -610,13 +611,16 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
 
 def load_subject_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    from .models._io import load_tokenizer
     from .models.arc2face import Arc2Face
     from .models.prompt_inverter import PromptInverter
     from .subject import SubjectEncoder
 
-    with loading("--arc2face", args.arc2face):
+    with loading("--base", args.base):
         # Arc2Face ships no tokenizer: it was trained with SD-1.5's, which --base holds.
-        arc2face = Arc2Face.from_pretrained(args.arc2face, tokenizer=args.base, load_unet=False)
+        tokenizer = load_tokenizer(args.base)
+    with loading("--arc2face", args.arc2face):
+        arc2face = Arc2Face.from_pretrained(args.arc2face, tokenizer=tokenizer, load_unet=False)
     with loading("--inverter", args.inverter):
         inverter = PromptInverter.from_pretrained(args.inverter)
     try:
