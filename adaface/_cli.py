@@ -33,30 +33,6 @@ class OptionError(ValueError):
     """A bad command-line option; the message starts with the option's name."""
 
 
-def command_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The parser of `python -m adaface.<name>`, with the help layout every command shares."""
-    return argparse.ArgumentParser(prog=f"python -m adaface.{name}", description=description,
-                                   formatter_class=HelpFormatter)
-
-
-@contextlib.contextmanager
-def command_errors(parser: argparse.ArgumentParser, *, os_errors: bool = False, where: str = "",
-                   note: str = "") -> Iterator[None]:
-    """End the command as argparse ends a bad option (usage, one line, exit status 2): an OptionError with its
-    message; with `os_errors` also an OSError (a full disk, a folder made read-only mid-run) as `where: the path
-    and the system's reason note`, not a traceback."""
-    try:
-        yield
-    except OptionError as e:
-        parser.error(str(e))
-    except OSError as e:
-        if not os_errors:
-            raise
-        from ._file_checks import os_error_line  # it imports this module
-
-        parser.error(" ".join(part for part in (f"{where}:" if where else "", os_error_line(e), note) if part))
-
-
 def check_source(value: str, option: str, required: Iterable[str] = (), what: str = "a model folder") -> str:
     """A local folder holding `required` files, or something shaped like a hub id (checked when loaded)."""
     path = Path(value).expanduser()

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from . import generate
-from ._cli import OptionError, command_errors, command_parser, resolve_device, resolve_dtype
+from ._cli import OptionError, resolve_device, resolve_dtype
+from ._command import command_errors, command_parser
 
 EMBEDDINGS_NAME = "subject.safetensors"
 INSTALL_HINT = 'gradio is not installed: pip install -e ".[demo]" (or pip install gradio)'

@@ -50,13 +50,12 @@ from ._cli import (
     OptionError,
     check_file,
     check_source,
-    command_errors,
-    command_parser,
     loading,
     resolve_device,
     resolve_dtype,
     save_strict_json,
 )
+from ._command import command_errors, command_parser
 from ._file_checks import (
     check_image,
     check_model_files,

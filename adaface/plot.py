@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._cli import OptionError, command_errors, command_parser
+from ._cli import OptionError
+from ._command import command_errors, command_parser
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "metrics.png"

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._cli import OptionError, check_file, command_errors, command_parser
+from ._cli import OptionError, check_file
+from ._command import command_errors, command_parser
 from ._file_checks import (
     check_readable,
     check_readable_tree,
