@@ -27,7 +27,8 @@ import torch
 from ..engine.config import ConfigError, Stage1Config, parse_config
 from ..engine.data import FaceBatch, FaceIdSource, RealFaces
 from ..engine.errors import model_option
-from ..engine.trainer import MicroStep, RunContext, RunResult, cli_main, run_training
+from ..engine.trainer import MicroStep, RunContext
+from ._entry import StageEntry
 from .distill import PREDICTION_TYPES, distill_trajectory, q_sample, sample_num_steps, trajectory_timesteps
 
 STUDENT_PROMPT = "photo of a z"
@@ -294,14 +295,6 @@ class Stage1:
         return self.models.inverter.save_pretrained(output_dir / "inverter")
 
 
-def run(cfg: Stage1Config) -> RunResult:
-    """Train stage 1 according to a validated config (adaface.training.engine.config.parse_config)."""
-    return run_training(cfg, Stage1.build)
-
-
-def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
-    """The `training/stage1.py` command line (returns the exit status)."""
-    def parse(args: list[str] | None, world_size: int) -> Stage1Config:
-        return parse_config(args, default_config=default_config, world_size=world_size)
-
-    return cli_main("stage1", argv, parse, Stage1.build)
+_ENTRY = StageEntry("stage1", Stage1.build, parse_config)
+run = _ENTRY.run  # train stage 1 according to a validated config (adaface.training.engine.config.parse_config)
+main = _ENTRY.main  # the `training/stage1.py` command line (returns the exit status)

@@ -34,7 +34,8 @@ from ..engine.config import (
 from ..engine.data import MANIFEST, FaceIdSource, RealFaces
 from ..engine.ddp import shared_seed
 from ..engine.errors import model_option
-from ..engine.trainer import MicroStep, RunContext, RunResult, cli_main, run_training
+from ..engine.trainer import MicroStep, RunContext
+from ._entry import StageEntry
 from .composition_step import (
     DELTA_TERMS,
     TERMS,
@@ -465,14 +466,6 @@ def write_summary(output_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run(cfg: Stage2Config) -> RunResult:
-    """Train stage 2 according to a validated config (parse_stage2_config)."""
-    return run_training(cfg, Stage2.build)
-
-
-def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
-    """The `training/stage2.py` command line (returns the exit status)."""
-    def parse(args: list[str] | None, world_size: int) -> Stage2Config:
-        return parse_stage2_config(args, default_config=default_config, world_size=world_size)
-
-    return cli_main("stage2", argv, parse, Stage2.build)
+_ENTRY = StageEntry("stage2", Stage2.build, parse_stage2_config)
+run = _ENTRY.run  # train stage 2 according to a validated config (parse_stage2_config)
+main = _ENTRY.main  # the `training/stage2.py` command line (returns the exit status)
