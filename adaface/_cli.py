@@ -100,16 +100,15 @@ def save_strict_json(obj: Any, path: Path) -> None:
 
 
 def model_type(source: str, option: str) -> str | None:
-    """`model_type` from a model's config.json: read from a local folder, or the hub's config alone."""
+    """`model_type` from a model's config.json: read from a local folder, or the hub repo's checked snapshot of
+    configs."""
+    from .models._io import check_model_source, read_model_config
+
     path = Path(source) / "config.json"
-    if path.is_file():
-        from .models._io import read_model_config
-
-        try:  # within the JSON limits, and refused if it would load code or a kernel from the hub
-            return read_model_config(path).get("model_type")
-        except OSError as e:
-            raise OptionError(f"{option} {source}: config.json is not a usable model config ({e})") from e
-    from transformers import AutoConfig
-
-    with loading(option, source):
-        return getattr(AutoConfig.from_pretrained(source), "model_type", None)
+    if not path.is_file():
+        with loading(option, source):
+            path = check_model_source(source)[0] / "config.json"
+    try:  # within the JSON limits, and refused if it would load code or a kernel from the hub
+        return read_model_config(path).get("model_type")
+    except OSError as e:
+        raise OptionError(f"{option} {source}: config.json is not a usable model config ({e})") from e

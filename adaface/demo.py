@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from . import generate
-from ._cli import HelpFormatter, OptionError, resolve_device, resolve_dtype
+from ._cli import OptionError, resolve_device, resolve_dtype
+from ._command import command_errors, command_parser
 
 EMBEDDINGS_NAME = "subject.safetensors"
 INSTALL_HINT = 'gradio is not installed: pip install -e ".[demo]" (or pip install gradio)'
@@ -48,11 +49,8 @@ class DemoError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m adaface.demo",
-        description="A web page (Gradio) to generate images and AnimateDiff clips of a face subject with AdaFace.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser("demo", "A web page (Gradio) to generate images and AnimateDiff clips of a face subject "
+                       "with AdaFace.")
     models = p.add_argument_group("models (as python -m adaface.generate)")
     models.add_argument("--base", help="SD-1.5 pipeline: a diffusers folder (model_index.json) or a hub id")
     models.add_argument("--arc2face", help="Arc2Face: the released folder (encoder/ is used) or a hub id")
@@ -61,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="insightface model root holding the antelopev2 pack: needed for photos and for the "
                         "ArcFace similarity shown with each output")
     models.add_argument("--motion-adapter", help="AnimateDiff MotionAdapter folder or hub id: enables the video tab")
-    models.add_argument("--scheduler", choices=generate.SCHEDULERS, default="auto",
-                        help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
-    models.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
-    models.add_argument("--dtype", choices=("auto", *generate.DTYPES), default="auto",
-                        help="model dtype; auto: float16 on CUDA, float32 on CPU")
+    generate.add_pipeline_options(models)
     models.add_argument("--tiny", action="store_true",
                         help="serve tiny random models (built once into --tiny-dir) for a try-out; model options "
                         "given as well replace the tiny ones")
@@ -466,28 +460,12 @@ class Studio:
                 embeds, slots = encode_subjects_prompt(pipe.tokenizer, pipe.text_encoder, prompt,
                                                        {w: e.to(self.device) for w, e in subjects.items()})
                 if regional is not None:
-                    latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-                    regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent,
-                                       guided=args.guidance > 1.0)
+                    generate.configure_regions(regional, args, pipe, slots, subjects)
+                text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
                 for i in range(args.num_images):
                     item_seed = seed + index
                     index += 1
-                    common = dict(prompt_embeds=embeds, negative_prompt_embeds=negative,
-                                  num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                                  width=args.width, generator=torch.Generator().manual_seed(item_seed))
-                    name = f"p{p:02d}_{i:03d}"
-                    entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
-                    if args.video:
-                        frames = pipe(num_frames=args.num_frames, **common).frames[0]
-                        entry["file"] = f"{name}.gif"
-                        entry["frames"] = generate.save_frames(frames, folder / name, folder / entry["file"],
-                                                               args.fps)
-                    else:
-                        result = pipe(**common)
-                        result.images[0].save(folder / f"{name}.png")
-                        entry["file"] = f"{name}.png"
-                        nsfw = getattr(result, "nsfw_content_detected", None)
-                        entry["nsfw"] = bool(nsfw[0]) if nsfw else None
+                    entry, _ = generate.render_output(args, pipe, text, p, i, prompt, item_seed, folder)
                     if several:
                         matches = self.subject_similarity(folder, entry, refs) if refs is not None else None
                         out = Output(folder / entry["file"], prompt, item_seed, refs is not None, None,
@@ -719,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         import gradio  # noqa: F401
     except ImportError:
         parser.exit(2, f"{parser.prog}: error: {INSTALL_HINT}\n")
-    try:
+    with command_errors(parser):
         check_args(args)
         if args.tiny:
             try:
@@ -732,8 +710,6 @@ def main(argv: list[str] | None = None) -> int:
                     setattr(args, key, value)
         gen_args = generate_args(args)
         studio = Studio(gen_args, args.out)
-    except OptionError as e:
-        parser.error(str(e))
     app = build_app(studio, max_images=args.max_images, default_size=TINY_SIZE if args.tiny else None)
     app.queue(max_size=args.queue_size, default_concurrency_limit=1)
     print(f"[demo] models loaded on {studio.device}; outputs go to {args.out}", flush=True)

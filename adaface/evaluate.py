@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from ._cli import (
-    HelpFormatter,
     OptionError,
     check_file,
     check_source,
@@ -52,13 +51,13 @@ from ._cli import (
     resolve_device,
     save_strict_json,
 )
+from ._command import command_errors, command_parser
 from ._file_checks import (
     check_image,
     check_model_files,
     check_readable,
     check_writable_dir,
     check_writable_file,
-    os_error_line,
     read_json_file,
 )
 
@@ -83,12 +82,8 @@ class Item:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m adaface.evaluate",
-        description="Score generated images: ArcFace similarity to the subject, CLIP-T, and CLIP-I / DINO "
-        "against reference photos.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser("evaluate", "Score generated images: ArcFace similarity to the subject, CLIP-T, and CLIP-I "
+                       "/ DINO against reference photos.")
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                    help="folder of generated images (a generate --out folder)")
     p.add_argument("--face-root", required=True, help="insightface model root holding the antelopev2 pack")
@@ -453,10 +448,11 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
     from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
     from . import __version__
+    from .models._io import check_model_source
     from .models.face_encoder import FaceEncoder
 
     device = resolve_device(args.device)
-    if not Path(args.clip).is_dir():  # a hub id: its config is fetched alone, before the model
+    if not Path(args.clip).is_dir():  # a hub id: its configs are fetched alone and checked, before the model
         check_model_type(args.clip, "--clip", CLIP_TYPES, "a CLIP model (e.g. openai/clip-vit-base-patch32)")
     if args.dino and not Path(args.dino).is_dir():
         check_model_type(args.dino, "--dino", DINO_TYPES, "a DINO ViT (e.g. facebook/dino-vits16)")
@@ -475,9 +471,10 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         ref_arcface = reference_arcface(encoder, refs)
         arc = arcface_scores(encoder, items, ref_arcface)
 
-    with loading("--clip", args.clip):
-        clip = CLIPModel.from_pretrained(args.clip).eval().to(device)
-        processor = CLIPProcessor.from_pretrained(args.clip)
+    with loading("--clip", args.clip):  # pinned to the files checked (a hub id: its snapshot's commit)
+        _, pin = check_model_source(args.clip)
+        clip = CLIPModel.from_pretrained(args.clip, **pin).eval().to(device)
+        processor = CLIPProcessor.from_pretrained(args.clip, **pin)
     files = [i.file for i in items]
     placeholders = list(several) if several else [placeholder]
     eval_prompts = []
@@ -495,8 +492,9 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         clip_i = (img @ clip_image_features(clip, processor, refs["images"], device, args.batch_size).T).mean(1)
         if args.dino:
             with loading("--dino", args.dino):
-                dmodel = AutoModel.from_pretrained(args.dino).eval().to(device)
-                dproc = AutoImageProcessor.from_pretrained(args.dino)
+                _, pin = check_model_source(args.dino)
+                dmodel = AutoModel.from_pretrained(args.dino, **pin).eval().to(device)
+                dproc = AutoImageProcessor.from_pretrained(args.dino, **pin)
             gen = dino_features(dmodel, dproc, files, device, args.batch_size)
             dino = (gen @ dino_features(dmodel, dproc, refs["images"], device, args.batch_size).T).mean(1)
 
@@ -607,18 +605,15 @@ def main(argv: list[str] | None = None) -> int:
     from ._quiet import quiet_dependency_noise
 
     quiet_dependency_noise()
-    try:
+    with command_errors(parser):
         items, settings, refs, placeholder = check_args(args)
         report = evaluate(args, items, settings, refs, placeholder)
-    except OptionError as e:
-        parser.error(str(e))
     out = Path(args.out).expanduser() if args.out else Path(args.run_dir).expanduser() / REPORT_NAME
-    try:
-        save_strict_json(report, out)
-    except ValueError as e:  # a non-finite score: a broken model or image, not a number to report
-        parser.error(f"--out {out}: {e}")
-    except OSError as e:  # a full disk
-        parser.error(f"--out {out}: {os_error_line(e)}")
+    with command_errors(parser, os_errors=True, where=f"--out {out}"):  # a full disk
+        try:
+            save_strict_json(report, out)
+        except ValueError as e:  # a non-finite score: a broken model or image, not a number to report
+            parser.error(f"--out {out}: {e}")
     print(summary_line(report))
     for line in subject_lines(report):
         print(line)

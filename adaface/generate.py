@@ -47,7 +47,6 @@ import torch
 
 from ._cli import (
     DTYPES,
-    HelpFormatter,
     OptionError,
     check_file,
     check_source,
@@ -56,13 +55,13 @@ from ._cli import (
     resolve_dtype,
     save_strict_json,
 )
+from ._command import command_errors, command_parser
 from ._file_checks import (
     check_image,
     check_model_files,
     check_readable,
     check_writable_dir,
     check_writable_file,
-    os_error_line,
     read_text_file,
 )
 
@@ -91,12 +90,8 @@ TEXT_LENGTH = 77  # CLIP's token window, BOS and EOS included
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m adaface.generate",
-        description="Generate images (or AnimateDiff videos) of a face subject with AdaFace subject embeddings "
-        "in an ordinary SD-1.5 prompt.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser("generate", "Generate images (or AnimateDiff videos) of a face subject with AdaFace "
+                       "subject embeddings in an ordinary SD-1.5 prompt.")
     models = p.add_argument_group("models")
     models.add_argument("--base", required=True,
                         help="SD-1.5 pipeline: a diffusers folder (model_index.json) or a hub id; its tokenizer "
@@ -154,11 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"output height in pixels, a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}")
     gen.add_argument("--width", type=int, default=512,
                      help=f"output width in pixels, a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}")
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
-                     help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
-    gen.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
-    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                     help="model dtype; auto: float16 on CUDA, float32 on CPU")
+    add_pipeline_options(gen)
 
     video = p.add_argument_group("video (AnimateDiff)")
     video.add_argument("--video", action="store_true", help="generate videos with AnimateDiffPipeline")
@@ -185,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token under which --save-embeddings writes the subject: pipelines that load the file "
                           "with load_textual_inversion say this token; this command's prompts use --placeholder")
     return p
+
+
+def add_pipeline_options(group: argparse._ArgumentGroup) -> None:
+    """--scheduler, --device and --dtype: how the pipeline runs (the demo's models take them too)."""
+    group.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
+                       help="sampler; auto: the pipeline's own for images, DDIM (AnimateDiff's settings) for videos")
+    group.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                       help="model dtype; auto: float16 on CUDA, float32 on CPU")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -450,20 +450,18 @@ def check_model_folders(args: argparse.Namespace) -> None:
 
 
 def motion_window(source: str) -> int:
-    """The motion adapter's `motion_max_seq_length` from its config (a local file or the hub's config only)."""
+    """The motion adapter's `motion_max_seq_length` from its config (a local file, or the hub repo's checked
+    snapshot of configs)."""
+    from .models._io import check_model_source, read_json
+
     path = Path(source) / "config.json"
-    if path.is_file():
-        from .models._io import read_json
-
-        try:
-            config = read_json(path, what="config")
-        except OSError as e:
-            raise OptionError(f"--motion-adapter {source}: {e}") from e
-    else:
-        from diffusers import MotionAdapter
-
-        with loading("--motion-adapter", source):
-            config = MotionAdapter.load_config(source)
+    try:
+        if not path.is_file():
+            with loading("--motion-adapter", source):
+                path = check_model_source(source)[0] / "config.json"
+        config = read_json(path, what="config")
+    except OSError as e:
+        raise OptionError(f"--motion-adapter {source}: {e}") from e
     window = config.get("motion_max_seq_length")
     if window is None:  # an older config without the key: MotionAdapter's own default applies
         import inspect
@@ -585,24 +583,27 @@ def make_scheduler(name: str, config: Any, video: bool) -> Any:
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """StableDiffusionPipeline, or AnimateDiffPipeline with the MotionAdapter for --video."""
-    from .models._io import check_model_folder
+    from .models._io import check_model_source
 
+    # Every config is checked (for a hub id: on its snapshot) before diffusers acts on any, and the load is
+    # pinned to the files checked.
     if args.video:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
         with loading("--motion-adapter", args.motion_adapter):
-            adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+            _, pin = check_model_source(args.motion_adapter)
+            adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype, **pin)
         with loading("--base", args.base):
-            check_model_folder(args.base)
-            pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype)
+            _, pin = check_model_source(args.base)
+            pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype, **pin)
         if args.free_noise:
             pipe.enable_free_noise(context_length=args.context_length, context_stride=args.context_stride)
     else:
         from diffusers import StableDiffusionPipeline
 
         with loading("--base", args.base):
-            check_model_folder(args.base)
-            pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
+            _, pin = check_model_source(args.base)
+            pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, **pin)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.video)
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -610,13 +611,16 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
 
 def load_subject_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    from .models._io import load_tokenizer
     from .models.arc2face import Arc2Face
     from .models.prompt_inverter import PromptInverter
     from .subject import SubjectEncoder
 
-    with loading("--arc2face", args.arc2face):
+    with loading("--base", args.base):
         # Arc2Face ships no tokenizer: it was trained with SD-1.5's, which --base holds.
-        arc2face = Arc2Face.from_pretrained(args.arc2face, tokenizer=args.base, load_unet=False)
+        tokenizer = load_tokenizer(args.base)
+    with loading("--arc2face", args.arc2face):
+        arc2face = Arc2Face.from_pretrained(args.arc2face, tokenizer=tokenizer, load_unet=False)
     with loading("--inverter", args.inverter):
         inverter = PromptInverter.from_pretrained(args.inverter)
     try:
@@ -805,34 +809,17 @@ def run_pipeline(args: argparse.Namespace, prompts: list[str], pipe: Any, subjec
                                                        {w: e.to(device) for w, e in subjects.items()})
                 text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
             if args.regions:
-                latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-                # diffusers' pipelines stack the negative prompt first when they guide (guidance > 1)
-                regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent,
-                                   guided=args.guidance > 1.0)
+                configure_regions(regional, args, pipe, slots, subjects)
             sheet.append([])
             for i in range(args.num_images):
                 item_seed = seed + index
                 index += 1
-                common = dict(
-                    **text, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                    width=args.width, generator=torch.Generator().manual_seed(item_seed),
-                )
-                name = f"p{p:02d}_{i:03d}"
-                entry = {"prompt_index": p, "prompt": prompt, "seed": item_seed}
+                name = output_name(p, i)
                 written.add(out / (f"{name}.gif" if args.video else f"{name}.png"))
                 if args.video:
                     written.add(out / name)
-                    frames = pipe(num_frames=args.num_frames, **common).frames[0]
-                    entry["file"] = f"{name}.gif"
-                    entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
-                    sheet[-1].append(frames[0])
-                else:
-                    result = pipe(**common)
-                    result.images[0].save(out / f"{name}.png")
-                    entry["file"] = f"{name}.png"
-                    nsfw = getattr(result, "nsfw_content_detected", None)
-                    entry["nsfw"] = bool(nsfw[0]) if nsfw else None
-                    sheet[-1].append(result.images[0])
+                entry, picture = render_output(args, pipe, text, p, i, prompt, item_seed, out)
+                sheet[-1].append(picture)
                 settings["outputs"].append(entry)
                 # Rewritten after every output, so an interrupted run can still be evaluated.
                 save_strict_json(settings, out / SETTINGS_NAME)
@@ -840,6 +827,41 @@ def run_pipeline(args: argparse.Namespace, prompts: list[str], pipe: Any, subjec
     contact_sheet(sheet).save(out / CONTACT_SHEET_NAME)
     settings["contact_sheet"] = CONTACT_SHEET_NAME
     save_strict_json(settings, out / SETTINGS_NAME)
+
+
+def configure_regions(regional: Any, args: argparse.Namespace, pipe: Any, slots: dict[str, int],
+                      subjects: dict[str, torch.Tensor]) -> None:
+    """Point the regional processors at this prompt's subject slots, at the run's latent size."""
+    latent = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    # diffusers' pipelines stack the negative prompt first when they guide (guidance > 1)
+    regional.configure(slots, {w: e.shape[0] for w, e in subjects.items()}, latent, guided=args.guidance > 1.0)
+
+
+def output_name(prompt_index: int, image_index: int) -> str:
+    return f"p{prompt_index:02d}_{image_index:03d}"
+
+
+def render_output(args: argparse.Namespace, pipe: Any, text: dict, prompt_index: int, image_index: int,
+                  prompt: str, seed: int, out: Path) -> tuple[dict, Any]:
+    """One output into `out` (a PNG, or a GIF and its frames); returns its settings.json entry and the picture the
+    contact sheet shows (a video's first frame). `text` is the prompt as the pipeline takes it."""
+    common = dict(
+        **text, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+        width=args.width, generator=torch.Generator().manual_seed(seed),
+    )
+    name = output_name(prompt_index, image_index)
+    entry: dict[str, Any] = {"prompt_index": prompt_index, "prompt": prompt, "seed": seed}
+    if args.video:
+        frames = pipe(num_frames=args.num_frames, **common).frames[0]
+        entry["file"] = f"{name}.gif"
+        entry["frames"] = save_frames(frames, out / name, out / f"{name}.gif", args.fps)
+        return entry, frames[0]
+    result = pipe(**common)
+    result.images[0].save(out / f"{name}.png")
+    entry["file"] = f"{name}.png"
+    nsfw = getattr(result, "nsfw_content_detected", None)
+    entry["nsfw"] = bool(nsfw[0]) if nsfw else None
+    return entry, result.images[0]
 
 
 def contact_sheet(rows: list[list[Any]]) -> Any:
@@ -913,13 +935,9 @@ def main(argv: list[str] | None = None) -> int:
     from ._quiet import quiet_dependency_noise
 
     quiet_dependency_noise()
-    try:
+    with command_errors(parser, os_errors=True):
         prompts = check_args(args)
         settings = generate(args, prompts)
-    except OptionError as e:
-        parser.error(str(e))
-    except OSError as e:  # a full disk, a folder made read-only mid-run: what and where, not a traceback
-        parser.error(os_error_line(e))
     n = len(settings["outputs"])
     print(f"wrote {n} {settings['kind']}{'s' if n != 1 else ''} and {SETTINGS_NAME} to {args.out}")
     return 0

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._cli import HelpFormatter, OptionError
+from ._cli import OptionError
+from ._command import command_errors, command_parser
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "metrics.png"
@@ -38,12 +39,8 @@ class Run:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m adaface.plot",
-        description="Plot a training run's loss terms (raw and smoothed), Prodigy's d and the learning rate, "
-        "with the attention expansions marked.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser("plot", "Plot a training run's loss terms (raw and smoothed), Prodigy's d and the learning "
+                       "rate, with the attention expansions marked.")
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help=f"training output folder holding {METRICS_NAME} (or the {METRICS_NAME} file itself)")
     p.add_argument("--out", metavar="PNG", help=f"image to write (default: RUN_DIR/{PLOT_NAME})")
@@ -225,21 +222,15 @@ def check_args(args: argparse.Namespace) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with command_errors(parser):
         path, out = check_args(args)
         run = read_run(path, args.extra_key)
-    except OptionError as e:
-        parser.error(str(e))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         parser.error('matplotlib is not installed: pip install "adaface[plot]" (or pip install matplotlib)')
-    try:
+    with command_errors(parser, os_errors=True, where=f"--out {out}"):  # a full disk
         plot(run, out, args.smoothing, args.extra_key)
-    except OSError as e:  # a full disk
-        from ._file_checks import os_error_line
-
-        parser.error(f"--out {out}: {os_error_line(e)}")
     note = f" ({run.skipped_lines} unreadable line(s) skipped)" if run.skipped_lines else ""
     print(f"wrote {out}: {', '.join(run.series)} over {len(run.series[next(iter(run.series))][0])} steps, "
           f"{len(run.expansions)} expansion(s){note}")

@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._cli import HelpFormatter, OptionError, check_file
+from ._cli import OptionError, check_file
+from ._command import command_errors, command_parser
 from ._file_checks import (
     check_readable,
     check_readable_tree,
     check_writable_dir,
-    os_error_line,
     read_json_file,
     safetensors_problem,
 )
@@ -47,12 +47,8 @@ MASK_CHOICES = ("auto", "parser", "landmarks", "box")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m adaface.prepare_data",
-        description="Prepare a folder of face photos for training: crops, face masks, ArcFace embeddings and "
-        "a manifest (the --data-dir of both training stages).",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser("prepare_data", "Prepare a folder of face photos for training: crops, face masks, ArcFace "
+                       "embeddings and a manifest (the --data-dir of both training stages).")
     p.add_argument("images", metavar="IMAGES", help="folder of photos (searched recursively: jpg, png, webp)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; a rerun resumes it)")
     p.add_argument("--face-root", required=True,
@@ -401,16 +397,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_dependency_noise()
     try:
-        check_args(args)
-        summary = prepare(args)
-    except OptionError as e:
-        parser.error(str(e))
+        with command_errors(parser, os_errors=True, note="(the results committed so far are kept; rerun to continue)"):
+            check_args(args)
+            summary = prepare(args)
     except KeyboardInterrupt:
         print(f"interrupted: the results so far are saved in {args.out}; rerun the same command to continue",
               file=sys.stderr)
         return 130
-    except OSError as e:  # a full disk, a folder made read-only mid-run; the results committed so far are kept
-        parser.error(f"{os_error_line(e)} (the results committed so far are kept; rerun to continue)")
     print_summary(summary, args.out)
     return 0
 

@@ -121,22 +121,25 @@ def kernel_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg
     `do_elem`: bytes per input / stored-dO element; `needs`: which of q_subj, q_comp, feat_subj, feat_comp
     need gradients. Mirrors the launchers' and kernels' loops one for one.
     """
-    BN, BM, BD, OC = (cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "OUT_C"))
-    BR, BCC = cfg["BLOCK_R"], cfg["BLOCK_CC"]
-    nNb, nM, nD = _cdiv(N, BN), _cdiv(M, BM), _cdiv(Dq, BD)
-    nOC, nCC, nRp = max(_cdiv(C, OC), 1), _cdiv(C, BCC), _cdiv(N, BR)
-    work = [_cdiv(c, BN) for c in counts]  # row blocks that hold selected rows
-    cnt, W = sum(counts), sum(work)
+    nCC, nRp = _cdiv(C, cfg["BLOCK_CC"]), _cdiv(N, cfg["BLOCK_R"])
+    cnt = sum(counts)
     f = 4
     out: dict[str, Cost] = {}
     if B == 0 or N == 0:
         return out
 
-    fwd = Cost(precision=precision)
-    fwd.loads = B * nNb * nOC + W * nOC * (1 + nM * (2 * nD + 1))
-    fwd.load_bytes = (B * nNb * nOC * 4 + nOC * cnt * 4 + nOC * nM * cnt * Dq * elem + W * nOC * M * Dq * elem
-                      + W * M * C * elem)
-    fwd.flops = W * nOC * nM * (2 * BN * BM * BD * nD + 2 * BN * BM * OC)
+    fwd = Cost(precision=precision)  # one program per FWD_BLOCK_N rows × (C0 + C1) output columns
+    FN, FM, D0, D1, C0, C1 = (cfg[k] for k in ("FWD_BLOCK_N", "FWD_BLOCK_M", "FWD_D0", "FWD_D1", "FWD_C0", "FWD_C1"))
+    resident = Dq <= D0 + D1  # q loaded once in its pieces; else streamed with every key block in D0 chunks
+    q_pieces = 1 + (D1 > 0) if resident else 0
+    d_pad = D0 + D1 if resident else _cdiv(Dq, D0) * D0
+    fNb, fM, fC = _cdiv(N, FN), _cdiv(M, FM), max(_cdiv(C, C0 + C1), 1)
+    fW = sum(_cdiv(c, FN) for c in counts)  # row blocks that hold selected rows
+    per_key = q_pieces if resident else 2 * _cdiv(Dq, D0)
+    fwd.loads = B * fNb * fC + fW * fC * (1 + q_pieces + fM * (per_key + 1 + (C1 > 0)))
+    q_bytes = fC * cnt * Dq * elem * (1 if resident else fM)
+    fwd.load_bytes = B * fNb * fC * 4 + fC * cnt * 4 + q_bytes + fW * fC * M * Dq * elem + fW * M * C * elem
+    fwd.flops = fW * fC * fM * (2 * FN * FM * d_pad + 2 * FN * FM * (C0 + C1))
     fwd.store_bytes = cnt * C * f + cnt * f
     busy = sum(1 for c in counts if c)  # batches whose K / V are read
     kv = busy * M * (Dq + C) * elem
@@ -150,9 +153,9 @@ def kernel_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], cfg
     need_qs, need_qc, need_fs, need_fc = needs
     need_do = need_qs or need_qc or need_fc
     if need_do or need_fs:
-        nRp, nCC = _cdiv(N, cfg["BWD_BLOCK_R"]), _cdiv(C, cfg["BWD_BLOCK_CC"])
+        prep_rows, prep_cc = _cdiv(N, cfg["BWD_BLOCK_R"]), _cdiv(C, cfg["BWD_BLOCK_CC"])
         out["_bwd_prep_kernel"] = Cost(
-            loads=nRp * B * (2 + 4 * nCC), load_bytes=B * N * 4 + 2 * cnt * C * (f + elem) + cnt * 4,
+            loads=prep_rows * B * (2 + 4 * prep_cc), load_bytes=B * N * 4 + 2 * cnt * C * (f + elem) + cnt * 4,
             store_bytes=(cnt * C * do_elem + cnt * f if need_do else 0) + (B * N * C * elem if need_fs else 0))
     out.update(_backward_costs(B, N, M, Dq, C, counts, cfg, elem, do_elem, precision, needs))
     return out
@@ -164,30 +167,30 @@ def _backward_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], 
     from adaface.kernels.soft_warp import bwd_pieces
 
     need_qs, need_qc, _, need_fc = needs
-    (D1, D2), (C1, C2) = bwd_pieces(Dq, C, cfg["BWD_OUT"])
+    (D0, D1), (C0, C1) = bwd_pieces(Dq, C, cfg["BWD_OUT"])
     BD, BC = cfg["BWD_BLOCK_D"], cfg["BWD_BLOCK_C"]
     nDb, nCb = _cdiv(Dq, BD), _cdiv(C, BC)
-    pd, pc = 1 + (D2 > 0), 1 + (C2 > 0)  # output pieces (one load each)
+    pd, pc = 1 + (D1 > 0), 1 + (C1 > 0)  # output pieces (one load each)
     cnt, busy = sum(counts), sum(1 for c in counts if c)
     rows_in = cnt * (Dq * elem + C * do_elem)  # the selected rows of q_subj and dO, once
     out: dict[str, Cost] = {}
     if need_qs:
         BNq, BMq = cfg["BWD_DQ_BLOCK_N"], cfg["BWD_DQ_BLOCK_M"]
-        nO, nMq = _cdiv(Dq, D1 + D2), _cdiv(M, BMq)
+        nO, nMq = _cdiv(Dq, D0 + D1), _cdiv(M, BMq)
         W = sum(_cdiv(c, BNq) for c in counts)  # row blocks that hold selected rows (the others only store 0)
         dq = Cost(precision=precision)
         # per program: count, order, lse, D; per key step: S (q, K chunks), dP (dO, V chunks), the K pieces
         dq.loads = 4 * B * _cdiv(N, BNq) * nO + W * nO * nMq * (2 * nDb + 2 * nCb + pd)
         dq.load_bytes = nO * (B * _cdiv(N, BNq) * 4 + B * N * 4 + 2 * cnt * 4 + nMq * rows_in
                               + W * M * (Dq + C) * elem) + W * M * Dq * elem
-        dq.flops = W * nO * nMq * 2 * BNq * BMq * (BD * nDb + BC * nCb + D1 + D2)
+        dq.flops = W * nO * nMq * 2 * BNq * BMq * (BD * nDb + BC * nCb + D0 + D1)
         dq.store_bytes = B * N * Dq * elem
         dq.footprint = B * 4 + B * N * 4 + 2 * cnt * 4 + rows_in + busy * M * (Dq + C) * elem
         out["_bwd_dq_kernel"] = dq
     if need_qc or need_fc:
         BNc, BMc = cfg["BWD_BLOCK_N"], cfg["BWD_BLOCK_M"]
         nMc = _cdiv(M, BMc)
-        nO = max(_cdiv(Dq, D1 + D2) if need_qc else 1, _cdiv(C, C1 + C2) if need_fc else 1)
+        nO = max(_cdiv(Dq, D0 + D1) if need_qc else 1, _cdiv(C, C0 + C1) if need_fc else 1)
         W = sum(_cdiv(c, BNc) for c in counts)  # row steps of every key-block program of batch b
         col = Cost(precision=precision)
         # per row step: order, S (K, q chunks), lse; dq_comp: dP (V, dO chunks), D, the q pieces; dfeat_comp:
@@ -198,7 +201,7 @@ def _backward_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], 
                           + (nO * (nMc * cnt * 4 + W * M * C * elem + nMc * cnt * C * do_elem)
                              + nMc * cnt * Dq * elem if need_qc else 0)
                           + (nMc * cnt * C * do_elem if need_fc else 0))
-        step_flops = BD * nDb + (BC * nCb + D1 + D2 if need_qc else 0) + (C1 + C2 if need_fc else 0)
+        step_flops = BD * nDb + (BC * nCb + D0 + D1 if need_qc else 0) + (C0 + C1 if need_fc else 0)
         col.flops = nMc * nO * W * 2 * BMc * BNc * step_flops
         col.store_bytes = (B * M * Dq * elem if need_qc else 0) + (B * M * C * elem if need_fc else 0)
         col.footprint = (B * 4 + cnt * (8 + (4 if need_qc else 0)) + rows_in
@@ -215,8 +218,9 @@ def triton_costs(B: int, N: int, M: int, Dq: int, C: int, counts: list[int], pre
     """The kernels on fp32 inputs (the training path) at the CUDA launch configuration, with `precision`."""
     from adaface.kernels.soft_warp import gpu_tiles
 
-    return kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C, precision=precision), elem=4,
-                        do_elem=PRECISION_BYTES[precision], precision=precision, backward=backward)
+    cfg = gpu_tiles(N, M, Dq, C, precision=precision, elem=4)
+    return kernel_costs(B, N, M, Dq, C, counts, cfg, elem=4, do_elem=PRECISION_BYTES[precision],
+                        precision=precision, backward=backward)
 
 
 def total(costs: dict[str, Cost], gpu: str) -> dict[str, float]:
@@ -277,8 +281,9 @@ def predicted_for_benchmark(info: dict, backward: bool) -> dict[str, float] | No
         rows = int(info["selected_rows"])
         counts = [rows // B + (1 if b < rows % B else 0) for b in range(B)]
         precision = info.get("precision") or {4: "ieee", 2: "bf16"}[elem]
-        costs = kernel_costs(B, N, M, Dq, C, counts, gpu_tiles(N, M, Dq, C, precision=precision), elem=elem,
-                             do_elem=PRECISION_BYTES[precision], precision=precision, backward=backward)
+        cfg = gpu_tiles(N, M, Dq, C, precision=precision, elem=elem)
+        costs = kernel_costs(B, N, M, Dq, C, counts, cfg, elem=elem, do_elem=PRECISION_BYTES[precision],
+                             precision=precision, backward=backward)
     return {gpu: total(costs, gpu)["time_s"] for gpu in PEAKS}
 
 

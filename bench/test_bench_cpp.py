@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from adaface.ops import (
-    _backend,
     delta_cosine_loss,
     delta_cosine_loss_reference,
     soft_warp_loss,
@@ -27,9 +26,9 @@ from adaface.ops import (
 )
 from adaface.testing.benchmarking import loss_step, peak_memory_bytes, record
 from adaface.testing.delta_cosine_inputs import bytes_moved, cuda_inputs, delta_cosine_inputs
+from adaface.testing.device import extension_built, extension_runs_cuda
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask, soft_warp_flops
 
-HAS_EXT = _backend.extension_available()
 _EAGER: dict[str, tuple[float, int]] = {}  # group → (median seconds, peak bytes) of its eager row
 
 CPU_WARP = (2, 1024, 1024, 320, 320)
@@ -64,9 +63,9 @@ def _loss_fn(variant, reference, op):
 def _skip_unavailable(variant, device):
     if device.type != "cuda" and variant != "cpp" and variant != "eager_cpu":
         pytest.skip("CUDA benchmark: needs a CUDA device")
-    if variant == "cpp" and not HAS_EXT:
+    if variant == "cpp" and not extension_built():
         pytest.skip("adaface._C is not built")
-    if variant == "cuda" and not (HAS_EXT and _backend.extension_has_cuda()):
+    if variant == "cuda" and not extension_runs_cuda():
         pytest.skip("adaface._C is not built with CUDA")
     if variant in ("cuda", "triton") and device.type != "cuda":
         pytest.skip(f"{variant} needs a CUDA device here")

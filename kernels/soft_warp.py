@@ -2,11 +2,15 @@
 
 Per batch b, with q = q_subj [N, Dq], k = q_comp [M, Dq], v = feat_comp [M, C], f = feat_subj [N, C]:
 
-Forward (streaming over M, the N×M matrix is never stored):
-    S = scale · q kᵀ                              (blocked over Dq: S = Σ_chunks q[:, d] k[:, d]ᵀ)
+Forward (streaming over M, the N×M matrix is never stored), as FlashAttention-2 does it: a program owns a block
+of selected rows and all C output columns (or, for wide C, a chunk of them: `_fwd_plan`), as one or two
+power-of-two pieces (320 = 256 + 64, 72 = 64 + 16) with an fp32 accumulator each; it loads its rows' q once
+(in up to two pieces) and makes one pass over the key blocks, loading only K and V there (pipelined):
+    S = scale · q kᵀ                              (S = Σ_pieces q[:, d] k[:, d]ᵀ, each piece's dot accumulating
+                                                  into the running S; q streamed in chunks where it is too
+                                                  wide to keep in registers)
     online softmax per row: m = max_j S, l = Σ_j exp(S − m), lse = m + log l   (kept in base 2 internally)
-    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; the C dimension is split across programs,
-                                                          each program redoing the cheap-to-stream S)
+    O = warped = softmax(S) v = Σ_j exp(S − lse) v_j      (fp32; a further output chunk recomputes S)
     cosine exactly as torch.nn.functional.cosine_similarity(O, f, eps):
         n_o = max(|O|, eps),  n_f = max(|f|, eps),  cos = O·f / (n_o n_f),  row = 1 − cos
 Saved for the backward: O (fp32 [B, N, C]), lse ([B, N] fp32) and the compacted row order / count.
@@ -89,12 +93,37 @@ def _dot_rows(
 
 
 @triton.jit
+def _rows_tile(ptr, rows, rmask, lo, K, W: tl.constexpr):
+    """[len(rows), W] = ptr[rows, lo:lo + W] of a row-major [·, K] matrix (zero past K and on masked rows)."""
+    offs = lo + tl.arange(0, W)
+    return tl.load(ptr + rows[:, None] * K + offs[None, :], mask=rmask[:, None] & (offs < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _rows_tile_t(ptr, rows, rmask, lo, K, W: tl.constexpr):
+    """[W, len(rows)]: `_rows_tile` transposed (the key tile as the right operand of q kᵀ)."""
+    offs = lo + tl.arange(0, W)
+    return tl.load(ptr + rows[None, :] * K + offs[:, None], mask=rmask[None, :] & (offs < K)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, rmask, lo, K, x, W: tl.constexpr):
+    """ptr[rows, lo:lo + W] = x (columns below K, unmasked rows) of a row-major [·, K] matrix."""
+    offs = lo + tl.arange(0, W)
+    tl.store(ptr + rows[:, None] * K + offs[None, :], x, mask=rmask[:, None] & (offs < K)[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
     qs_ptr, qc_ptr, fc_ptr, order_ptr, count_ptr, o_ptr, lse_ptr,
     N, M, Dq, C, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, OUT_C: tl.constexpr,
-    COMPUTE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, Q_RESIDENT: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
+    """BLOCK_N selected rows × the C0 + C1 output columns from pid_c·(C0 + C1) (C1 = 0: one piece), in one pass
+    over the keys. Q_RESIDENT: the rows' q (Dq ≤ D0 + D1) is loaded once, in two pieces, and the key loop
+    loads only K and V (pipelined by the launch's num_stages); otherwise q is streamed with each key block in
+    D0-wide chunks (`_dot_rows`)."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -107,26 +136,44 @@ def _fwd_kernel(
         qs_b = qs_ptr + b * N * Dq
         qc_b = qc_ptr + b * M * Dq
         fc_b = fc_ptr + b * M * C
-        offs_c = pid_c * OUT_C + tl.arange(0, OUT_C)
-        cm = offs_c < C
+        o_b = o_ptr + b * N * C
+        c_lo = pid_c * (C0 + C1)
+        if Q_RESIDENT:
+            q0 = _rows_tile(qs_b, rows, rmask, 0, Dq, D0).to(COMPUTE)
+            if D1 > 0:
+                q1 = _rows_tile(qs_b, rows, rmask, D0, Dq, D1).to(COMPUTE)
         m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_N, OUT_C], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_N, C0], dtype=tl.float32)
+        if C1 > 0:
+            acc1 = tl.zeros([BLOCK_N, C1], dtype=tl.float32)
         for start_m in range(0, M, BLOCK_M):
             offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
             colm = offs_m < M
-            s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, BLOCK_D, COMPUTE, PREC)
+            if Q_RESIDENT:
+                k0 = _rows_tile_t(qc_b, offs_m, colm, 0, Dq, D0)
+                s = tl.dot(q0, k0.to(COMPUTE), input_precision=PREC)
+                if D1 > 0:
+                    k1 = _rows_tile_t(qc_b, offs_m, colm, D0, Dq, D1)
+                    s = tl.dot(q1, k1.to(COMPUTE), s, input_precision=PREC)
+            else:
+                s = _dot_rows(qs_b, rows, rmask, qc_b, offs_m, colm, Dq, BLOCK_N, BLOCK_M, D0, COMPUTE, PREC)
             s = tl.where(colm[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(fc_b + offs_m[:, None] * C + offs_c[None, :], mask=colm[:, None] & cm[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v.to(COMPUTE), input_precision=PREC)
+            p = p.to(COMPUTE)
+            v0 = _rows_tile(fc_b, offs_m, colm, c_lo, C, C0)
+            acc0 = tl.dot(p, v0.to(COMPUTE), acc0 * alpha[:, None], input_precision=PREC)
+            if C1 > 0:
+                v1 = _rows_tile(fc_b, offs_m, colm, c_lo + C0, C, C1)
+                acc1 = tl.dot(p, v1.to(COMPUTE), acc1 * alpha[:, None], input_precision=PREC)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / l_safe[:, None]
-        tl.store(o_ptr + b * N * C + rows[:, None] * C + offs_c[None, :], o, mask=rmask[:, None] & cm[None, :])
+        _store_rows(o_b, rows, rmask, c_lo, C, acc0 / l_safe[:, None], C0)
+        if C1 > 0:
+            _store_rows(o_b, rows, rmask, c_lo + C0, C, acc1 / l_safe[:, None], C1)
         if pid_c == 0:
             tl.store(lse_ptr + b * N + rows, m_i + tl.log2(l_safe), mask=rmask)
 
@@ -210,29 +257,15 @@ def _bwd_prep_kernel(
 
 
 @triton.jit
-def _tile(ptr, rows, rmask, W, col0, P: tl.constexpr):
-    """The [rows, col0 : col0 + P] tile of a row-major matrix W wide; zeros past W and at masked rows."""
-    offs = col0 + tl.arange(0, P)
-    return tl.load(ptr + rows[:, None] * W + offs[None, :], mask=rmask[:, None] & (offs < W)[None, :], other=0.0)
-
-
-@triton.jit
-def _put(ptr, rows, rmask, W, col0, val, P: tl.constexpr):
-    offs = col0 + tl.arange(0, P)
-    tl.store(ptr + rows[:, None] * W + offs[None, :], val.to(ptr.dtype.element_ty),
-             mask=rmask[:, None] & (offs < W)[None, :])
-
-
-@triton.jit
 def _bwd_dq_kernel(
     qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, dqs_ptr,
     N, M, Dq, C, qk_scale, scale,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    D1: tl.constexpr, D2: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq_subj rows (programs over the compacted row order; positions past count write zero rows): S and dP once
     per (row block, key block) tile, dq_subj = scale · dS k. Program (pid_n, pid_o) owns the columns
-    pid_o·(D1 + D2) + [0, D1 + D2) as the pieces D1, D2 (D2 = 0: none)."""
+    pid_o·(D0 + D1) + [0, D0 + D1) as the pieces D0, D1 (D1 = 0: none)."""
     pid_n = tl.program_id(0)
     pid_o = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -248,10 +281,10 @@ def _bwd_dq_kernel(
     do_b = do_ptr + b * N * C
     lse = tl.load(lse_ptr + b * N + rows, mask=rmask, other=0.0)
     di = tl.load(di_ptr + b * N + rows, mask=rmask, other=0.0)
-    d0 = pid_o * (D1 + D2)
-    acc1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    if D2 > 0:
-        acc2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
+    d_lo = pid_o * (D0 + D1)
+    acc0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     hi = tl.where(start_n < cnt, M, 0)
     for start_m in range(0, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -260,13 +293,13 @@ def _bwd_dq_kernel(
         p = tl.where(rmask[:, None] & colm[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = _dot_rows(do_b, rows, rmask, fc_b, offs_m, colm, C, BLOCK_N, BLOCK_M, BLOCK_C, COMPUTE, PREC)
         ds = (p * (dp - di[:, None])).to(COMPUTE)
-        acc1 += tl.dot(ds, _tile(qc_b, offs_m, colm, Dq, d0, D1).to(COMPUTE), input_precision=PREC)
-        if D2 > 0:
-            acc2 += tl.dot(ds, _tile(qc_b, offs_m, colm, Dq, d0 + D1, D2).to(COMPUTE), input_precision=PREC)
+        acc0 += tl.dot(ds, _rows_tile(qc_b, offs_m, colm, d_lo, Dq, D0).to(COMPUTE), input_precision=PREC)
+        if D1 > 0:
+            acc1 += tl.dot(ds, _rows_tile(qc_b, offs_m, colm, d_lo + D0, Dq, D1).to(COMPUTE), input_precision=PREC)
     dqs_b = dqs_ptr + b * N * Dq
-    _put(dqs_b, rows, in_n, Dq, d0, acc1 * scale, D1)
-    if D2 > 0:
-        _put(dqs_b, rows, in_n, Dq, d0 + D1, acc2 * scale, D2)
+    _store_rows(dqs_b, rows, in_n, d_lo, Dq, (acc0 * scale).to(dqs_b.dtype.element_ty), D0)
+    if D1 > 0:
+        _store_rows(dqs_b, rows, in_n, d_lo + D0, Dq, (acc1 * scale).to(dqs_b.dtype.element_ty), D1)
 
 
 @triton.jit
@@ -274,13 +307,13 @@ def _bwd_col_kernel(
     qs_ptr, qc_ptr, fc_ptr, do_ptr, lse_ptr, di_ptr, order_ptr, count_ptr, dqc_ptr, dfc_ptr,
     N, M, Dq, C, qk_scale, scale,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    D1: tl.constexpr, D2: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
     """One key block, looping over the selected rows: S (and, for dq_comp, dP) once per tile, accumulating
     dq_comp = scale · dSᵀ q_subj (NEED_DK) and dfeat_comp = Pᵀ dO (NEED_DV). Program (pid_m, pid_o) owns
-    dq_comp's columns pid_o·(D1 + D2) + [0, D1 + D2) as the pieces D1, D2 and dfeat_comp's
-    pid_o·(C1 + C2) + [0, C1 + C2) as C1, C2 (a second piece of 0: none)."""
+    dq_comp's columns pid_o·(D0 + D1) + [0, D0 + D1) as the pieces D0, D1 and dfeat_comp's
+    pid_o·(C0 + C1) + [0, C0 + C1) as C0, C1 (a second piece of 0: none)."""
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -291,16 +324,16 @@ def _bwd_col_kernel(
     qc_b = qc_ptr + b * M * Dq
     fc_b = fc_ptr + b * M * C
     do_b = do_ptr + b * N * C
-    d0 = pid_o * (D1 + D2)
-    c0 = pid_o * (C1 + C2)
+    d_lo = pid_o * (D0 + D1)
+    c_lo = pid_o * (C0 + C1)
     if NEED_DK:
-        dk1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-        if D2 > 0:
-            dk2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+        dk0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        if D1 > 0:
+            dk1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     if NEED_DV:
-        dv1 = tl.zeros([BLOCK_M, C1], dtype=tl.float32)
-        if C2 > 0:
-            dv2 = tl.zeros([BLOCK_M, C2], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_M, C0], dtype=tl.float32)
+        if C1 > 0:
+            dv1 = tl.zeros([BLOCK_M, C1], dtype=tl.float32)
     for start_n in range(0, cnt, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rmask = offs_n < cnt
@@ -312,61 +345,119 @@ def _bwd_col_kernel(
             dpt = _dot_rows(fc_b, offs_m, colm, do_b, rows, rmask, C, BLOCK_M, BLOCK_N, BLOCK_C, COMPUTE, PREC)
             di = tl.load(di_ptr + b * N + rows, mask=rmask, other=0.0)
             dst = (pt * (dpt - di[None, :])).to(COMPUTE)
-            dk1 += tl.dot(dst, _tile(qs_b, rows, rmask, Dq, d0, D1).to(COMPUTE), input_precision=PREC)
-            if D2 > 0:
-                dk2 += tl.dot(dst, _tile(qs_b, rows, rmask, Dq, d0 + D1, D2).to(COMPUTE), input_precision=PREC)
+            dk0 += tl.dot(dst, _rows_tile(qs_b, rows, rmask, d_lo, Dq, D0).to(COMPUTE), input_precision=PREC)
+            if D1 > 0:
+                dk1 += tl.dot(dst, _rows_tile(qs_b, rows, rmask, d_lo + D0, Dq, D1).to(COMPUTE), input_precision=PREC)
         if NEED_DV:
             ptc = pt.to(COMPUTE)
-            dv1 += tl.dot(ptc, _tile(do_b, rows, rmask, C, c0, C1).to(COMPUTE), input_precision=PREC)
-            if C2 > 0:
-                dv2 += tl.dot(ptc, _tile(do_b, rows, rmask, C, c0 + C1, C2).to(COMPUTE), input_precision=PREC)
+            dv0 += tl.dot(ptc, _rows_tile(do_b, rows, rmask, c_lo, C, C0).to(COMPUTE), input_precision=PREC)
+            if C1 > 0:
+                dv1 += tl.dot(ptc, _rows_tile(do_b, rows, rmask, c_lo + C0, C, C1).to(COMPUTE), input_precision=PREC)
     if NEED_DK:
         dqc_b = dqc_ptr + b * M * Dq
-        _put(dqc_b, offs_m, colm, Dq, d0, dk1 * scale, D1)
-        if D2 > 0:
-            _put(dqc_b, offs_m, colm, Dq, d0 + D1, dk2 * scale, D2)
+        _store_rows(dqc_b, offs_m, colm, d_lo, Dq, (dk0 * scale).to(dqc_b.dtype.element_ty), D0)
+        if D1 > 0:
+            _store_rows(dqc_b, offs_m, colm, d_lo + D0, Dq, (dk1 * scale).to(dqc_b.dtype.element_ty), D1)
     if NEED_DV:
         dfc_b = dfc_ptr + b * M * C
-        _put(dfc_b, offs_m, colm, C, c0, dv1, C1)
-        if C2 > 0:
-            _put(dfc_b, offs_m, colm, C, c0 + C1, dv2, C2)
+        _store_rows(dfc_b, offs_m, colm, c_lo, C, dv0.to(dfc_b.dtype.element_ty), C0)
+        if C1 > 0:
+            _store_rows(dfc_b, offs_m, colm, c_lo + C0, C, dv1.to(dfc_b.dtype.element_ty), C1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 
-# every tile size the launchers read, with its minimum (tl.dot's 16); the BWD_ keys are the backward's
-TILE_KEYS = {k: 16 for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D", "BLOCK_C", "OUT_C", "BLOCK_R", "BLOCK_CC",
-                             "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_DQ_BLOCK_N", "BWD_DQ_BLOCK_M", "BWD_BLOCK_D",
-                             "BWD_BLOCK_C", "BWD_OUT", "BWD_BLOCK_R", "BWD_BLOCK_CC")}
+# every tile size the launchers read, with its least value (tl.dot's 16); FWD_: the forward's, BWD_: the backward's
+TILE_KEYS = {k: 16 for k in ("BLOCK_R", "BLOCK_CC", "FWD_BLOCK_N", "FWD_BLOCK_M", "FWD_D0", "FWD_C0",
+                              "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_DQ_BLOCK_N", "BWD_DQ_BLOCK_M", "BWD_BLOCK_D",
+                              "BWD_BLOCK_C", "BWD_OUT", "BWD_BLOCK_R", "BWD_BLOCK_CC")}
+TILE_KEYS.update(FWD_D1=0, FWD_C1=0)  # a second piece of 0: none
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _out_chunk(dim: int, other: int, cap: int) -> int:
-    """Width of the output feature chunk per program. Each extra chunk re-streams S (cost ∝ `other`), a wide
-    chunk wastes its padding: minimise chunks·(other + chunk) over powers of two up to `cap`."""
-    best, best_cost = 16, None
-    w = 16
-    while w <= cap:
-        cost = triton.cdiv(max(dim, 1), w) * (other + w)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = w, cost
-        w *= 2
+def _cover(n: int) -> tuple[int, int]:
+    """The narrowest one or two powers of two ≥ 16 (larger first, 0: no second) whose sum is ≥ n."""
+    first = 16
+    while first * 2 <= n:
+        first *= 2
+    rest = n - first
+    if rest <= 0:
+        return first, 0
+    second = _pow2(rest, 16, first)
+    return (first * 2, 0) if second == first else (first, second)
+
+
+# The forward's tile plan (`_fwd_plan`). A program keeps across its key loop the fp32 accumulator of its W output
+# columns and, when resident, its rows' q; per key block it holds the V tile as a matmul operand. On sm_80
+# Triton's MMA keeps whole operand fragments in registers, and a warp's MMA covers at least 16 rows, so a warp
+# holds the whole q of its 16 rows: with 64 rows and 8 warps (4 along the rows × 2 along the columns) q of
+# Dq = 320 and W = 320 spilled in every precision. Hence 32 rows and 8 warps (2 × 4): a thread holds W/8
+# accumulator words, Dq·b/8 words of resident q (b bytes per operand element) and FWD_BLOCK_M·W·b/512 words of
+# V. Their sum stays within FWD_WORDS, the part of 255 registers that ptxas fits with the softmax and the K tile
+# without spilling at SD-1.5's shapes (bench/kernel_resources.py); the CUDA cores' dot ("ieee") holds a strip
+# of both operands per thread, counted as b = 8. So fp32 q (TF32) of 320 features is streamed with each key
+# block in FWD_STREAM_D-wide chunks, bf16/fp16 q is resident. One pipeline stage's K and V tiles,
+# FWD_BLOCK_M·(Dq or the streamed chunk + W) input elements (copied to shared memory as loaded, fp32 inputs at
+# 4 bytes whatever the precision), stay within FWD_STAGE_BYTES: two stages within sm_86's 99 KB.
+FWD_WORDS = 160
+FWD_STAGE_BYTES = 48 * 1024
+FWD_STREAM_D = 64
+
+
+def _fwd_plan(Dq: int, C: int, op_bytes: int, in_bytes: int) -> dict[str, int]:
+    """The forward's key block, q pieces and output chunk: the least modelled matmul work (per row and key,
+    ⌈C / W⌉ · (Dq padded + W) for W output columns per program: each further chunk recomputes the scores) within
+    the register and shared-memory budgets; ties go to a resident q, then a wider key block, then one piece.
+    At SD-1.5's layers: 320 features in one program per row block; 640 in one (two 320-wide for "ieee");
+    1280 in two 640-wide chunks (four 320-wide for "ieee")."""
+    best, best_key = None, None
+    for rank_m, block_m in enumerate((32, 16)):
+        for resident in (True, False):
+            d0, d1 = _cover(Dq) if resident else (_pow2(Dq, 16, FWD_STREAM_D), 0)
+            dk = d0 + d1 if resident else triton.cdiv(Dq, d0) * d0
+            q_words = dk * op_bytes / 8 if resident else 0
+            c0 = 16
+            while c0 <= 1024:
+                for c1 in [0] + [w for w in (16, 32, 64, 128, 256, 512) if w <= c0 // 2]:
+                    w = c0 + c1
+                    fits = (w / 8 + q_words + block_m * w * op_bytes / 512 <= FWD_WORDS
+                            and block_m * ((dk if resident else d0) + w) * in_bytes <= FWD_STAGE_BYTES)
+                    key = (triton.cdiv(C, w) * (dk + w), not resident, rank_m, c1 > 0, w)
+                    if fits and (best_key is None or key < best_key):
+                        best_key = key
+                        best = {"FWD_BLOCK_M": block_m, "FWD_D0": d0, "FWD_D1": d1, "FWD_C0": c0, "FWD_C1": c1}
+                c0 *= 2
+    if best is None:  # nothing fits the budgets (Dq far beyond the paper's): the narrowest streamed plan
+        return {"FWD_BLOCK_M": 16, "FWD_D0": 16, "FWD_D1": 0, "FWD_C0": 16, "FWD_C1": 0}
     return best
 
 
-def _bwd_gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str | None) -> dict[str, int]:
-    """The backward's CUDA configuration. Register budget (255 per thread): the column kernel holds BWD_BLOCK_M ×
-    (its dq_comp + dfeat_comp columns, ≤ 2 · 320 at cap 256) fp32 accumulators, 80 registers per thread at 32
-    rows and 8 warps; the operand tiles, S / dP and their addresses take the rest, and ptxas fits the paper's
-    320 + 320 without spilling only with 16-row steps, unpipelined (num_stages 1: the outer loop's loads are
-    synchronous, the S / dP chunk loops software-pipeline under the dq kernel's 2 stages). "ieee" dots run on
-    the CUDA cores from registers (every thread holds its rows' and columns' operands for the whole step), so
-    they take 16-key column blocks."""
+def bwd_pieces(Dq: int, C: int, cap: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The pieces (`_cover`) of the dq_subj / dq_comp columns and of the dfeat_comp columns that one backward
+    program owns; chunk j owns the columns j·(P0 + P1) + [0, P0 + P1). Every chunk redoes S and dP (a cost
+    ∝ Dq + C), so the fewest chunks win whose pieces stay within cap + cap / 4 columns per output: one at the
+    paper's 320 = 256 + 64 (cap 256), 2 × (256 + 64) at SD-1.5's 640, 4 × (256 + 64) at 1280."""
+    n = 1
+    while True:
+        pd, pc = _cover(triton.cdiv(Dq, n)), _cover(triton.cdiv(C, n))
+        if max(sum(pd), sum(pc)) <= cap + cap // 4:
+            return pd, pc
+        n += 1
+
+
+# The backward's CUDA tiles (`_bwd_gpu_tiles`). The column kernel keeps BWD_BLOCK_M × (its dq_comp + dfeat_comp
+# columns, ≤ 2 · 320 at cap 256) fp32 accumulators across its row loop: 80 registers per thread at 32 keys and 8
+# warps; the operand tiles, S / dP and their addresses take the rest of 255, and ptxas fits the paper's 320 + 320
+# without spilling only with 16-row steps, unpipelined (num_stages 1; the row pass pipelines its S / dP chunk
+# loops over 2 stages). S and dP contract in 64-wide chunks: a whole 256-wide fp32 operand would be 128 registers
+# per thread. The CUDA cores' dot ("ieee") holds a strip of both operands per thread for the whole step, so it
+# takes 16-key column blocks. Shared memory stays under 21 KB per block (bench/kernel_resources.py).
+def _bwd_gpu_tiles(C: int, precision: str) -> dict[str, int]:
     return {
         "BWD_BLOCK_N": 16, "BWD_BLOCK_M": 16 if precision == "ieee" else 32, "BWD_DQ_BLOCK_N": 32,
         "BWD_DQ_BLOCK_M": 16, "BWD_BLOCK_D": 64, "BWD_BLOCK_C": 64, "BWD_OUT": 256, "BWD_BLOCK_R": 16,
@@ -374,59 +465,44 @@ def _bwd_gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str | None) -> di
     }
 
 
-def _pieces(width: int, cap: int) -> tuple[int, int] | None:
-    """Two power-of-two pieces (P1 ≥ 16, P2 = 0 or 16 ≤ P2 ≤ P1 / 4, P1 ≤ cap) covering `width` columns, or None
-    where none exist (e.g. 320 → (256, 64), 72 → (64, 16), 24 → (32, 0), 600 with cap 256 → None). The second
-    piece is small so that it pads little and adds little to the registers."""
-    p1 = max(16, min(cap, 1 << (max(width, 1).bit_length() - 1)))
-    rest = width - p1
-    if rest <= 0:
-        return p1, 0
-    p2 = max(16, triton.next_power_of_2(rest))
-    if p2 <= p1 // 4:
-        return p1, p2
-    return (2 * p1, 0) if 2 * p1 <= cap else None
+_OPERAND_BYTES = {"ieee": 8, "tf32": 4, "bf16": 2, "fp16": 2}
 
 
-def bwd_pieces(Dq: int, C: int, cap: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The pieces (`_pieces` with `cap`) of the dq_subj / dq_comp columns and of the dfeat_comp columns that one
-    backward program owns; chunk j owns the columns j·(P1 + P2) + [0, P1 + P2). Every chunk redoes S and dP (a
-    cost ∝ Dq + C), so the fewest chunks that fit win: one (the paper's 320 = 256 + 64 at cap 256) unless a
-    width exceeds cap + cap / 4, then n equal chunks (SD-1.5's 640: 2 × (256 + 64), 1280: 4 × (256 + 64))."""
-    n = 1
-    while True:
-        pd, pc = _pieces(triton.cdiv(Dq, n), cap), _pieces(triton.cdiv(C, n), cap)
-        if pd is not None and pc is not None:
-            return pd, pc
-        n += 1
-
-
-def gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str | None = None) -> dict[str, int]:
-    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs); `precision` (one of
-    PRECISIONS; None: a tensor-core one) picks the backward's tiles."""
-    out_c = _out_chunk(C, Dq, 256)
+def gpu_tiles(N: int, M: int, Dq: int, C: int, precision: str = "bf16", elem: int = 4) -> dict[str, int]:
+    """The CUDA launch configuration (every tile a power of two ≥ 16, as tl.dot needs) for `precision`'s
+    matmuls on inputs of `elem` bytes (FWD_: the forward's keys, BWD_: the backward's, BLOCK_R / BLOCK_CC: the
+    cosine's)."""
     return {
-        "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_C": 64, "OUT_C": out_c,
         "BLOCK_R": 16, "BLOCK_CC": _pow2(C, 16, 256),
-        "num_warps": 8 if out_c >= 256 else 4, "num_stages": 2,
-        **_bwd_gpu_tiles(N, M, Dq, C, precision),
+        "FWD_BLOCK_N": 32, **_fwd_plan(Dq, C, _OPERAND_BYTES[precision], elem), "FWD_WARPS": 8, "FWD_STAGES": 2,
+        **_bwd_gpu_tiles(C, precision),
     }
 
 
-def interpreter_tiles(N: int, M: int, Dq: int, C: int, precision: str | None = None) -> dict[str, int]:
-    """Few, large programs (the interpreter's cost is per program and per op)."""
+def interpreter_tiles(N: int, M: int, Dq: int, C: int, precision: str = "bf16", elem: int = 4) -> dict[str, int]:
+    """Few, large programs (the interpreter's cost is per program and per op). The forward sums the scores over
+    the same Dq chunks as the backward (q resident up to 128 features, else streamed in 128-wide chunks) and
+    owns up to 320 output columns per program."""
+    block_d = _pow2(Dq, 16, 128)
+    c0, c1 = _cover(min(C, 320))
     return {
-        "BLOCK_N": _pow2(N, 16, 64), "BLOCK_M": _pow2(M, 16, 64),
-        "BLOCK_D": _pow2(Dq, 16, 128), "BLOCK_C": _pow2(C, 16, 128),
-        "OUT_C": _pow2(C, 16, 128),
         "BLOCK_R": _pow2(N, 16, 64), "BLOCK_CC": _pow2(C, 16, 128),
-        "num_warps": 4, "num_stages": 2,
-        # the backward: one chunk of output columns up to 160 (128 + 32)
+        "FWD_BLOCK_N": _pow2(N, 16, 64), "FWD_BLOCK_M": _pow2(M, 16, 64), "FWD_D0": block_d, "FWD_D1": 0,
+        "FWD_C0": c0, "FWD_C1": c1, "FWD_WARPS": 4, "FWD_STAGES": 2,
         "BWD_BLOCK_N": _pow2(N, 16, 64), "BWD_BLOCK_M": _pow2(M, 16, 64), "BWD_DQ_BLOCK_N": _pow2(N, 16, 64),
-        "BWD_DQ_BLOCK_M": _pow2(M, 16, 64), "BWD_BLOCK_D": _pow2(Dq, 16, 128), "BWD_BLOCK_C": _pow2(C, 16, 128),
+        "BWD_DQ_BLOCK_M": _pow2(M, 16, 64), "BWD_BLOCK_D": block_d, "BWD_BLOCK_C": _pow2(C, 16, 128),
         "BWD_OUT": 128, "BWD_BLOCK_R": _pow2(N, 16, 64), "BWD_BLOCK_CC": _pow2(C, 16, 128), "BWD_WARPS": 4,
         "BWD_STAGES_COL": 1, "BWD_STAGES_DQ": 2,
     }
+
+
+def _fwd_pieces(cfg: dict[str, int]) -> tuple[int, int, int, int]:
+    """(D0, D1, C0, C1) of a configuration; a second piece is 0 or, as tl.dot needs, a power of two ≥ 16."""
+    pieces = tuple(cfg[k] for k in ("FWD_D0", "FWD_D1", "FWD_C0", "FWD_C1"))
+    if any(v and (v < 16 or v & (v - 1)) for v in pieces) or not all(pieces[::2]):
+        raise ValueError(f"soft_warp: forward pieces (FWD_D0, FWD_D1, FWD_C0, FWD_C1) must be powers of two >= 16 "
+                         f"(a second piece may be 0), got {pieces}")
+    return pieces  # type: ignore[return-value]
 
 
 tiles = policy_for_this_process(gpu_tiles, interpreter_tiles)  # what the launchers use (kernels/_runtime.py)
@@ -476,17 +552,16 @@ def soft_warp_fwd(
     # every launch (forward and backward) puts the batch on grid axis 2, which CUDA caps at 65535
     if B > 65535:
         raise ValueError(f"soft_warp_loss: batch size B={B} exceeds the kernels' grid limit of 65535")
-    cfg = tiles(N, M, Dq, C)
-    compute, _, prec = _compute_dtype(precision or default_precision(qs.dtype))
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    if C > 0:
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["OUT_C"]), B)
-    else:  # still write lse (not needed by anything, but keep the buffer defined)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), 1, B)
+    precision = precision or default_precision(qs.dtype)
+    cfg = tiles(N, M, Dq, C, precision=precision, elem=qs.element_size())
+    compute, _, prec = _compute_dtype(precision)
+    d0, d1, c0, c1 = _fwd_pieces(cfg)
+    grid = (triton.cdiv(N, cfg["FWD_BLOCK_N"]), max(triton.cdiv(C, c0 + c1), 1), B)  # C = 0: still write lse
     _fwd_kernel[grid](
         qs, qc, fc, order, count, warped, lse, N, M, Dq, C, float(scale) * LOG2E,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], OUT_C=cfg["OUT_C"],
-        COMPUTE=compute, PREC=prec, **opts,
+        BLOCK_N=cfg["FWD_BLOCK_N"], BLOCK_M=cfg["FWD_BLOCK_M"], D0=d0, D1=d1 if Dq <= d0 + d1 else 0, C0=c0, C1=c1,
+        Q_RESIDENT=Dq <= d0 + d1, COMPUTE=compute, PREC=prec,
+        num_warps=cfg["FWD_WARPS"], num_stages=cfg["FWD_STAGES"],
     )
     _cos_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_R"]), B)](
         warped, fs, w, rows, N, C, COSINE_EPS, BLOCK_R=cfg["BLOCK_R"], BLOCK_CC=cfg["BLOCK_CC"],
@@ -514,7 +589,7 @@ def soft_warp_bwd(
     if B == 0 or N == 0 and not (need_qc or need_fc):
         return dqs, dqc, dfs, dfc
     precision = precision or default_precision(qs.dtype)
-    cfg = tiles(N, M, Dq, C, precision=precision)
+    cfg = tiles(N, M, Dq, C, precision=precision, elem=qs.element_size())
     compute, do_dtype, prec = _compute_dtype(precision)
     need_do = need_qs or need_qc or need_fc
     d_o = _empty((B, N, C), device=dev, dtype=do_dtype) if need_do else warped
@@ -524,22 +599,22 @@ def soft_warp_bwd(
             g, warped, fs, w, d_o, di, dfs if need_fs else fs, N, C, COSINE_EPS,
             BLOCK_R=cfg["BWD_BLOCK_R"], BLOCK_CC=cfg["BWD_BLOCK_CC"], NEED_DO=need_do, NEED_DFS=need_fs,
         )
-    (d1, d2), (c1, c2) = bwd_pieces(Dq, C, cfg["BWD_OUT"])
+    (d0, d1), (c0, c1) = bwd_pieces(Dq, C, cfg["BWD_OUT"])
     common = dict(
-        BLOCK_D=cfg["BWD_BLOCK_D"], BLOCK_C=cfg["BWD_BLOCK_C"], D1=d1, D2=d2,
+        BLOCK_D=cfg["BWD_BLOCK_D"], BLOCK_C=cfg["BWD_BLOCK_C"], D0=d0, D1=d1,
         COMPUTE=compute, PREC=prec, num_warps=cfg["BWD_WARPS"],
     )
     args = (qs, qc, fc, d_o, lse, di, order, count)
     sizes = (N, M, Dq, C, float(scale) * LOG2E, float(scale))
     if need_qs and N > 0:
-        grid = (triton.cdiv(N, cfg["BWD_DQ_BLOCK_N"]), triton.cdiv(Dq, d1 + d2), B)
+        grid = (triton.cdiv(N, cfg["BWD_DQ_BLOCK_N"]), triton.cdiv(Dq, d0 + d1), B)
         _bwd_dq_kernel[grid](*args, dqs, *sizes, BLOCK_N=cfg["BWD_DQ_BLOCK_N"], BLOCK_M=cfg["BWD_DQ_BLOCK_M"],
                              num_stages=cfg["BWD_STAGES_DQ"], **common)
     if (need_qc or need_fc) and M > 0:
-        chunks = max(triton.cdiv(Dq, d1 + d2) if need_qc else 1, triton.cdiv(C, c1 + c2) if need_fc else 1)
+        chunks = max(triton.cdiv(Dq, d0 + d1) if need_qc else 1, triton.cdiv(C, c0 + c1) if need_fc else 1)
         grid = (triton.cdiv(M, cfg["BWD_BLOCK_M"]), chunks, B)
         _bwd_col_kernel[grid](*args, dqc if need_qc else qc, dfc if need_fc else fc, *sizes,
-                              BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_M=cfg["BWD_BLOCK_M"], C1=c1, C2=c2, NEED_DK=need_qc,
+                              BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_M=cfg["BWD_BLOCK_M"], C0=c0, C1=c1, NEED_DK=need_qc,
                               NEED_DV=need_fc, num_stages=cfg["BWD_STAGES_COL"], **common)
     return dqs, dqc, dfs, dfc
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,7 @@ def world(tiny_sd15_dir):
 # --------------------------------------------------------------------------------------------------------------
 
 GEN = ["--base", "{m}/sd15", "--arc2face", "{m}/arc2face", "--inverter", "{m}/inverter"]
+EVAL_MODELS = ["--face-root", "{m}/insightface", "--clip", "{m}/clip"]
 RID = ["--random-id", "1"]
 NEW = ["--out", "{w}/new"]
 SMALL = ["--num-images", "1", "--steps", "1", "--height", "16", "--width", "16"]
@@ -255,6 +257,14 @@ def _swap(argv: list[str], option: str, value: str) -> list[str]:
     argv = list(argv)
     argv[argv.index(option) + 1] = value
     return argv
+
+
+def _bad_values(command: str, argv_with: Callable[[list[str]], list[str]],
+                options: dict[str, dict[str, str]]) -> list[tuple]:
+    """A case `{option}-{label}` per option and (label, value) of its values: the command line
+    `argv_with([option, value])`, whose error must name the option."""
+    return [(command, f"{option[2:]}-{label}", argv_with([option, value]), option)
+            for option, values in options.items() for label, value in values.items()]
 
 
 G = _gen()
@@ -288,12 +298,9 @@ CASES = [
     ("generate", "video-without-adapter", G + ["--video"], "--motion-adapter"),
     ("generate", "adapter-without-video", G + ["--motion-adapter", "{m}/motion"], "--motion-adapter"),
     # generate: the subject
-    ("generate", "embedding-empty", _gen(subject=["--embedding", "{f}/emb_empty.npy"]), "--embedding"),
-    ("generate", "embedding-truncated", _gen(subject=["--embedding", "{f}/emb_truncated.npy"]), "--embedding"),
-    ("generate", "embedding-shape", _gen(subject=["--embedding", "{f}/emb_shape.npy"]), "--embedding"),
-    ("generate", "embedding-random", _gen(subject=["--embedding", "{f}/emb_random.safetensors"]), "--embedding"),
-    ("generate", "embedding-suffix", _gen(subject=["--embedding", "{f}/emb.txt"]), "--embedding"),
-    ("generate", "embedding-missing", _gen(subject=["--embedding", "{f}/nowhere.npy"]), "--embedding"),
+    *_bad_values("generate", lambda a: _gen(subject=a), {"--embedding": {
+        "empty": "{f}/emb_empty.npy", "truncated": "{f}/emb_truncated.npy", "shape": "{f}/emb_shape.npy",
+        "random": "{f}/emb_random.safetensors", "suffix": "{f}/emb.txt", "missing": "{f}/nowhere.npy"}}),
     ("generate", "images-missing", _gen(subject=["--images", "{f}/nowhere.png", "--face-root", "{m}/insightface"]),
      "--images"),
     ("generate", "images-not-image", _gen(subject=["--images", "{f}/not_image.png", "--face-root",
@@ -340,18 +347,10 @@ CASES = [
      _swap(_gen(out=["--out", "{w}/earlier_run", "--overwrite"]), "--base", "{f}/sd15_unet_truncated"),
      "unet/diffusion_pytorch_model.safetensors"),
     # generate: numbers
-    ("generate", "num-images-0", _gen(run=["--num-images", "0"]), "--num-images"),
-    ("generate", "num-images-huge", _gen(run=["--num-images", "100000"]), "--num-images"),
-    ("generate", "num-images-text", _gen(run=["--num-images", "four"]), "--num-images"),
-    ("generate", "height-3", _gen(run=["--height", "3"]), "--height"),
-    ("generate", "height-odd", _gen(run=["--height", "30"]), "--height"),
-    ("generate", "width-huge", _gen(run=["--width", "8192"]), "--width"),
-    ("generate", "steps-0", _gen(run=["--steps", "0"]), "--steps"),
-    ("generate", "guidance-nan", _gen(run=["--guidance", "nan"]), "--guidance"),
-    ("generate", "guidance-negative", _gen(run=["--guidance", "-1"]), "--guidance"),
-    ("generate", "seed-huge", _gen(run=["--seed", str(2**63)]), "--seed"),
-    ("generate", "scheduler-unknown", _gen(run=["--scheduler", "fast"]), "--scheduler"),
-    ("generate", "dtype-unknown", _gen(run=["--dtype", "float8"]), "--dtype"),
+    *_bad_values("generate", lambda a: _gen(run=a), {
+        "--num-images": {"0": "0", "huge": "100000", "text": "four"}, "--height": {"3": "3", "odd": "30"},
+        "--width": {"huge": "8192"}, "--steps": {"0": "0"}, "--guidance": {"nan": "nan", "negative": "-1"},
+        "--seed": {"huge": str(2**63)}, "--scheduler": {"unknown": "fast"}, "--dtype": {"unknown": "float8"}}),
     ("generate", "fps-0", G + ["--video", "--motion-adapter", "{m}/motion", "--fps", "0"], "--fps"),
     ("generate", "num-frames-0", G + ["--video", "--motion-adapter", "{m}/motion", "--num-frames", "0"],
      "--num-frames"),
@@ -361,8 +360,7 @@ CASES = [
     ("generate", "on-no-face-unknown", G + ["--on-no-face", "skip"], "--on-no-face"),
 
     # evaluate
-    *[("evaluate", name, argv + ["--face-root", "{m}/insightface", "--clip", "{m}/clip"], pattern) for name, argv,
-      pattern in [
+    *[("evaluate", name, argv + EVAL_MODELS, pattern) for name, argv, pattern in [
           ("run-missing", ["{w}/runs/nowhere"], "RUN_DIR"),
           ("run-empty-path", [""], "RUN_DIR"),
           ("run-is-file", ["{w}/a_file"], "RUN_DIR"),
@@ -379,20 +377,16 @@ CASES = [
           ("damaged-identity", ["{w}/runs/damaged_arcface"], "subject_arcface.npy"),
           ("no-settings-no-prompt", ["{w}/runs/no_settings"], "--prompt"),
           ("empty-run", ["{w}/runs/empty", "--prompt", "a photo of z"], "RUN_DIR"),
-          ("embedding-damaged", ["{w}/runs/good", "--embedding", "{f}/emb_truncated.npy"], "--embedding"),
-          ("embedding-missing", ["{w}/runs/good", "--embedding", "{f}/nowhere.npy"], "--embedding"),
-          ("references-not-image", ["{w}/runs/good", "--references", "{f}/not_image.png"], "--references"),
-          ("references-truncated", ["{w}/runs/good", "--references", "{f}/photo_truncated.png"], "--references"),
-          ("references-missing", ["{w}/runs/good", "--references", "{f}/nowhere.png"], "--references"),
           ("references-swallow-nothing", ["--references", "{f}/photo.png"], "RUN_DIR"),
-          ("batch-size-0", ["{w}/runs/good", "--batch-size", "0"], "--batch-size"),
-          ("class-word-empty", ["{w}/runs/good", "--class-word", " "], "--class-word"),
-          ("out-not-json", ["{w}/runs/good", "--out", "{w}/report.txt"], "--out"),
-          ("out-under-file", ["{w}/runs/good", "--out", "{w}/a_file/report.json"], "--out"),
-          ("out-empty", ["{w}/runs/good", "--out", ""], "--out"),
-          ("out-folder", ["{w}/runs/good", "--out", "{w}/user_folder"], "--out"),
-          ("dino-missing", ["{w}/runs/good", "--dino", "{w}/nowhere"], "--dino"),
       ]],
+    *_bad_values("evaluate", lambda a: ["{w}/runs/good", *a, *EVAL_MODELS], {
+        "--embedding": {"damaged": "{f}/emb_truncated.npy", "missing": "{f}/nowhere.npy"},
+        "--references": {"not-image": "{f}/not_image.png", "truncated": "{f}/photo_truncated.png",
+                         "missing": "{f}/nowhere.png"},
+        "--batch-size": {"0": "0"}, "--class-word": {"empty": " "},
+        "--out": {"not-json": "{w}/report.txt", "under-file": "{w}/a_file/report.json", "empty": "",
+                  "folder": "{w}/user_folder"},
+        "--dino": {"missing": "{w}/nowhere"}}),
     ("evaluate", "clip-missing", ["{w}/runs/good", "--face-root", "{m}/insightface", "--clip", "{w}/nowhere"],
      "--clip"),
     ("evaluate", "clip-truncated", ["{w}/runs/good", "--face-root", "{m}/insightface", "--clip",
@@ -416,24 +410,12 @@ CASES = [
         ("damaged-embeddings", ["{w}/photos", "--out", "{w}/damaged_embeddings"], "arcface.safetensors"),
         ("damaged-settings", ["{w}/photos", "--out", "{w}/damaged_settings"], "prepare_settings.json"),
         ("damaged-shard", ["{w}/photos", "--out", "{w}/damaged_shard"], ".pending/000000.safetensors"),
-        ("size-small", ["{w}/photos", "--out", "{w}/out", "--size", "10"], "--size"),
-        ("size-text", ["{w}/photos", "--out", "{w}/out", "--size", "big"], "--size"),
-        ("min-face-0", ["{w}/photos", "--out", "{w}/out", "--min-face", "0"], "--min-face"),
-        ("workers-0", ["{w}/photos", "--out", "{w}/out", "--workers", "0"], "--workers"),
-        ("commit-every-0", ["{w}/photos", "--out", "{w}/out", "--commit-every", "0"], "--commit-every"),
-        ("det-thresh-2", ["{w}/photos", "--out", "{w}/out", "--det-thresh", "2"], "--det-thresh"),
-        ("masks-unknown", ["{w}/photos", "--out", "{w}/out", "--masks", "magic"], "--masks"),
-        ("class-words-missing", ["{w}/photos", "--out", "{w}/out", "--class-words", "{f}/nowhere.csv"],
-         "--class-words"),
-        ("class-words-binary", ["{w}/photos", "--out", "{w}/out", "--class-words", "{f}/words_binary.csv"],
-         "--class-words"),
-        ("class-words-suffix", ["{w}/photos", "--out", "{w}/out", "--class-words", "{f}/words.txt"],
-         "--class-words"),
-        ("parser-weights-missing", ["{w}/photos", "--out", "{w}/out", "--parser-weights", "{f}/nowhere.pth"],
-         "--parser-weights"),
-        ("parser-weights-suffix", ["{w}/photos", "--out", "{w}/out", "--parser-weights", "{f}/weights.txt"],
-         "--parser-weights"),
     ]],
+    *_bad_values("prepare_data", lambda a: ["{w}/photos", "--out", "{w}/out", *a, "--face-root", "{m}/insightface"], {
+        "--size": {"small": "10", "text": "big"}, "--min-face": {"0": "0"}, "--workers": {"0": "0"},
+        "--commit-every": {"0": "0"}, "--det-thresh": {"2": "2"}, "--masks": {"unknown": "magic"},
+        "--class-words": {"missing": "{f}/nowhere.csv", "binary": "{f}/words_binary.csv", "suffix": "{f}/words.txt"},
+        "--parser-weights": {"missing": "{f}/nowhere.pth", "suffix": "{f}/weights.txt"}}),
     ("prepare_data", "face-root-missing", ["{w}/photos", "--out", "{w}/out", "--face-root", "{w}/nowhere"],
      "--face-root"),
 

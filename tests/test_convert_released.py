@@ -348,20 +348,19 @@ def test_a_folder_that_already_holds_an_inverter_is_kept(released, capsys):
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("module, name, kind", [
-    ("torch.nn.modules.linear", "Linear", "class"),
-    ("transformers.models.clip.configuration_clip", "CLIPTextConfig", "class"),
-    ("ldm.modules.subj_basis_generator", "SubjBasisGenerator", "class"),
-    ("adaface.arc2face_models", "CLIPAttentionMKV", "class"),
-    ("einops.layers.torch", "Rearrange", "class"),
-    ("regex._regex", "compile", "function"),
-    ("ftfy", "fix_text", "function"),
-    ("ldm.util", "instantiate_from_config", None),  # a function under an allowed module: not a class name
-    ("adaface.util", "os.system", None),
-    ("torch.nn.modules.module", "register_module_forward_hook", None),
-    ("builtins", "getattr", None),
-    ("subprocess", "Popen", None),
-    ("torch.nnx.modules", "Linear", None),
-])
+ALLOWED_CLASSES = [("torch.nn.modules.linear", "Linear"),
+                   ("transformers.models.clip.configuration_clip", "CLIPTextConfig"),
+                   ("ldm.modules.subj_basis_generator", "SubjBasisGenerator"),
+                   ("adaface.arc2face_models", "CLIPAttentionMKV"), ("einops.layers.torch", "Rearrange")]
+ALLOWED_FUNCTIONS = [("regex._regex", "compile"), ("ftfy", "fix_text")]
+REFUSED = [
+    ("ldm.util", "instantiate_from_config"),  # a function under an allowed module: not a class name
+    ("adaface.util", "os.system"), ("torch.nn.modules.module", "register_module_forward_hook"),
+    ("builtins", "getattr"), ("subprocess", "Popen"), ("torch.nnx.modules", "Linear"),
+]
+
+
+@pytest.mark.parametrize("module, name, kind", [(m, n, "class") for m, n in ALLOWED_CLASSES]
+                         + [(m, n, "function") for m, n in ALLOWED_FUNCTIONS] + [(m, n, None) for m, n in REFUSED])
 def test_allow_list(module, name, kind):
     assert cr.allowed_global(module, name) == kind

@@ -6,10 +6,7 @@ The page itself is driven in a real browser by tests/test_demo_browser.py.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from PIL import Image
 from adaface import demo
 from adaface._cli import OptionError
 from adaface.subject import random_arcface
+from adaface.testing.cli import assert_help_lists_every_option, assert_imports_light, fresh_python
 
 SMALL = dict(steps=2, guidance=2.0, height=16, width=16)
 
@@ -220,14 +218,9 @@ def test_options_fail_before_any_model_loads(tiny, tmp_path):
         demo_args(["--out", str(tmp_path / "file")])
 
 
-def _python(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
-
-
 def test_without_gradio_one_line_install_hint():
     # None in sys.modules makes `import gradio` raise ImportError, as when it is not installed
-    res = _python("-c", "import sys, runpy; sys.modules['gradio'] = None; sys.argv = ['demo', '--tiny']; "
+    res = fresh_python("-c", "import sys, runpy; sys.modules['gradio'] = None; sys.argv = ['demo', '--tiny']; "
                   "runpy.run_module('adaface.demo', run_name='__main__')")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
@@ -236,20 +229,12 @@ def test_without_gradio_one_line_install_hint():
 
 
 def test_module_imports_light():
-    res = _python("-c", "import sys, adaface.demo, adaface.plot\n"
-                  "print(','.join(m for m in ('gradio', 'diffusers', 'insightface', 'matplotlib', 'transformers') "
-                  "if m in sys.modules))")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == ""
+    assert_imports_light(["adaface.demo", "adaface.plot"],
+                         ["gradio", "diffusers", "insightface", "matplotlib", "transformers"])
 
 
 def test_help_documents_every_option():
-    res = _python("-m", "adaface.demo", "--help")
-    assert res.returncode == 0, res.stderr
-    for action in demo.build_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in res.stdout
-        assert action.help, action.option_strings
+    assert_help_lists_every_option("adaface.demo", demo.build_parser())
 
 
 def test_a_second_person_left_and_right(studio, photos):

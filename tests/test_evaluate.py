@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from adaface import evaluate, generate
+from adaface.testing.direct_arcface import direct_arcface_faces
 from adaface.testing.tiny_models import (
     save_tiny_antelopev2,
     save_tiny_arc2face,
@@ -61,27 +62,6 @@ def run_dir(tmp_path_factory) -> Path:
                 "outputs": outputs}
     (run / "settings.json").write_text(json.dumps(settings))
     return run
-
-
-def direct_arcface_faces(pack: Path, rgb: np.ndarray) -> list[np.ndarray]:
-    """A unit ArcFace vector per detected face, without FaceEncoder or FaceAnalysis: insightface's SCRFD detector,
-    its 5-point alignment to a 112x112 crop, then the recognition ONNX model run by onnxruntime."""
-    import onnxruntime as ort
-    from insightface.model_zoo.scrfd import SCRFD
-    from insightface.utils import face_align
-
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    detector = SCRFD(str(pack / "scrfd_10g_bnkps.onnx"))
-    detector.prepare(-1, input_size=(640, 640), det_thresh=0.5)
-    _, kpss = detector.detect(bgr, max_num=0, metric="default")
-    session = ort.InferenceSession(str(pack / "glintr100.onnx"), providers=["CPUExecutionProvider"])
-    faces = []
-    for kps in kpss:
-        crop = face_align.norm_crop(bgr, landmark=kps, image_size=112)[:, :, ::-1]  # aligned, back to RGB
-        blob = ((crop.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-        feat = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(blob)})[0][0]
-        faces.append(feat / np.linalg.norm(feat))
-    return faces
 
 
 def clip_cosine(clip_dir: str, image: Image.Image, text: str) -> float:
@@ -218,7 +198,7 @@ def test_scores_a_generate_run_end_to_end(models, tiny_sd15_dir, tmp_path, capsy
     scores, clip_t = [], []
     for p in per:
         image = Image.open(run / p["file"]).convert("RGB")
-        faces = direct_arcface_faces(pack, np.asarray(image))
+        faces = [vector for _, vector in direct_arcface_faces(pack, np.asarray(image))]
         score = max(float(f @ ref) for f in faces) if faces else None
         scores.append(score)
         assert p["num_faces"] == len(faces)
@@ -395,8 +375,8 @@ def test_two_subject_run_gets_a_line_per_subject(models, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads((run / "eval_report.json").read_text())
     first, second = report["per_image"]
-    faces = direct_arcface_faces(Path(models["face_root"]) / "models" / "antelopev2",
-                                 np.asarray(photo(FACE_A)))
+    faces = [vector for _, vector in direct_arcface_faces(Path(models["face_root"]) / "models" / "antelopev2",
+                                                          np.asarray(photo(FACE_A)))]
     z_identity = np.load(run / "subject0_arcface.npy")
     best = max(range(len(faces)), key=lambda k: float(faces[k] @ z_identity))
     assert first["subjects"]["z"]["face"] == best

@@ -83,21 +83,25 @@ def _compare(
     return out, grads
 
 
+def _case(*, L, S, E, mode, B=1, H=1, D=32, layout="contig", causal=False, mask="none") -> tuple:
+    """A row of CASES in test_matches_reference's parameter order; what a row leaves out takes the usual value."""
+    return B, H, L, S, D, E, mode, layout, causal, mask
+
+
 # Awkward shapes (odd L, S, S ≠ L, L/S not multiples of any tile), every mode, layouts, masks, causal.
 CASES = [
-    # B, H, L, S, D, E, mode, layout, causal, mask
-    (1, 2, 77, 77, 64, 3, "qv", "proj", True, "kpm"),
-    (2, 1, 5, 33, 32, 2, "kv", "contig", False, "bool_b11s"),
-    (1, 2, 33, 5, 32, 3, "q", "contig", False, "float_bhls"),
-    (2, 2, 17, 17, 32, 8, "qkv", "contig", True, "none"),
-    (1, 1, 77, 77, 40, 2, "k", "dstride", False, "bool_ls"),
-    (1, 2, 20, 45, 128, 2, "v", "contig", False, "kpm+float_ls"),
-    (2, 1, 33, 33, 64, 3, "qk", "expand", True, "float_1h1s"),
-    (1, 1, 9, 70, 32, 1, "none", "contig", False, "kpm"),
-    (1, 3, 24, 24, 32, 3, "kv", "expand", False, "bool_bhl1"),
-    (1, 1, 80, 80, 32, 2, "qv", "contig", True, "float_bhls"),
-    (1, 2, 13, 13, 32, 16, "qv", "expand", True, "kpm"),
-    (2, 2, 1, 7, 32, 3, "qk", "proj", False, "none"),
+    _case(H=2, L=77, S=77, D=64, E=3, mode="qv", layout="proj", causal=True, mask="kpm"),
+    _case(B=2, L=5, S=33, E=2, mode="kv", mask="bool_b11s"),
+    _case(H=2, L=33, S=5, E=3, mode="q", mask="float_bhls"),
+    _case(B=2, H=2, L=17, S=17, E=8, mode="qkv", causal=True),
+    _case(L=77, S=77, D=40, E=2, mode="k", layout="dstride", mask="bool_ls"),
+    _case(H=2, L=20, S=45, D=128, E=2, mode="v", mask="kpm+float_ls"),
+    _case(B=2, L=33, S=33, D=64, E=3, mode="qk", layout="expand", causal=True, mask="float_1h1s"),
+    _case(L=9, S=70, E=1, mode="none", mask="kpm"),
+    _case(H=3, L=24, S=24, E=3, mode="kv", layout="expand", mask="bool_bhl1"),
+    _case(L=80, S=80, E=2, mode="qv", causal=True, mask="float_bhls"),
+    _case(H=2, L=13, S=13, E=16, mode="qv", layout="expand", causal=True, mask="kpm"),
+    _case(B=2, H=2, L=1, S=7, E=3, mode="qk", layout="proj"),
 ]
 
 

@@ -33,12 +33,13 @@ from adaface.ops import (
     soft_warp_loss_reference,
 )
 from adaface.testing.delta_cosine_inputs import delta_cosine_inputs
+from adaface.testing.device import extension_built, extension_runs_cuda
 from adaface.testing.grads import assert_grads_close, input_grads
 from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
-HAS_EXT = _backend.extension_available()
-HAS_CUDA_EXT = HAS_EXT and _backend.extension_has_cuda() and torch.cuda.is_available()
+HAS_EXT = extension_built()
+HAS_CUDA_EXT = extension_runs_cuda()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="adaface._C is not built (pip install --no-build-isolation -e .)")
 needs_cuda_ext = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a CUDA device and adaface._C built with CUDA")
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,8 @@ from PIL import Image
 
 from adaface import generate
 from adaface.subject import SubjectEncoder, load_arcface_embedding, random_arcface
+from adaface.testing.cli import assert_help_lists_every_option, assert_imports_light, fresh_python
+from adaface.testing.direct_arcface import direct_arcface_faces
 from adaface.testing.tiny_models import save_tiny_antelopev2, save_tiny_arc2face, tiny_motion_adapter, tiny_text_encoder
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -28,27 +27,6 @@ def face_photo(box=(50, 150, 60, 160)) -> np.ndarray:
     img = np.zeros((200, 200, 3), np.uint8)
     img[box[0]:box[1], box[2]:box[3]] = (230, 200, 180)
     return img
-
-
-def direct_arcface_faces(pack: Path, rgb: np.ndarray) -> list[tuple[float, np.ndarray]]:
-    """(box area, unit ArcFace vector) per detected face, without FaceEncoder or FaceAnalysis: insightface's SCRFD
-    detector, its 5-point alignment to a 112x112 crop, then the recognition ONNX model run by onnxruntime."""
-    import onnxruntime as ort
-    from insightface.model_zoo.scrfd import SCRFD
-    from insightface.utils import face_align
-
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    detector = SCRFD(str(pack / "scrfd_10g_bnkps.onnx"))
-    detector.prepare(-1, input_size=(640, 640), det_thresh=0.5)
-    boxes, kpss = detector.detect(bgr, max_num=0, metric="default")
-    session = ort.InferenceSession(str(pack / "glintr100.onnx"), providers=["CPUExecutionProvider"])
-    faces = []
-    for box, kps in zip(boxes, kpss):
-        crop = face_align.norm_crop(bgr, landmark=kps, image_size=112)[:, :, ::-1]  # aligned, back to RGB
-        blob = ((crop.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-        feat = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(blob)})[0][0]
-        faces.append((float((box[2] - box[0]) * (box[3] - box[1])), feat / np.linalg.norm(feat)))
-    return faces
 
 
 def clip_run_with_rows(model, ids: list[int], start: int, rows: torch.Tensor):
@@ -335,32 +313,14 @@ def test_embedding_files(tmp_path):
     assert random_arcface(5).norm().item() == pytest.approx(1.0, abs=1e-6)
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _python(*args: str) -> subprocess.CompletedProcess:
-    """A fresh interpreter that imports this checkout's adaface (the working directory comes first on its path)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO)
-
-
 def test_tool_modules_import_light():
     """The heavy libraries load when a command runs, not when its module (or its --help) is imported."""
-    res = _python("-c", "import sys, adaface.generate, adaface.evaluate, adaface.subject\n"
-                  "print(','.join(m for m in ('diffusers', 'insightface', 'onnxruntime', 'transformers') "
-                  "if m in sys.modules))")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == ""
+    assert_imports_light(["adaface.generate", "adaface.evaluate", "adaface.subject"],
+                         ["diffusers", "insightface", "onnxruntime", "transformers"])
 
 
 def test_help_documents_every_option():
-    res = _python("-m", "adaface.generate", "--help")
-    assert res.returncode == 0, res.stderr
-    for action in generate.build_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in res.stdout
-        if action.option_strings and action.help is None:
-            pytest.fail(f"{action.option_strings} has no help text")
+    assert_help_lists_every_option("adaface.generate", generate.build_parser())
 
 
 TINY = ["--steps", "1", "--guidance", "1", "--height", "16", "--width", "16", "--seed", "3"]
@@ -617,7 +577,7 @@ def test_bad_subject_options_are_one_line_errors_before_any_model(models, tmp_pa
 
     out = tmp_path / "out"
     argv = [a.replace(M, str(tmp_path)) for a in extra]
-    res = _python("-m", "adaface.generate", *model_args(models), *argv, "--out", str(out))
+    res = fresh_python("-m", "adaface.generate", *model_args(models), *argv, "--out", str(out))
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]

@@ -83,8 +83,8 @@ def test_report_rows(tmp_path):
         "signature": {"qs_ptr": "*fp16", "qc_ptr": "*fp16", "fc_ptr": "*fp16", "order_ptr": "*i32", "count_ptr": "*i32",
                       "o_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "M": "i32", "Dq": "i32", "C": "i32",
                       "qk_scale": "fp32"},
-        "constexprs": {"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 32, "OUT_C": 32, "COMPUTE": {"triton_dtype": "fp16"},
-                       "PREC": "ieee"},
+        "constexprs": {"BLOCK_N": 32, "BLOCK_M": 32, "D0": 32, "D1": 16, "C0": 32, "C1": 0, "Q_RESIDENT": True,
+                       "COMPUTE": {"triton_dtype": "fp16"}, "PREC": "ieee"},
         "num_warps": 4, "num_stages": 2, "divisible_by_16": [], "equal_to_1": [], "paper_shape": False,
     }
     exact = copy.deepcopy(fwd)

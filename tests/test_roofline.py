@@ -21,7 +21,7 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOFLINE = load_script(ROOT / "bench" / "roofline.py")
-SMALL = dict(K.TILE_KEYS)  # every tile at its minimum (16)
+SMALL = dict(K.TILE_KEYS)  # every tile at its least value (16; the forward's second pieces 0)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
@@ -67,23 +67,28 @@ def counting_loads():
         interpreter.InterpretedFunction.run = real_run
 
 
-PIECES = dict(SMALL, BWD_OUT=64)  # the backward's outputs as two pieces (72 → 64 + 16) in one chunk
+# the forward with q resident in two pieces (41 = 32 + 9) and 16 + 16 output columns per program (35: the last
+# program's second piece lies wholly past C)
+RESIDENT = dict(SMALL, FWD_D0=32, FWD_D1=16, FWD_C1=16)
+PIECES = dict(SMALL, BWD_OUT=64)  # the backward's outputs as two pieces (72, 80 → 64 + 16) in one chunk
+ODD = (2, 37, 45, 41, 35)
 
 
-@pytest.mark.parametrize("dtype, needs, shape, tiles", [
-    (torch.float32, (True, True, True, True), (2, 37, 45, 41, 35), SMALL),
-    (torch.float16, (False, True, False, True), (2, 37, 45, 41, 35), SMALL),
+@pytest.mark.parametrize("dtype, needs, shape, blocks", [
+    (torch.float32, (True, True, True, True), ODD, SMALL),
+    (torch.float16, (False, True, False, True), ODD, SMALL),
+    (torch.float32, (True, False, False, False), ODD, RESIDENT),
     (torch.float32, (True, False, False, True), (2, 21, 19, 72, 80), PIECES),
     (torch.float32, (False, True, True, False), (2, 21, 19, 72, 80), PIECES),
-], ids=["fp32_all_grads", "fp16_comp_grads", "two_pieces_dq_subj_dfeat_comp", "two_pieces_dq_comp"])
-def test_kernel_tile_loads_match_the_interpreter(dtype, needs, shape, tiles):
+], ids=["fp32_all_grads", "fp16_comp_grads", "fp32_resident_q", "two_pieces_dq_subj_dfeat_comp", "two_pieces_dq_comp"])
+def test_kernel_tile_loads_match_the_interpreter(dtype, needs, shape, blocks):
     """16-wide tiles at odd sizes: several row / key / feature blocks, partial tiles, outputs split in 3 chunks
-    or owned as two pieces, each subset of the column kernel's outputs."""
+    (the backward's every 16 columns) or owned as two pieces, each subset of the column kernel's outputs."""
     B, N, M, Dq, C = shape
     x = make_inputs(B, N, M, Dq, C, dtype=dtype, seed=5)
     mask = make_mask("bool", B, N, torch.device("cpu"), torch.Generator().manual_seed(3))
     ins = [t.clone().requires_grad_(n) for t, n in zip(x, needs)]
-    with forced_tiles(K, **tiles):
+    with forced_tiles(K, **blocks):
         cfg = K.tiles(N, M, Dq, C)
         with counting_loads() as counts:
             loss = soft_warp_loss(*ins, mask, backend="triton")

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,7 @@ from adaface.testing.soft_warp_inputs import make_inputs, make_mask
 from adaface.testing.tolerances import assert_close
 
 NAMES = ("q_subj", "q_comp", "feat_subj", "feat_comp")
-SMALL = dict(K.TILE_KEYS)  # every tile at its minimum (16)
+SMALL = dict(K.TILE_KEYS)  # every tile at its least value (16; the forward's second pieces 0)
 
 
 def _exact(dtype: torch.dtype) -> str:
@@ -317,12 +318,85 @@ def test_forced_tiles_rejects_bad_tiles():
             pass
 
 
-def test_out_chunk_heuristic():
-    # C = 320 with Dq = 320: two 256-wide chunks (2·(320+256)) beat three 128-wide ones (3·(320+128))
-    assert K._out_chunk(320, 320, 256) == 256
-    assert K._out_chunk(40, 320, 256) == 64
-    assert all(K._out_chunk(d, o, 256) in (16, 32, 64, 128, 256) for d in (1, 7, 300, 1280) for o in (1, 640))
+def test_log2e():
     assert math.isclose(K.LOG2E, 1 / math.log(2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the forward's plans (kernels/soft_warp.py `_fwd_plan`): each forced at small odd shapes, 16-row/key blocks,
+# forward (per-row losses) and gradients against the float64 reference at fp32 tolerances
+
+FWD_PATHS = {  # name: ((B, N, M, Dq, C), forced FWD_ tiles)
+    # q resident in one piece, the output in one piece wider than C
+    "one_piece": ((2, 19, 23, 13, 40), dict(FWD_D0=16, FWD_D1=0, FWD_C0=64, FWD_C1=0)),
+    # q resident in two pieces (41 = 32 + 9), C = 72 = 64 + 16 in one program
+    "two_pieces_72": ((2, 21, 37, 41, 72), dict(FWD_D0=32, FWD_D1=16, FWD_C0=64, FWD_C1=16)),
+    # C = 328 in 256 + 128, q streamed in three 16-wide chunks
+    "two_pieces_328": ((1, 17, 19, 35, 328), dict(FWD_D0=16, FWD_D1=0, FWD_C0=256, FWD_C1=128)),
+    # chunks of 16 + 16 columns: C = 72 in three programs, the last one's second piece wholly past C
+    "chunked_72": ((2, 21, 37, 41, 72), dict(FWD_D0=16, FWD_D1=0, FWD_C0=16, FWD_C1=16)),
+    # chunks of 128 + 32 columns: C = 328 in three programs, q resident in 16 + 16 (Dq = 19)
+    "chunked_328": ((1, 17, 19, 19, 328), dict(FWD_D0=16, FWD_D1=16, FWD_C0=128, FWD_C1=32)),
+}
+ROW_MASKS = ("zeros", "one", "ones")  # rows selected: none, one (batch 0 only), all
+
+
+def _row_mask(kind: str, B: int, N: int, device) -> torch.Tensor:
+    if kind == "one":
+        mask = torch.zeros(B, N, dtype=torch.bool, device=device)
+        mask[0, N // 2] = True
+        return mask
+    return make_mask(kind, B, N, device)
+
+
+@pytest.mark.parametrize("mask_kind", ROW_MASKS)
+@pytest.mark.parametrize("path", list(FWD_PATHS))
+def test_forward_plans_against_float64(path, mask_kind, device):
+    (B, N, M, Dq, C), fwd = FWD_PATHS[path]
+    x = make_inputs(B, N, M, Dq, C, device=device, seed=N + Dq + C)
+    mask = _row_mask(mask_kind, B, N, device)
+    w = _mask_weights(mask, B, N, device)
+    ins = [t.clone().requires_grad_() for t in x]
+    with forced_tiles(K, FWD_BLOCK_N=16, FWD_BLOCK_M=16, **fwd):
+        rows = K.soft_warp_rows_triton(*ins, w, 0.6, "ieee")
+        grads = torch.autograd.grad((rows * torch.linspace(0.5, 2.0, N, device=device)).sum(), ins)
+    r64 = [t.double().requires_grad_() for t in x]
+    ref = torch.where(w != 0, soft_warp_rows_reference(*r64, scale=0.6), 0.0)
+    rgrads = torch.autograd.grad((ref * torch.linspace(0.5, 2.0, N, device=device, dtype=torch.float64)).sum(), r64)
+    assert_close(rows, ref.float(), name="rows")
+    assert torch.equal(rows[w == 0], torch.zeros_like(rows[w == 0]))
+    for name, g, rg in zip(NAMES, grads, rgrads):
+        assert_close(g, rg.float(), name=f"grad {name}")
+
+
+def test_forward_huge_logits_two_pieces(device):
+    """|S| ~ 1e4 through the resident two-piece q and a two-piece output: the scores the backward recomputes
+    (over the same 16-wide Dq chunks) must be the forward's to the last bit for its softmax to match."""
+    blocks = dict(SMALL, FWD_D0=16, FWD_D1=16, FWD_C0=16, FWD_C1=16)
+    _check((1, 20, 37, 19, 40), torch.float32, device, "bool", huge=True, blocks=blocks, seed=23)
+
+
+def test_cover_and_plan():
+    assert [K._cover(n) for n in (1, 16, 17, 48, 72, 100, 320, 328, 640)] == [
+        (16, 0), (16, 0), (32, 0), (32, 16), (64, 16), (128, 0), (256, 64), (256, 128), (512, 128)]
+    units = {}  # modelled matmul work per row and key: ⌈C / W⌉ · (Dq padded + W)
+    for precision, elem in (("bf16", 2), ("bf16", 4), ("tf32", 4), ("ieee", 4)):
+        for dim in (320, 640, 1280):
+            plan = K.gpu_tiles(4096, 4096, dim, dim, precision=precision, elem=elem)
+            d0, d1, c0, c1 = K._fwd_pieces(plan)
+            resident = dim <= d0 + d1
+            width = c0 + c1
+            op = K._OPERAND_BYTES[precision]
+            words = width / 8 + (d0 + d1) * op / 8 * resident + plan["FWD_BLOCK_M"] * width * op / 512
+            assert words <= K.FWD_WORDS
+            assert plan["FWD_BLOCK_M"] * ((d0 + d1 if resident else d0) + width) * elem <= K.FWD_STAGE_BYTES
+            units[precision, elem, dim] = math.ceil(dim / width) * ((d0 + d1 if resident else dim) + width)
+    # SD-1.5's 64² layers (320 features) in one program per row block; 32² (640) too, but for "ieee"
+    assert all(units[p, e, 320] == 640 for p, e in (("bf16", 2), ("bf16", 4), ("tf32", 4), ("ieee", 4)))
+    assert units["bf16", 2, 640] == units["tf32", 4, 640] == 1280
+    assert units["bf16", 2, 1280] == units["tf32", 4, 1280] == 3840  # two 640-wide chunks
+    with pytest.raises(ValueError, match="FWD_C1"):
+        K._fwd_pieces(dict(FWD_D0=16, FWD_D1=0, FWD_C0=16, FWD_C1=8))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -466,14 +540,14 @@ def test_backward_pieces_and_chunks():
     assert K.bwd_pieces(1280, 1280, 256) == ((256, 64), (256, 64))  # four
     assert K.bwd_pieces(72, 328, 64) == ((16, 0), (64, 16))  # five chunks, dq's of 16 columns
     assert K.bwd_pieces(24, 8, 256) == ((32, 0), (16, 0))
-    for width in range(1, 700):
-        for cap in (16, 64, 256):
-            pieces = K._pieces(width, cap)
-            if pieces is None:
-                continue
-            p1, p2 = pieces
-            assert p1 <= cap and p1 + p2 >= width and (p2 == 0 or 16 <= p2 <= p1 // 4), (width, cap, pieces)
-            assert p1 & (p1 - 1) == 0 and p2 & (p2 - 1) == 0
+    widths = (1, 5, 24, 72, 130, 320, 328, 600, 640, 1000, 1280)
+    for Dq, C, cap in itertools.product(widths, widths, (16, 64, 256)):
+        pd, pc = K.bwd_pieces(Dq, C, cap)
+        limit = cap + cap // 4
+        assert sum(pd) <= limit and sum(pc) <= limit, (Dq, C, cap, pd, pc)
+        n = max(triton.cdiv(Dq, sum(pd)), triton.cdiv(C, sum(pc)))  # the chunks launched
+        if n > 1:  # fewer chunks would not fit
+            assert max(sum(K._cover(triton.cdiv(Dq, n - 1))), sum(K._cover(triton.cdiv(C, n - 1)))) > limit
 
 
 @pytest.mark.parametrize("counts", [(0, 1), (1, 0), (0, 0), (14, 14)], ids=lambda c: f"rows_{c[0]}_{c[1]}")

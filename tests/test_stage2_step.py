@@ -9,14 +9,7 @@ import torch
 
 from adaface import ops
 from adaface.training.method import composition_losses as cl
-from adaface.training.method.composition_step import (
-    TERMS,
-    CompositionBatch,
-    CompositionConfig,
-    CompositionModels,
-    capture_layers,
-    composition_step,
-)
+from adaface.training.method import composition_step as cstep
 from adaface.training.method.compositions import CompositionPool
 
 
@@ -40,8 +33,8 @@ def models(tmp_path_factory, one_thread):
 
     tok = CLIPTokenizer.from_pretrained(str(save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
     unet = tiny_unet().requires_grad_(False)
-    capture = UNetFeatureCapture(unet, capture_layers(unet, CompositionConfig()))
-    return CompositionModels(
+    capture = UNetFeatureCapture(unet, cstep.capture_layers(unet, cstep.CompositionConfig()))
+    return cstep.CompositionModels(
         tokenizer=tok, text_encoder=tiny_text_encoder().requires_grad_(False), unet=unet, capture=capture,
         teacher=Arc2Face(tiny_text_encoder(seed=1).requires_grad_(False), tok),
         inverter=PromptInverter(tiny_text_encoder(seed=2), tokenizer=tok), vae=tiny_vae().requires_grad_(False),
@@ -49,17 +42,17 @@ def models(tmp_path_factory, one_thread):
     )
 
 
-def make_batch(b: int = 2, seed: int = 0) -> CompositionBatch:
+def make_batch(b: int = 2, seed: int = 0) -> cstep.CompositionBatch:
     g = torch.Generator().manual_seed(seed)
     arcface = torch.nn.functional.normalize(torch.randn(b, 512, generator=g), dim=-1)
     masks = torch.zeros(b, 1, 16, 16)
     masks[:, :, 4:12, 5:11] = 1.0
-    return CompositionBatch(arcface, torch.rand(b, 3, 16, 16, generator=g) * 2 - 1, masks, ["man", None][:b])
+    return cstep.CompositionBatch(arcface, torch.rand(b, 3, 16, 16, generator=g) * 2 - 1, masks, ["man", None][:b])
 
 
 def run(models, cfg=None, seed=0):
     models.inverter.zero_grad(set_to_none=True)
-    return composition_step(models, make_batch(), cfg or CompositionConfig(), CompositionPool.default(),
+    return cstep.composition_step(models, make_batch(), cfg or cstep.CompositionConfig(), CompositionPool.default(),
                             torch.Generator().manual_seed(seed))
 
 
@@ -95,7 +88,7 @@ def test_four_branches_share_the_initial_noise_and_the_class_branch_has_no_graph
     assert torch.equal(subj["x"], cls["x"]) and torch.equal(subj["t"], cls["t"])
     assert subj["grad_enabled"] and subj["ctx"].requires_grad
     assert not cls["grad_enabled"] and not cls["ctx"].requires_grad
-    assert set(res.terms) == set(TERMS) and all(torch.isfinite(v) for v in res.terms.values())
+    assert set(res.terms) == set(cstep.TERMS) and all(torch.isfinite(v) for v in res.terms.values())
     assert all(not v.requires_grad for v in res.terms.values()) and res.loss.requires_grad
     assert len(res.compositions) == 2
     # the class branches see the natural class sentences ("a photo of a man, <composition>"), as encoded plainly
@@ -145,7 +138,7 @@ def map_delta(ss, sc, cs, cc, side: int = 16):
     cls[:, slice(*CLASS_TOKENS)] = 1.0
     maps = [cl.token_attention_maps(x, t) for x, t in ((ss, subj), (sc, subj), (cs, cls), (cc, cls))]
     assert all(x.shape == (ss.shape[0], ss.shape[1], side * side) for x in maps)
-    loss = cl.map_delta_loss(*maps, (side, side), CompositionConfig().pool_above, backend="torch")
+    loss = cl.map_delta_loss(*maps, (side, side), cstep.CompositionConfig().pool_above, backend="torch")
     grads = torch.autograd.grad(loss, (ss, sc))
     return loss.item(), max(float(gr.norm()) for gr in grads)
 
@@ -175,7 +168,7 @@ def test_subject_single_branch_gets_the_configured_gradient_fraction(models, ter
     only = {k: 0.0 for k in ("w_delta_attn_out", "w_delta_attn_map", "w_delta_prompt", "w_face_preserve")}
     grads = {}
     for frac in (1.0, 0.1):
-        cfg = dataclasses.replace(CompositionConfig(), **{**only, term: 1.0, option: frac})
+        cfg = dataclasses.replace(cstep.CompositionConfig(), **{**only, term: 1.0, option: frac})
         spy = UNetSpy(models.unet)
         try:
             res = run(models, cfg)
@@ -305,9 +298,9 @@ def test_pooling_layer_shapes_and_selection_errors(models):
     assert cl.pool_rows(x[:, :64], (8, 8), 8).shape == (2, 64, 5)
     assert cl.layer_weight("up_blocks.1.attentions.0", {"up_blocks.1.*": 0.5}) == 0.5
     assert cl.layer_weight("mid_block.attentions.0", {"up_blocks.1.*": 0.5}) == 1.0
-    bad = dataclasses.replace(CompositionConfig(), face_layers=["up_blocks.9.*"])
+    bad = dataclasses.replace(cstep.CompositionConfig(), face_layers=["up_blocks.9.*"])
     with pytest.raises(ValueError, match="face_layers: layer pattern 'up_blocks.9.\\*' names no"):
-        capture_layers(models.unet, bad)
+        cstep.capture_layers(models.unet, bad)
 
 
 def test_step_runs_on_the_meta_device(models):
@@ -328,9 +321,9 @@ def test_step_runs_on_the_meta_device(models):
         meta.vae = copy.deepcopy(models.vae).to("meta")
         meta.alphas_cumprod = models.alphas_cumprod.to("meta")
         b = make_batch()
-        b = CompositionBatch(*(t.to("meta") for t in (b.arcface, b.images, b.masks)), b.class_words)
-        cfg = dataclasses.replace(CompositionConfig(), backend="torch")
-        res = composition_step(meta, b, cfg, CompositionPool.default(), torch.Generator().manual_seed(0))
+        b = cstep.CompositionBatch(*(t.to("meta") for t in (b.arcface, b.images, b.masks)), b.class_words)
+        cfg = dataclasses.replace(cstep.CompositionConfig(), backend="torch")
+        res = cstep.composition_step(meta, b, cfg, CompositionPool.default(), torch.Generator().manual_seed(0))
         assert res.loss.device.type == "meta"
         res.loss.backward()
     finally:

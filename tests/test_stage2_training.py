@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,15 +19,11 @@ TINY = str(ROOT / "training" / "configs" / "stage2_tiny.json")
 
 
 def _ddp_worker(argv: list[str]) -> None:
-    from safetensors.torch import save_file
-
+    from adaface.testing.training_runs import save_rank_weights
     from adaface.training.method import stage2
 
     cfg = stage2.parse_stage2_config(argv, default_config=TINY, world_size=int(os.environ["WORLD_SIZE"]))
-    result = stage2.run(cfg)
-    rank = int(os.environ["RANK"])
-    save_file({k: v.contiguous() for k, v in result.trainable.state_dict().items()},
-              str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
+    save_rank_weights(stage2.run(cfg).trainable, cfg.output_dir)
 
 
 if __name__ == "__main__":
@@ -39,10 +33,8 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from adaface.testing.training_runs import FAULT_HOOK as HOOK  # noqa: E402
-from adaface.testing.training_runs import script_env as _env  # noqa: E402
+from adaface.testing import training_runs as runs  # noqa: E402
 from adaface.testing.training_runs import step_records as _steps  # noqa: E402
-from adaface.testing.training_runs import tiny_stage2_models  # noqa: E402
 from adaface.training.engine.metrics_log import read_jsonl  # noqa: E402
 
 STEPS = 4
@@ -51,33 +43,27 @@ TERMS = ("loss_delta_attn_out", "loss_delta_attn_map", "loss_delta_prompt", "los
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_stage2_models(tmp_path_factory.mktemp("tiny"), faces=6)
+    return runs.tiny_stage2_models(tmp_path_factory.mktemp("tiny"), faces=6)
 
 
 def _args(tiny, out: Path, steps: int = STEPS) -> list[str]:
     return [
         "--no-tiny", "--sd-model", str(tiny["sd"]), "--arc2face", str(tiny["a2f"]), "--inverter", str(tiny["inv"]),
         "--data-dir", str(tiny["data"]), "--output-dir", str(out), "--steps", str(steps), "--batch-size", "1",
-        "--grad-accum", "2", "--stage1-p", "0.3", "--seed", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2",
-        "--device", "cpu", "--deterministic", "--no-progress",
+        "--grad-accum", "2", "--stage1-p", "0.3", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+        "--seed", "2", "--device", "cpu", "--deterministic", "--no-progress",
     ]
 
 
 @pytest.fixture(scope="module")
 def reference_run(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    res = subprocess.run([sys.executable, str(SCRIPT), *_args(tiny, out)], env=_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return out, res.stdout
+    return runs.uninterrupted_run(tmp_path_factory, SCRIPT, lambda out: _args(tiny, out), STEPS)
 
 
 def test_run_outputs_and_metrics(reference_run):
     from adaface.models.prompt_inverter import PromptInverter
 
-    out, stdout = reference_run
-    steps = _steps(out)
-    assert sorted(steps) == list(range(1, STEPS + 1))
+    out, stdout, steps = reference_run
     comp = [r for r in steps.values() if "loss_delta_attn_out" in r]
     s1 = [r for r in steps.values() if "loss_stage1" in r]
     # p = 0.3, seed 2: steps 1 and 4 are stage-1 steps
@@ -96,38 +82,25 @@ def test_run_outputs_and_metrics(reference_run):
 
 
 def test_resume_after_sigkill_reproduces_losses(reference_run, tiny, tmp_path):
-    ref_out, _ = reference_run
+    ref_out, _, want = reference_run
     out = tmp_path / "killed"
     args = _args(tiny, out)
     kill_at = 3  # logged, past the checkpoint at 2, never saved: the resumed run redoes it
-    env = {**_env(), **HOOK, "ADAFACE_FAULTS": f"sigkill@{kill_at}"}
-    res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == -signal.SIGKILL, f"not killed by the hook (rc {res.returncode}): {res.stderr[-2000:]}"
-    assert max(_steps(out)) == kill_at
-    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    got, want = _steps(out), _steps(ref_out)
+    runs.run_killed_at(SCRIPT, args, out, kill_at)
+    runs.run_script(SCRIPT, [*args, "--resume"])
+    got = _steps(out)
     assert sorted(got) == sorted(want)
     for s in sorted(want):
         keys = [k for k in want[s] if k.startswith("loss")] + ["d", "lr"]
         for key in keys:
             assert got[s][key] == want[s][key], (s, key)
-    from safetensors.torch import load_file
-
-    wa = load_file(str(ref_out / "inverter" / "model.safetensors"))
-    wb = load_file(str(out / "inverter" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    runs.assert_same_final_weights(ref_out, out)
 
 
 def test_ddp_two_processes_keep_parameters_identical(tiny, tmp_path):
     out = tmp_path / "ddp"
     args = _args(tiny, out, steps=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), *args]
-    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    runs.run_ddp(Path(__file__).resolve(), args)
     from safetensors.torch import load_file
 
     r0, r1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
@@ -193,9 +166,7 @@ def test_help_documents_every_option():
 
     from adaface.training.method.stage2 import Stage2Config
 
-    res = subprocess.run([sys.executable, str(SCRIPT), "--help"], env=_env(), cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0
+    res = runs.run_script(SCRIPT, ["--help"])
     for f in fields(Stage2Config):
         assert "--" + f.name.replace("_", "-") in res.stdout, f.name
     assert "composition distillation" in res.stdout

@@ -144,12 +144,24 @@ def _as_other_process(root):
             os.replace(p, root / (p.name.rsplit("-", 1)[0] + f"-{pid}"))
 
 
-def test_crash_during_resave_recovers_old_copy_at_load(tmp_path, monkeypatch):
+def _crashed_resave_of_step_4(root, monkeypatch):
+    """A re-save of step 4 that crashed between its two renames, in a process that is gone now."""
+    _crash_between_renames(root, 4, "again", monkeypatch)
+    _as_other_process(root)
+
+
+@pytest.fixture
+def crashed_root(tmp_path, monkeypatch):
+    """Steps 3 and 4 saved as "v3" and "v4", then a crashed re-save of step 4."""
     root = tmp_path / "ckpts"
     for step in (3, 4):
         _save(root, step, f"v{step}")
-    _crash_between_renames(root, 4, "again", monkeypatch)
-    _as_other_process(root)
+    _crashed_resave_of_step_4(root, monkeypatch)
+    return root
+
+
+def test_crash_during_resave_recovers_old_copy_at_load(crashed_root):
+    root = crashed_root
     assert not (root / "step-00000004").exists()  # the only complete copy of step 4 is .old-*
     assert any(".old-" in p.name for p in root.iterdir())
     # loading the step by its final name recovers the aside copy
@@ -159,17 +171,12 @@ def test_crash_during_resave_recovers_old_copy_at_load(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir() if ".old-" in p.name) == []
 
 
-def test_crash_during_resave_then_latest_and_prune_keep_the_step(tmp_path, monkeypatch):
-    root = tmp_path / "ckpts"
-    for step in (3, 4):
-        _save(root, step, f"v{step}")
-    _crash_between_renames(root, 4, "again", monkeypatch)
-    _as_other_process(root)
+def test_crash_during_resave_then_latest_and_prune_keep_the_step(crashed_root, monkeypatch):
+    root = crashed_root
     latest = ckpt.latest_checkpoint(root)  # the resume path: finds step 4, not step 3
     assert latest == root / "step-00000004" and ckpt.load_checkpoint(latest)[1]["note"] == "v4"
     # the same crash again, then a later save with pruning (what the resumed run does) must not lose step 4
-    _crash_between_renames(root, 4, "again", monkeypatch)
-    _as_other_process(root)
+    _crashed_resave_of_step_4(root, monkeypatch)
     _save(root, 5, "v5", keep=2)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000004", "step-00000005"]
     assert ckpt.load_checkpoint(root / "step-00000004")[1]["note"] == "v4"

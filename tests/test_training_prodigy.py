@@ -13,28 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaface.training.engine import optim
 from adaface.training.engine.config import Stage1Config, load_config_file
-from adaface.training.engine.optim import (
-    build_optimizer,
-    build_scheduler,
-    describe_d,
-    load_scheduler_state,
-    scheduler_state,
-    snapshot_state,
-    transfer_state,
-)
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.json"
 
 
 def _tiny_config() -> Stage1Config:
     return Stage1Config(**load_config_file(TINY, Stage1Config))
-
-
-def _build(cfg: Stage1Config, params):
-    opt = build_optimizer(params, lr=cfg.lr, d_coef=cfg.d_coef, d0=cfg.d0, weight_decay=cfg.weight_decay,
-                          safeguard_warmup=cfg.safeguard_warmup, bias_correction=cfg.bias_correction)
-    return opt, build_scheduler(opt, cfg.warmup_steps)
 
 
 def _run(noise: float, rebuild_at: int | None = None) -> tuple[list[float], float]:
@@ -46,16 +32,16 @@ def _run(noise: float, rebuild_at: int | None = None) -> tuple[list[float], floa
     y = x @ torch.randn(32, 8, generator=g)
     lin = torch.nn.Linear(32, 8)
     named = dict(lin.named_parameters())
-    opt, sched = _build(cfg, list(named.values()))
+    opt, sched = optim.build_for_config(list(named.values()), cfg)
     ds = []
     for step in range(cfg.steps):
         if step == rebuild_at:
             names = {p: n for n, p in named.items()}
-            old_state, old_group = snapshot_state(opt, names)
-            old_sched = scheduler_state(sched)
-            opt, sched = _build(cfg, list(named.values()))
-            transfer_state(opt, named, old_state, old_group)
-            load_scheduler_state(sched, old_sched)
+            old_state, old_group = optim.snapshot_state(opt, names)
+            old_sched = optim.scheduler_state(sched)
+            opt, sched = optim.build_for_config(list(named.values()), cfg)
+            optim.transfer_state(opt, named, old_state, old_group)
+            optim.load_scheduler_state(sched, old_sched)
         loss = ((lin(x) - y) ** 2).mean()
         loss.backward()
         for p in named.values():
@@ -83,6 +69,6 @@ def test_prodigy_d_stays_at_d0_when_noise_dominates_the_gradients():
 
 
 def test_describe_d_says_what_happened():
-    assert describe_d(1e-5, 1e-5, 120) == ("Prodigy's d stayed at d0 = 1e-05 for all 120 steps (it rises only once "
-                                           "the gradients agree with the distance travelled)")
-    assert describe_d(1e-5, 3e-3, 120) == "Prodigy's d rose from d0 = 1e-05 to 0.003 in 120 steps"
+    assert optim.describe_d(1e-5, 1e-5, 120) == ("Prodigy's d stayed at d0 = 1e-05 for all 120 steps (it rises "
+                                                 "only once the gradients agree with the distance travelled)")
+    assert optim.describe_d(1e-5, 3e-3, 120) == "Prodigy's d rose from d0 = 1e-05 to 0.003 in 120 steps"

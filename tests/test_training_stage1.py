@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,16 +20,12 @@ TINY = str(ROOT / "training" / "configs" / "tiny.json")
 
 
 def _ddp_worker(argv: list[str]) -> None:
-    from safetensors.torch import save_file
-
+    from adaface.testing.training_runs import save_rank_weights
     from adaface.training.engine.config import parse_config
     from adaface.training.method import stage1
 
     cfg = parse_config(argv, default_config=TINY, world_size=int(os.environ["WORLD_SIZE"]))
-    result = stage1.run(cfg)
-    rank = int(os.environ["RANK"])
-    save_file({k: v.contiguous() for k, v in result.trainable.state_dict().items()},
-              str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
+    save_rank_weights(stage1.run(cfg).trainable, cfg.output_dir)
 
 
 if __name__ == "__main__":
@@ -41,6 +35,7 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from adaface.testing import training_runs as runs  # noqa: E402
 from adaface.testing.training_runs import FAULT_HOOK as HOOK  # noqa: E402
 from adaface.testing.training_runs import script_env as _env  # noqa: E402
 from adaface.testing.training_runs import step_records as _steps  # noqa: E402
@@ -73,19 +68,13 @@ def _args(tiny_dirs, out: Path, steps: int = STEPS) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    res = subprocess.run([sys.executable, str(SCRIPT), *_args(tiny_dirs, out)], env=_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return out, res.stdout
+    return runs.uninterrupted_run(tmp_path_factory, SCRIPT, lambda out: _args(tiny_dirs, out), STEPS)
 
 
 def test_short_run_outputs(reference_run):
     from adaface.models.prompt_inverter import PromptInverter
 
-    out, stdout = reference_run
-    steps = _steps(out)
-    assert sorted(steps) == list(range(1, STEPS + 1))
+    out, stdout, steps = reference_run
     rec = steps[1]
     for key in ("loss", "loss_mse", "loss_steps", "lr", "d", "d_lr", "grad_norm", "samples_per_s", "multipliers"):
         assert key in rec, key
@@ -110,36 +99,26 @@ def test_short_run_outputs(reference_run):
 
 
 def test_resume_after_sigkill_reproduces_losses(reference_run, tiny_dirs, tmp_path):
-    ref_out, _ = reference_run
+    ref_out, _, want = reference_run
     out = tmp_path / "killed"
     args = _args(tiny_dirs, out)
     # Deterministic kill: the fault hook SIGKILLs the trainer once step KILL_AT was logged. KILL_AT = 7 is past
     # the forced expansion at step 4 and the checkpoint at step 6, so step 7 was logged but never saved: the
     # resumed run must redo it from the step-6 checkpoint.
     kill_at = 7
-    env = {**_env(), **HOOK, "ADAFACE_FAULTS": f"sigkill@{kill_at}"}
-    res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == -signal.SIGKILL, f"not killed by the hook (rc {res.returncode}): {res.stderr[-2000:]}"
-    assert max(_steps(out)) == kill_at
+    runs.run_killed_at(SCRIPT, args, out, kill_at)
     saved = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     assert saved == ["step-00000003", "step-00000006"]  # step 7 is unsaved progress
 
-    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], env=_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    runs.run_script(SCRIPT, [*args, "--resume"])
     resumed = read_jsonl(out / "metrics.jsonl")
     assert any(r["event"] == "start" and r["resumed_from"] for r in resumed)
-    got, want = _steps(out), _steps(ref_out)
+    got = _steps(out)
     assert sorted(got) == sorted(want)
     for s in sorted(want):
         for key in ("loss", "loss_mse", "loss_steps", "d", "lr", "multipliers"):
             assert got[s][key] == want[s][key], (s, key)
-    from safetensors.torch import load_file
-
-    wa = load_file(str(ref_out / "inverter" / "model.safetensors"))
-    wb = load_file(str(out / "inverter" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    runs.assert_same_final_weights(ref_out, out)
 
 
 def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_path, monkeypatch):
@@ -201,10 +180,7 @@ def test_random_ids_start_at_t_max_minus_one_real_faces_keep_t1(tiny_dirs, tmp_p
 def test_ddp_two_processes_keep_parameters_identical(tiny_dirs, tmp_path):
     out = tmp_path / "ddp"
     args = _args(tiny_dirs, out, steps=5) + ["--expansions", "2:all", "--plateau-patience", "1000"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), *args]
-    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    runs.run_ddp(Path(__file__).resolve(), args)
     from safetensors.torch import load_file
 
     r0 = load_file(str(out / "rank0.safetensors"))
@@ -230,12 +206,11 @@ def test_ddp_two_processes_keep_parameters_identical(tiny_dirs, tmp_path):
 def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference_run, tiny_dirs, tmp_path):
     """SIGINT (sent by the fault hook once step 5 was logged): the script finishes that step, saves checkpoint 5,
     exits 130 with a message; --resume continues from it and every loss and the final inverter match."""
-    ref_out, _ = reference_run
+    ref_out, _, want = reference_run
     out = tmp_path / "interrupted"
     args = _args(tiny_dirs, out)
     env = {**_env(), **HOOK, "ADAFACE_FAULTS": "sigint@5"}
-    res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    res = runs.run_script(SCRIPT, args, env=env, check=False)
     assert res.returncode == 130, res.stderr[-3000:]
     assert "stopped by SIGINT after step 5" in res.stderr and "Traceback" not in res.stderr
     saved = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
@@ -245,18 +220,12 @@ def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference_run, t
 
     command = shlex.split(res.stderr.strip().splitlines()[-1].split("continue with --resume: ", 1)[1])
     assert command == ["python", str(SCRIPT), *args, "--resume"]
-    res = subprocess.run([sys.executable, *command[1:]], env=_env(), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    got, want = _steps(out), _steps(ref_out)
+    runs.run_script(command[1], command[2:])
+    got = _steps(out)
     assert sorted(got) == sorted(want)
     for s in want:
         assert got[s]["loss"] == want[s]["loss"] and got[s]["loss_steps"] == want[s]["loss_steps"], s
-    from safetensors.torch import load_file
-
-    wa = load_file(str(ref_out / "inverter" / "model.safetensors"))
-    wb = load_file(str(out / "inverter" / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    runs.assert_same_final_weights(ref_out, out)
 
 
 def test_ddp_sigterm_on_one_rank_stops_both_with_one_checkpoint(tiny_dirs, tmp_path):
@@ -264,9 +233,7 @@ def test_ddp_sigterm_on_one_rank_stops_both_with_one_checkpoint(tiny_dirs, tmp_p
     both stop after step 2, rank 0 writes the one checkpoint (step 2), and both exit with a message."""
     out = tmp_path / "ddp_term"
     args = _args(tiny_dirs, out, steps=5) + ["--expansions", "", "--plateau-patience", "1000"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args]
-    env = {**_env(), **HOOK, "ADAFACE_FAULTS": "sigterm@2:r1"}
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = runs.run_ddp(SCRIPT, args, env={**_env(), **HOOK, "ADAFACE_FAULTS": "sigterm@2:r1"}, check=False)
     text = res.stdout + res.stderr
     assert res.returncode != 0
     assert "stage1: stopped by SIGTERM after step 2" in text  # rank 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -36,9 +37,10 @@ import torch, transformers  # noqa: F401 (imported once, before the children for
 from PIL import Image, ImageOps  # noqa: F401
 from safetensors.torch import load_file  # noqa: F401
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
+import diffusers  # noqa: F401
 for name in ("adaface.convert_released", "adaface.models._io", "adaface.models.prompt_inverter",
              "adaface.models.arc2face", "adaface.training.engine.data", "adaface.prepare_data", "adaface.generate",
-    "adaface.subject", "adaface.faces.class_words"):
+             "adaface.subject", "adaface.faces.class_words", "adaface.training.method.stage1"):
     importlib.import_module(name)
 
 SOCKETS = []
@@ -244,6 +246,10 @@ def repeated_layer(layers: int = 2000, width: int = 256) -> dict:
 
 # ---- the harness ---------------------------------------------------------------------------------------------
 
+# Offline, single-threaded; no progress bars (model loading draws them on stderr, which holds the refusal).
+_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
 def _case(cases: list, folder: Path, case_id: str, **spec: object) -> None:
     cases.append({"id": case_id, "folder": str(folder), **spec})
 
@@ -254,6 +260,113 @@ def _convert(cases: list, root: Path, case_id: str, content: bytes | dict) -> No
     path = folder / "checkpoint.pt"
     path.write_bytes(content if isinstance(content, bytes) else _saved(content))
     _case(cases, folder, case_id, main="adaface.convert_released", argv=[str(path), str(folder / "out")])
+
+
+def _stage1_args(sd: str | Path, a2f: str | Path) -> list[str]:
+    """A one-step stage-1 run on tiny models, a checkpoint after it."""
+    return ["--config", str(ROOT / "training" / "configs" / "tiny.json"), "--no-tiny", "--sd-model", str(sd),
+            "--arc2face", str(a2f), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--denoise-steps", "1",
+            "--denoise-step-weights", "1", "--expansions", "2:all", "--checkpoint-every", "1", "--device", "cpu",
+            "--no-progress"]
+
+
+def _resume_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
+    """A one-step stage-1 run on tiny models, then copies of its output folder whose checkpoint's state.json
+    declares multipliers 2**20 copies wide (a terabyte of attention copies over 27 MB of weights) or is nested
+    100,000 deep; each resumed with `--resume PATH`."""
+    args = _stage1_args(sd, a2f)
+    run = root / "resume-run"
+    main = "import sys; from adaface.training.method.stage1 import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", main, *args, "--output-dir", str(run)], capture_output=True,
+                          text=True, env=_ENV, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    step = Path("checkpoints") / "step-00000001"
+    state = json.loads((run / step / "state.json").read_text())
+    assert state["multipliers"] == [1, 1, 1, 1]
+    for case_id, text in (("resume-multipliers", json.dumps({**state, "multipliers": [2**20] * 4})),
+                          ("resume-deep-state", "[" * 100_000 + "]" * 100_000)):
+        folder = root / case_id
+        shutil.copytree(run, folder)
+        (folder / step / "state.json").write_text(text)
+        _case(cases, folder, case_id, main="adaface.training.method.stage1",
+              argv=[*args, "--output-dir", str(folder), "--resume", str(folder / step)])
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_repo(hub: Path, repo_id: str, source: Path) -> Path:
+    """`source` as the cached snapshot of hub repo `repo_id`, laid out as huggingface_hub keeps it (refs/main
+    names the commit, snapshots/<commit>/ holds the files); returns the snapshot folder."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return repo / "snapshots" / HUB_COMMIT
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _hub_cases(cases: list, root: Path, sd: Path, a2f: Path) -> dict[str, Path]:
+    """Hub ids given as --sd-model / --base, answered from a local hub cache (HF_HUB_OFFLINE): a pipeline whose
+    text encoder names a hub kernel, one whose model_index.json names a custom pipeline module shipped beside
+    it (importing it would leave a marker file), and a clean one that loads, pinned to the commit checked."""
+    from adaface.models._io import load_clip_text_model
+    from adaface.models.prompt_inverter import PromptInverter
+
+    hub = root / "hub"
+    _hub_repo(hub, "fake/sd15", sd)
+    snapshot = _hub_repo(hub, "fake/sd15-kernel", sd)
+    _edit_json(snapshot / "text_encoder" / "config.json", attn_implementation="kernels-community/flash-attn")
+    snapshot = _hub_repo(hub, "fake/sd15-custom", sd)
+    marker = root / "custom-pipeline-ran"
+    _edit_json(snapshot / "model_index.json", _class_name=["pipeline_custom", "CustomPipeline"])
+    (snapshot / "pipeline_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+
+    _case(cases, hub, "hub-base-stage1", main="adaface.training.method.stage1",
+          argv=[*_stage1_args("fake/sd15-kernel", a2f), "--output-dir", str(root / "hub-run-stage1")])
+    inverter = root / "tiny-inverter"
+    PromptInverter(load_clip_text_model(sd), tokenizer=sd / "tokenizer").save_pretrained(inverter)
+    _case(cases, hub, "hub-base-generate", main="adaface.generate",
+          argv=["--base", "fake/sd15-custom", "--arc2face", str(a2f), "--inverter", str(inverter), "--random-id",
+                "3", "--num-images", "1", "--steps", "1", "--height", "16", "--width", "16", "--device", "cpu",
+                "--out", str(root / "hub-run-generate")])
+    _case(cases, hub, "hub-source", call="adaface.models._io:check_model_source", args=["fake/sd15"])
+    _case(cases, hub, "hub-text-encoder", call="adaface.models._io:load_clip_text_model", args=["fake/sd15"])
+    _case(cases, hub, "hub-tokenizer", call="adaface.models._io:load_tokenizer", args=["fake/sd15"])
+    return {"marker": marker}
+
+
+def _unet_config_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
+    """Arc2Face folders whose UNet config.json would have diffusers import a module, hand the weights to a
+    quantizer (gguf, nunchaku: kernels from the hub), follow an auto_map, or that nests too deep; the first also
+    given to stage 1 as --arc2face."""
+    for case_id, change in {
+        "unet-custom-class": {"_class_name": ["unet_custom", "CustomUNet"]},
+        "unet-quantized": {"quantization_config": {"quant_method": "gguf", "compute_dtype": "float32"}},
+        "unet-auto-map": {"auto_map": {"AutoModel": "unet_custom.CustomUNet"}},
+        "unet-deep": None,
+    }.items():
+        folder = root / case_id
+        shutil.copytree(a2f, folder / "arc2face-model")
+        config = folder / "arc2face-model" / "arc2face" / "config.json"
+        if change is None:
+            config.write_text("[" * 100_000 + "]" * 100_000)
+        else:
+            _edit_json(config, **change)
+        _case(cases, folder, case_id, call="adaface.models.arc2face:Arc2Face.from_pretrained",
+              args=[str(folder / "arc2face-model")], kwargs={"tokenizer": str(sd / "tokenizer")})
+        if case_id == "unet-quantized":
+            _case(cases, folder, "unet-quantized-stage1", main="adaface.training.method.stage1",
+                  argv=[*_stage1_args(sd, folder / "arc2face-model"), "--output-dir", str(folder / "out")])
+    # A local pipeline folder with a custom component module where diffusers would import it.
+    folder = root / "pipeline-component-code"
+    shutil.copytree(sd, folder / "sd15")
+    (folder / "sd15" / "text_encoder" / "transformers.py").write_text("raise SystemExit('imported')\n")
+    _case(cases, folder, "pipeline-component-code", call="adaface.models._io:check_model_source",
+          args=[str(folder / "sd15")])
 
 
 @pytest.fixture(scope="module")
@@ -391,15 +504,20 @@ def outcomes(tmp_path_factory) -> dict:
         "written": {"ti.safetensors": fingerprint(folder / "ti.safetensors")}}))
     _case(cases, folder, "recorded-settings", call="adaface.generate:earlier_run", args=[{"path": str(folder)}])
 
+    from adaface.training.method.stage1 import build_tiny_models
+
+    sd, a2f = build_tiny_models(root / "tiny-models", seed=0)
+    _resume_cases(cases, root, sd, a2f)
+    hub = _hub_cases(cases, root, sd, a2f)
+    _unet_config_cases(cases, root, sd, a2f)
+
     spec = root / "cases.json"
     spec.write_text(json.dumps(cases))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", HARNESS, str(spec)], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(spec)], capture_output=True, text=True,
+                          env={**_ENV, "HF_HUB_CACHE": str(root / "hub")}, timeout=900, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"results": results, "root": root, "markers": markers}
+    return {"results": results, "root": root, "markers": {**markers, "custom-pipeline": hub["marker"]}}
 
 
 def _bounded(r: dict) -> None:
@@ -524,3 +642,65 @@ def test_overwrite_never_deletes_files_a_planted_settings_json_names(outcomes):
     r = outcomes["results"]["recorded-settings"]
     assert sorted(Path(p).name for p in r["value"]) == ["settings.json", "ti.safetensors"]
     assert (root / "planted" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("resume-multipliers", ("state.json declares multipliers [1048576, 1048576, 1048576, 1048576]",
+                            "inverter.safetensors holds", "refused before allocating", "step-00000001")),
+    ("resume-deep-state", ("state.json is damaged", "MAX_JSON_DEPTH = 64"))])
+def test_a_planted_resume_state_is_refused_before_allocating(outcomes, case, fragments):
+    # The checkpoint's own weights bound what a resume allocates; nothing in the run's folder changes (the
+    # metrics log is cut back to the resumed step only once the state fits).
+    _refused_by_command(outcomes["results"][case], "--resume", *fragments)
+
+
+def _refused_by_parser(r: dict, *fragments: str) -> None:
+    """An argparse command's refusal: exit status 2, its usage, then one error line naming each fragment."""
+    _bounded(r)
+    assert r.get("rc") == 2, r
+    errors = [line for line in r["stderr"].splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in r["stderr"], r["stderr"]
+    assert r["stderr"].rstrip("\n").splitlines()[-1] == errors[0], r["stderr"]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert r["changed"] == [], r["changed"]
+
+
+def test_a_hub_base_is_checked_on_its_snapshot_before_loading(outcomes):
+    # The configs of a hub id come from its snapshot (here the offline cache) and are checked before any
+    # from_pretrained acts on them: no kernel fetched, no custom pipeline module imported, nothing written.
+    results = outcomes["results"]
+    _refused_by_command(results["hub-base-stage1"], "--sd-model fake/sd15-kernel", "kernels-community/flash-attn",
+                        f"snapshots/{HUB_COMMIT}/text_encoder/config.json")
+    _refused_by_parser(results["hub-base-generate"], "--base fake/sd15-custom", "_class_name",
+                       f"snapshots/{HUB_COMMIT}/model_index.json")
+    assert not outcomes["markers"]["custom-pipeline"].exists()
+    assert not (outcomes["root"] / "hub-run-stage1").exists() and not (outcomes["root"] / "hub-run-generate").exists()
+
+
+def test_a_clean_hub_id_loads_offline_pinned_to_the_commit_checked(outcomes):
+    results = outcomes["results"]
+    for case in ("hub-source", "hub-text-encoder", "hub-tokenizer"):
+        _bounded(results[case])
+        assert "value" in results[case], results[case]
+        assert results[case]["changed"] == [], results[case]["changed"]
+    folder, pin = results["hub-source"]["value"]
+    assert pin == {"revision": HUB_COMMIT} and folder.endswith(f"snapshots/{HUB_COMMIT}")
+    assert results["hub-text-encoder"]["value"].startswith("CLIPTextModel(")
+    # the SD pipeline's tokenizer/ (the repo root holds none: the empty tokenizer transformers would make there
+    # splits every word into unknown tokens)
+    assert "CLIPTokenizer" in results["hub-tokenizer"]["value"]
+    assert "vocab_size=2," not in results["hub-tokenizer"]["value"].replace(" ", "")
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("unet-custom-class", "_class_name ['unet_custom', 'CustomUNet'] names a custom module"),
+    ("unet-quantized", "quantization_config"), ("unet-auto-map", "auto_map"), ("unet-deep", "MAX_JSON_DEPTH"),
+    ("pipeline-component-code", "text_encoder/transformers.py")])
+def test_diffusers_configs_that_would_load_code_are_refused(outcomes, case, fragment):
+    _refused_by_loader(outcomes["results"][case], "UnsafeFileError", fragment)
+
+
+def test_the_arc2face_unet_config_is_checked_by_the_training_command(outcomes):
+    _refused_by_command(outcomes["results"]["unet-quantized-stage1"], "--arc2face", "arc2face/config.json",
+                        "quantization_config")

@@ -6,7 +6,9 @@ folder and moved into place with `os.replace`, so a crash never leaves a half-wr
 Files read from elsewhere are checked before use (`read_json`, `read_model_config`, `safetensors_elements`):
 regular files within size and nesting limits, and model configs that cannot load code (`auto_map`) or a
 hub kernel (an `attn_implementation` other than eager / sdpa; transformers fetches a kernel from the hub for
-kernel names and, where flash-attn is not installed, for `flash_attention_*`). A refusal is an
+kernel names and, where flash-attn is not installed, for `flash_attention_*`). Diffusers configs also may not
+name a custom module or a quantizer, nor a pipeline folder hold Python files (`check_diffusers_config`). A hub
+id is checked on its snapshot before any loader sees it (`check_model_source`). A refusal is an
 `UnsafeFileError` naming the file.
 """
 
@@ -94,15 +96,86 @@ def read_model_config(path: PathLike) -> dict:
     return check_model_config(read_json(path, what="model config"), path)
 
 
+def check_diffusers_config(cfg: dict, path: PathLike) -> dict:
+    """`cfg` (a diffusers config: model, scheduler or `model_index.json`) unless diffusers would load code for it:
+    a `_class_name` that is a list names a custom pipeline or model module to import, and a `quantization_config`
+    hands the weights to a quantizer (the gguf and nunchaku ones fetch a kernel from the hub)."""
+    name = cfg.get("_class_name")
+    if name is not None and not isinstance(name, str):
+        raise UnsafeFileError(f"diffusers config {path}: _class_name {name!r} names a custom module (code to "
+                              "import); refused")
+    if cfg.get("quantization_config") is not None:
+        raise UnsafeFileError(f"diffusers config {path}: names a quantization_config (a quantizer that can fetch "
+                              "a kernel from the hub); refused")
+    return cfg
+
+
+def check_config_file(path: PathLike) -> dict:
+    """A transformers or diffusers config file, read within the JSON limits and refused if it could load code or
+    a hub kernel (`check_model_config`, `check_diffusers_config`)."""
+    return check_diffusers_config(read_model_config(path), path)
+
+
+def _check_pipeline_index(root: Path) -> None:
+    """A pipeline folder's `model_index.json` may name components only from diffusers, transformers or a
+    diffusers pipeline module, and the folder may hold no Python file: diffusers imports `{component}/{library}.py`
+    and a custom pipeline's `.py` as code."""
+    from diffusers import pipelines
+
+    path = root / "model_index.json"
+    for key, entry in check_config_file(path).items():
+        if key.startswith("_") or not isinstance(entry, list):
+            continue
+        library = entry[0] if entry else None
+        if library is not None and not (library in ("diffusers", "transformers") or (
+                isinstance(library, str) and library.isidentifier() and hasattr(pipelines, library))):
+            raise UnsafeFileError(f"pipeline index {path}: component {key!r} comes from {library!r}, not from "
+                                  "diffusers or transformers; refused")
+    code = sorted([*root.glob("*.py"), *root.glob("*/*.py")])
+    if code:
+        raise UnsafeFileError(f"pipeline folder {root}: holds {code[0].relative_to(root)} (Python code diffusers "
+                              "would import as a custom pipeline or component); refused")
+
+
 def check_model_folder(source: object) -> None:
-    """Check every transformers/diffusers `config.json` of a local model or pipeline folder (a hub id is left to
-    the loader); raises UnsafeFileError naming the first file that would load code or a hub kernel."""
+    """Check every transformers/diffusers config of a local model or pipeline folder (a hub id: see
+    `check_model_source`); raises UnsafeFileError naming the first file that would load code or a hub kernel."""
     if not is_local(source):
         return
     root = Path(source).expanduser()
-    for path in sorted([root / "config.json", *root.glob("*/config.json")]):
+    configs = [root / "config.json", *root.glob("*/config.json"), *root.glob("*/scheduler_config.json")]
+    for path in sorted(configs):
         if path.is_file():
-            read_model_config(path)
+            check_config_file(path)
+    if (root / "model_index.json").is_file():
+        _check_pipeline_index(root)
+
+
+HUB_CONFIG_FILES = ["*.json", "*.py"]  # what a hub repo's snapshot is checked from before anything loads
+
+
+def check_model_source(source: PathLike) -> tuple[Path, dict[str, str]]:
+    """Check the configs a `from_pretrained(source, ...)` would act on, before any loader reads them.
+
+    Returns the folder holding them and the keyword arguments that pin every later `from_pretrained(source)` to
+    the files checked. A local folder is checked in place (`{}`). For a hub id, the repo's JSON and Python files
+    alone are fetched (with HF_HUB_OFFLINE, the cached snapshot is used: nothing is fetched) and checked, and the
+    loads are pinned to that snapshot's commit (`{"revision": commit}`), so the hub cannot hand the loader
+    other configs than those checked.
+    """
+    if is_local(source):
+        check_model_folder(source)
+        return Path(source).expanduser(), {}
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"a model source must be a folder or a hub id, got {type(source).__name__}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(str(source), allow_patterns=HUB_CONFIG_FILES))
+    except ValueError as e:  # huggingface_hub's HFValidationError: not shaped like a hub id
+        raise FileNotFoundError(f"{source}: no such folder, and not a hub id ({first_line(e)})") from None
+    check_model_folder(folder)
+    return folder, {"revision": folder.name}
 
 
 def safetensors_elements(path: PathLike) -> int:
@@ -180,10 +253,13 @@ def load_tokenizer(source: object, *, candidates: Iterable[PathLike] = (), what:
             if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
                 return CLIPTokenizer.from_pretrained(str(folder))
     if source is not None and not is_local(source):
-        try:  # a hub id: the CLIP repos hold the tokenizer at the root, SD pipelines under tokenizer/
-            return CLIPTokenizer.from_pretrained(str(source))
-        except OSError:
-            return CLIPTokenizer.from_pretrained(str(source), subfolder="tokenizer")
+        # A hub id: the CLIP repos hold the tokenizer at the root, SD pipelines under tokenizer/. Which one is read
+        # from the checked snapshot (transformers returns an empty tokenizer for a folder without one).
+        root, pin = check_model_source(source)
+        for sub in ("", "tokenizer"):
+            looked.append(f"{source}/{sub}" if sub else str(source))
+            if (root / sub / "vocab.json").is_file() or (root / sub / "tokenizer.json").is_file():
+                return CLIPTokenizer.from_pretrained(str(source), **pin, **({"subfolder": sub} if sub else {}))
     raise FileNotFoundError(
         f"no CLIP tokenizer found for {what}; looked in: {', '.join(looked) or '(nowhere)'}. "
         f"Pass {what}= a tokenizer folder (vocab.json + merges.txt), an SD-1.5 pipeline folder, or a CLIPTokenizer"
@@ -194,20 +270,19 @@ def load_clip_text_model(source: PathLike, *, subfolder: str | None = None, what
     """A CLIPTextModel from a folder (or its `text_encoder/` subfolder) or a hub id, with safe loading only."""
     from transformers import CLIPTextModel
 
-    if is_local(source):
-        folder = Path(source).expanduser() / (subfolder or "")
-        if not (folder / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file():
-            folder = folder / "text_encoder"  # an SD-1.5 pipeline folder
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{what}: no CLIP text encoder in {folder} (expected config.json + model.safetensors or "
-                "pytorch_model.bin, or a pipeline folder with text_encoder/)"
-            )
-        read_model_config(folder / "config.json")
-        return CLIPTextModel.from_pretrained(str(folder), weights_only=True).eval()
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what} must be a folder, a hub id or a CLIPTextModel, got {type(source).__name__}")
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    # A hub repo: its config.json alone is fetched and checked before the model is built from it.
-    check_model_config(CLIPTextModel.config_class.get_config_dict(str(source), **kwargs)[0], f"{source}/config.json")
-    return CLIPTextModel.from_pretrained(str(source), weights_only=True, **kwargs).eval()
+    root, pin = check_model_source(source)
+    sub = Path(subfolder or "")
+    if not (root / sub / "config.json").is_file() and (root / sub / "text_encoder" / "config.json").is_file():
+        sub = sub / "text_encoder"  # an SD-1.5 pipeline folder
+    if not (root / sub / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what}: no CLIP text encoder in {root / sub} (expected config.json + model.safetensors or "
+            "pytorch_model.bin, or a pipeline folder with text_encoder/)"
+        )
+    check_config_file(root / sub / "config.json")
+    if not pin:
+        return CLIPTextModel.from_pretrained(str(root / sub), weights_only=True).eval()
+    kwargs = {"subfolder": sub.as_posix()} if sub != Path() else {}
+    return CLIPTextModel.from_pretrained(str(source), weights_only=True, **pin, **kwargs).eval()

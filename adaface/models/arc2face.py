@@ -16,14 +16,12 @@ also picked up.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._clip_text import clip_text_parts, run_clip_text
-from ._io import PathLike, is_local, load_clip_text_model, load_tokenizer
+from ._io import PathLike, check_config_file, check_model_source, is_local, load_clip_text_model, load_tokenizer
 
 PROMPT = "photo of a id person"
 ID_WORD = "id"
@@ -76,9 +74,12 @@ class Arc2Face(nn.Module):
         unet_subfolder: str = "arc2face",
         dtype: torch.dtype | None = None,
     ) -> Arc2Face:
-        """Load from the released layout, a local folder or a hub id (`FoivosPar/Arc2Face`)."""
+        """Load from the released layout, a local folder or a hub id (`FoivosPar/Arc2Face`).
+
+        Every config of the folder (or of the hub repo's snapshot) is checked first, the UNet's included: none may
+        load code, a quantizer or a hub kernel (`check_model_source`)."""
+        root, pin = check_model_source(path)
         if is_local(path):
-            root = Path(path).expanduser()
             needed = [encoder_subfolder] + ([unet_subfolder] if load_unet else [])
             missing = [s for s in needed if not (root / s / "config.json").is_file()]
             if missing:
@@ -92,12 +93,14 @@ class Arc2Face(nn.Module):
             tok = load_tokenizer(tokenizer, what="tokenizer") if tokenizer is not None else load_tokenizer(
                 path, what="tokenizer"
             )
+        if load_unet:  # also where the subfolder is nested deeper than check_model_source looks
+            check_config_file(root / unet_subfolder / "config.json")
         text_encoder = load_clip_text_model(path, subfolder=encoder_subfolder, what="Arc2Face encoder")
         unet = None
         if load_unet:
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=unet_subfolder).eval()
+            unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=unet_subfolder, **pin).eval()
         model = cls(text_encoder, tok, unet)
         return model.to(dtype) if dtype is not None else model
 

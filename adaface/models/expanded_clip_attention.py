@@ -322,6 +322,22 @@ def expand_clip_attention_with_params(
     return [(name, p) for name, p in model.named_parameters() if id(p) in created]
 
 
+def expansion_elements(model: nn.Module, multipliers: int | Sequence[int], *, mode: str = "qv") -> int:
+    """How many tensor elements `expand_clip_attention(model, multipliers, mode=mode)` would add, computed from
+    the current shapes without allocating anything (a loader compares it with the weights it holds first)."""
+    mode = _check_mode(mode)
+    layers = encoder_layers(model)
+    added = 0
+    for layer, target in zip(layers, _layer_multipliers(multipliers, len(layers))):
+        attn = layer.self_attn
+        current = getattr(attn, "multiplier", 1)
+        for p in getattr(attn, "mode", mode):
+            lin = getattr(attn, f"{p}_proj")
+            per_copy = lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+            added += (target - current) * per_copy
+    return added
+
+
 def expand_clip_attention(
     model: nn.Module,
     multipliers: int | Sequence[int],

@@ -37,7 +37,12 @@ from ._io import (
     read_model_config,
     safetensors_elements,
 )
-from .expanded_clip_attention import _check_mode, clip_attention_multipliers, expand_clip_attention_with_params
+from .expanded_clip_attention import (
+    _check_mode,
+    clip_attention_multipliers,
+    expand_clip_attention_with_params,
+    expansion_elements,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -156,6 +161,10 @@ class PromptInverter(nn.Module):
             self.text_encoder, multipliers, mode=mode or self.mode, noise_ratio=noise_ratio, generator=generator
         )
         return [(f"text_encoder.{name}", p) for name, p in new]
+
+    def expansion_size(self, multipliers: int | Sequence[int]) -> int:
+        """The tensor elements `expand(multipliers)` would add (nothing is allocated to count them)."""
+        return expansion_elements(self.text_encoder, multipliers, mode=self.mode)
 
     def forward(self, id_tokens: torch.Tensor) -> torch.Tensor:
         """ID tokens `[B, num_id_tokens, H]` → text-space token embeddings `[B, num_id_tokens, H]`."""

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
-_SUFFIX = ".processor"
+from ._wrapped_processors import SUFFIX as _SUFFIX
+from ._wrapped_processors import WrappingProcessor, install, restore
+
 NAMED_REGIONS = {
     "left": (0.0, 0.0, 0.5, 1.0),
     "right": (0.5, 0.0, 1.0, 1.0),
@@ -109,32 +111,22 @@ def spatial_cross_attention_layers(unet: torch.nn.Module) -> list[str]:
             if isinstance(module, Attention) and module.is_cross_attention and name + _SUFFIX in processors]
 
 
-class RegionalProcessor:
+class RegionalProcessor(WrappingProcessor):
     """Calls the processor it wraps, adding its owner's region mask to the attention mask of cross-attention."""
 
     def __init__(self, inner: Any, owner: RegionalAttention) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.owner = owner
 
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if temb is not None:
-            kwargs["temb"] = temb
+    def call(self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+             attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
         if encoder_hidden_states is not None:
             positions = hidden_states.shape[1] if hidden_states.dim() == 3 else math.prod(hidden_states.shape[2:])
             mask = self.owner.key_mask(hidden_states.shape[0], positions, encoder_hidden_states.shape[1],
                                        hidden_states.dtype, hidden_states.device)
             if mask is not None:
                 attention_mask = mask if attention_mask is None else attention_mask + mask
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **kwargs)
+        return super().call(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
 
 
 class RegionalAttention:
@@ -149,13 +141,8 @@ class RegionalAttention:
         self.layers = spatial_cross_attention_layers(unet)
         if not self.layers:
             raise ValueError("unet has no cross-attention layers to confine")
-        self._original = dict(unet.attn_processors)
-        procs = dict(self._original)
-        for name in self.layers:
-            if isinstance(procs[name + _SUFFIX], RegionalProcessor):
-                raise ValueError(f"layer {name} already has regional attention installed")
-            procs[name + _SUFFIX] = RegionalProcessor(procs[name + _SUFFIX], self)
-        unet.set_attn_processor(procs)
+        self._original = install(unet, self.layers, lambda inner, _: RegionalProcessor(inner, self),
+                                 RegionalProcessor, "regional attention")
         self.installed = True
         self._spans: list[tuple[Region, int, int]] = []
         self._latent_size: tuple[int, int] | None = None
@@ -212,10 +199,7 @@ class RegionalAttention:
     def remove(self) -> None:
         """Put back the processors found at installation."""
         if self.installed:
-            current = dict(self.unet.attn_processors)
-            for name in self.layers:
-                current[name + _SUFFIX] = self._original[name + _SUFFIX]
-            self.unet.set_attn_processor(current)
+            restore(self.unet, self.layers, self._original)
             self.installed = False
             self._cache.clear()
 

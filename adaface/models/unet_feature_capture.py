@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
+from ._wrapped_processors import SUFFIX as _SUFFIX
+from ._wrapped_processors import WrappingProcessor, install, restore
+
 CROSS_ATTENTION = "attn2"
-_SUFFIX = ".processor"
 
 
 def _block_rank(name: str) -> tuple[int, int, str]:
@@ -128,27 +130,17 @@ class LayerFeatures:
         return int(self.hidden_states.shape[1])
 
 
-class CaptureProcessor:
+class CaptureProcessor(WrappingProcessor):
     """Calls the processor it wraps unchanged; while its capture is recording, keeps that call's inputs and output."""
 
     def __init__(self, inner: Any, name: str, capture: UNetFeatureCapture) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.name = name
         self.capture = capture
 
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if temb is not None:
-            kwargs["temb"] = temb
-        out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                         attention_mask=attention_mask, **kwargs)
+    def call(self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+             attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = super().call(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
         store = self.capture._store
         # checkpoint recomputation during backward calls the processor again: nothing is recorded then
         if store is not None and encoder_hidden_states is not None:
@@ -178,14 +170,8 @@ class UNetFeatureCapture:
         for name in self.layers:
             _check_capturable(name, modules[name])
         self._store: dict[str, LayerFeatures] | None = None
-        self._original = dict(unet.attn_processors)
-        procs = dict(self._original)
-        for name in self.layers:
-            key = name + _SUFFIX
-            if isinstance(procs[key], CaptureProcessor):
-                raise ValueError(f"layer {name} already has a feature capture installed")
-            procs[key] = CaptureProcessor(procs[key], name, self)
-        unet.set_attn_processor(procs)
+        self._original = install(unet, self.layers, lambda inner, name: CaptureProcessor(inner, name, self),
+                                 CaptureProcessor, "a feature capture")
         self.installed = True
 
     @contextlib.contextmanager
@@ -205,10 +191,7 @@ class UNetFeatureCapture:
     def remove(self) -> None:
         """Put back the processors found at installation."""
         if self.installed:
-            current = dict(self.unet.attn_processors)
-            for name in self.layers:
-                current[name + _SUFFIX] = self._original[name + _SUFFIX]
-            self.unet.set_attn_processor(current)
+            restore(self.unet, self.layers, self._original)
             self.installed = False
 
     def __enter__(self) -> UNetFeatureCapture:

@@ -28,3 +28,17 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"CPU {cpu} ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def extension_built() -> bool:
+    """Whether adaface._C (the C++ kernels: backend "cpp") is built and loads."""
+    from adaface.ops import _backend
+
+    return _backend.extension_available()
+
+
+def extension_runs_cuda() -> bool:
+    """Whether adaface._C was built with its CUDA kernels (backend "cuda") and a CUDA device is here to run them."""
+    from adaface.ops import _backend
+
+    return _backend.extension_has_cuda() and torch.cuda.is_available()

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ...models._io import first_line, read_json
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
 DAMAGED_SUFFIX = ".damaged"
@@ -377,9 +379,9 @@ def _written_here(path: Path) -> bool:
     """Whether a checkpoint-named folder holds only what save_checkpoint writes (state.json with its step and
     file list, the listed safetensors files): a folder with anything else in it is not deleted."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = read_json(path / STATE_FILE, what="checkpoint state")
         names = {p.name for p in path.iterdir()}
-    except (OSError, UnicodeDecodeError, ValueError):
+    except OSError:
         return False
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("files"),
                                                                                                 list):
@@ -436,10 +438,11 @@ def _read_state(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint folder (not found)")
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{state_file} is damaged: {e}") from None
+    try:  # within the JSON size and depth limits: a state.json may come from elsewhere
+        state = read_json(state_file, what="checkpoint state")
+    except OSError as e:
+        reason = first_line(e).split(f"{state_file}: ", 1)[-1]  # read_json's message names the file already
+        raise CheckpointError(f"{state_file} is damaged: {reason}") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{state_file} is damaged: no integer 'step'")
     missing = [f for f in state.get("files", []) if not (path / f).is_file()]

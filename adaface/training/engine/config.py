@@ -293,11 +293,13 @@ def _hub_unavailable(repo_id: str) -> str | None:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
+    """A config's content for the cross-checks; None when there is none to check (a file that is missing or
+    refused, over a JSON limit or invalid, is reported by name when its model loads)."""
+    from ...models._io import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = read_json(path)
+    except OSError:
         return None
     return data if isinstance(data, dict) else None
 

@@ -88,4 +88,7 @@ class ExpansionSchedule:
         return {"done": self.done}
 
     def load_state_dict(self, state: dict) -> None:
-        self.done = int(state["done"])
+        done = state["done"]
+        if type(done) is not int or not 0 <= done <= len(self.stages):
+            raise ValueError(f"expansion_schedule done {done!r}: the schedule has {len(self.stages)} stages")
+        self.done = done

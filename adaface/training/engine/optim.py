@@ -18,10 +18,13 @@ import contextlib
 import io
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prodigyopt import Prodigy
+
+if TYPE_CHECKING:
+    from .config import TrainingConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, d_coef: float, weight_decay: float,
@@ -51,6 +54,14 @@ def warmup_factor(warmup_steps: int):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps))
+
+
+def build_for_config(params: Iterable[torch.nn.Parameter],
+                     cfg: TrainingConfig) -> tuple[Prodigy, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and warm-up scheduler of a run with options `cfg`, over `params`."""
+    optimizer = build_optimizer(params, lr=cfg.lr, d0=cfg.d0, d_coef=cfg.d_coef, weight_decay=cfg.weight_decay,
+                                safeguard_warmup=cfg.safeguard_warmup, bias_correction=cfg.bias_correction)
+    return optimizer, build_scheduler(optimizer, cfg.warmup_steps)
 
 
 def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:

@@ -7,9 +7,10 @@ A stage is an object with these members (see `Stage`); the scripts in training/ 
 
 - `name: str` -- shown in messages and on the progress bar ("stage1");
 - `trainable: torch.nn.Module` -- the only module the optimizer trains (its parameters with requires_grad).
-  If the config's `expansions` schedule is not empty, it must offer `multipliers` and
-  `expand(multipliers, noise_ratio=, generator=)` (as `PromptInverter` does); with `expansions=""` nothing is
-  ever expanded, so a stage starting from an already expanded inverter simply sets that;
+  If the config's `expansions` schedule is not empty, it must offer `multipliers`,
+  `expand(multipliers, noise_ratio=, generator=)` and `expansion_size(multipliers)` (the elements `expand` would
+  add, which a resume compares with the checkpoint's weights first), as `PromptInverter` does; with
+  `expansions=""` nothing is ever expanded, so a stage starting from an already expanded inverter simply sets that;
 - `checkpoint_name: str` -- the file name of the trainable module's tensors in a checkpoint ("inverter");
 - `plateau_metric: str` -- the per-step metric the plateau detector watches ("loss" or one of the loss terms);
 - `micro_loss(ms: MicroStep) -> (loss, terms)` -- one micro-batch. `loss` is a scalar tensor; if it carries a
@@ -84,8 +85,7 @@ from .expansion import ExpansionSchedule, format_stage
 from .hooks import Callbacks, load_env_hook
 from .metrics_log import MetricsLog, read_jsonl
 from .optim import (
-    build_optimizer,
-    build_scheduler,
+    build_for_config,
     describe_d,
     load_scheduler_state,
     scheduler_state,
@@ -186,10 +186,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         named = named_trainable(self.module)
         self.names = {p: n for n, p in named.items()}
-        c = self.cfg
-        self.optimizer = build_optimizer(named.values(), lr=c.lr, d0=c.d0, d_coef=c.d_coef, weight_decay=c.weight_decay,
-                                         safeguard_warmup=c.safeguard_warmup, bias_correction=c.bias_correction)
-        self.scheduler = build_scheduler(self.optimizer, c.warmup_steps)
+        self.optimizer, self.scheduler = build_for_config(named.values(), self.cfg)
         self.model = self.module
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -319,6 +316,8 @@ class Trainer:
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
         inv = self.module
         if state["multipliers"] is not None and state["multipliers"] != inv.multipliers:
+            check_declared_expansion(inv, state["multipliers"], tensors[self.stage.checkpoint_name],
+                                     self.stage.checkpoint_name)
             inv.expand(state["multipliers"], noise_ratio=0.0)  # the weights come from the checkpoint
         inv.load_state_dict(tensors[self.stage.checkpoint_name], strict=True)
         self.schedule.load_state_dict(state["expansion_schedule"])
@@ -334,6 +333,27 @@ class Trainer:
                                 expansions=list(state["expansions"]),
                                 skipped_steps=int(state.get("skipped_steps", 0)),
                                 nonfinite_streak=int(state.get("nonfinite_streak", 0)))
+
+
+def check_declared_expansion(module: torch.nn.Module, multipliers: Any, stored: dict[str, torch.Tensor],
+                             name: str) -> None:
+    """Refuse a checkpoint whose state.json declares multipliers its weights do not hold, before `expand`
+    allocates them: the expanded module must have exactly as many elements as `<name>.safetensors` (already read,
+    so resuming never allocates more than the checkpoint's own size)."""
+    size = getattr(module, "expansion_size", None)
+    if size is None:
+        raise ValueError(f"{ckpt.STATE_FILE} declares multipliers {multipliers!r}, but the trainable module "
+                         "cannot be expanded")
+    try:
+        added = size(multipliers)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt.STATE_FILE}: multipliers {multipliers!r}: {e}") from None
+    declared = sum(t.numel() for t in module.state_dict().values()) + added
+    held = sum(t.numel() for t in stored.values())
+    if declared != held:
+        raise ValueError(f"{ckpt.STATE_FILE} declares multipliers {multipliers} ({declared:,} elements) but "
+                         f"{name}.safetensors holds {held:,}; refused before allocating (the declared sizes must "
+                         "match the weights)")
 
 
 def _is_loss(name: str) -> bool:
@@ -567,16 +587,16 @@ def _train(cfg: TrainingConfig, build_stage: Callable[[RunContext], Stage], info
     if resumed is None and info.is_main:  # only once the models loaded: a failed start deletes nothing
         for p in ckpt.clear_checkpoints(out / "checkpoints"):
             _print(f"--overwrite: left {p} in place (not written by this trainer)")
-    log = trainer.log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main,
-                                   resume_step=None if resumed is None else int(resumed[2]["step"]))
     resume_path = None
-    if resumed is not None:
+    if resumed is not None:  # before the metrics log is cut back to the resumed step: a refusal changes nothing
         resume_path, tensors, state = resumed
         try:
             trainer.load_state(tensors, state)
         except (KeyError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"--resume: {resume_path} does not fit this model ({first})") from None
+    log = trainer.log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main,
+                                   resume_step=None if resumed is None else int(resumed[2]["step"]))
     hook = load_env_hook()
     if hook is not None:
         hook(trainer)

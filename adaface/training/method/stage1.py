@@ -26,7 +26,9 @@ import torch
 
 from ..engine.config import ConfigError, Stage1Config, parse_config
 from ..engine.data import FaceBatch, FaceIdSource, RealFaces
-from ..engine.trainer import MicroStep, RunContext, RunResult, cli_main, run_training
+from ..engine.errors import model_option
+from ..engine.trainer import MicroStep, RunContext
+from ._entry import StageEntry
 from .distill import PREDICTION_TYPES, distill_trajectory, q_sample, sample_num_steps, trajectory_timesteps
 
 STUDENT_PROMPT = "photo of a z"
@@ -135,25 +137,28 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from adaface.models._io import check_model_folder
+    from adaface.models._io import check_model_source
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
 
-    check_model_folder(sd_model)  # no config may have transformers load code or a kernel from the hub
-    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
+    with model_option("--sd-model", sd_model):  # no config may load code or a hub kernel (a hub id: checked on
+        _, pin = check_model_source(sd_model)  # its snapshot, and every load below pinned to the files checked)
+    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler", **pin)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"--sd-model: the scheduler's prediction_type {prediction_type!r} is not supported "
                           f"({' or '.join(PREDICTION_TYPES)})")
-    tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
-    unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **pin)
+    text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **pin).eval()
+    unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **pin).eval()
     check_resolution(cfg.resolution, sd_model, unet)
-    teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer)
-    inverter = PromptInverter(cfg.inverter_init or sd_model, tokenizer=tokenizer, mode=cfg.expand_mode)
+    with model_option("--arc2face", arc2face):
+        teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer)
+    with model_option("--inverter-init" if cfg.inverter_init else "--sd-model", cfg.inverter_init or sd_model):
+        inverter = PromptInverter(cfg.inverter_init or sd_model, tokenizer=tokenizer, mode=cfg.expand_mode)
     vae = None
     if cfg.data_dir and cfg.random_id_fraction < 1.0:
-        vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
+        vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", **pin).eval()
         vae.requires_grad_(False).to(device, weight_dtype)
     for m in (text_encoder, unet, teacher):
         m.requires_grad_(False).to(device, weight_dtype)
@@ -290,14 +295,6 @@ class Stage1:
         return self.models.inverter.save_pretrained(output_dir / "inverter")
 
 
-def run(cfg: Stage1Config) -> RunResult:
-    """Train stage 1 according to a validated config (adaface.training.engine.config.parse_config)."""
-    return run_training(cfg, Stage1.build)
-
-
-def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
-    """The `training/stage1.py` command line (returns the exit status)."""
-    def parse(args: list[str] | None, world_size: int) -> Stage1Config:
-        return parse_config(args, default_config=default_config, world_size=world_size)
-
-    return cli_main("stage1", argv, parse, Stage1.build)
+_ENTRY = StageEntry("stage1", Stage1.build, parse_config)
+run = _ENTRY.run  # train stage 1 according to a validated config (adaface.training.engine.config.parse_config)
+main = _ENTRY.main  # the `training/stage1.py` command line (returns the exit status)

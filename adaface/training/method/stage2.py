@@ -33,7 +33,9 @@ from ..engine.config import (
 )
 from ..engine.data import MANIFEST, FaceIdSource, RealFaces
 from ..engine.ddp import shared_seed
-from ..engine.trainer import MicroStep, RunContext, RunResult, cli_main, run_training
+from ..engine.errors import model_option
+from ..engine.trainer import MicroStep, RunContext
+from ._entry import StageEntry
 from .composition_step import (
     DELTA_TERMS,
     TERMS,
@@ -302,26 +304,29 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from adaface.models._io import check_model_folder
+    from adaface.models._io import check_model_source
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.models.unet_feature_capture import UNetFeatureCapture
 
     from .stage1 import _vae_scale_factor, check_resolution
 
-    check_model_folder(sd_model)  # no config may have transformers load code or a kernel from the hub
-    tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
-    unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet").eval()
+    with model_option("--sd-model", sd_model):  # no config may load code or a hub kernel (a hub id: checked on
+        _, pin = check_model_source(sd_model)  # its snapshot, and every load below pinned to the files checked)
+    tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **pin)
+    text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **pin).eval()
+    unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **pin).eval()
     check_resolution(cfg.resolution, sd_model, unet)
-    vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
-    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", **pin).eval()
+    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler", **pin)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")  # matters to the stage-1 steps only
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"--sd-model: the scheduler's prediction_type {prediction_type!r} is not supported "
                           f"({' or '.join(PREDICTION_TYPES)})")
-    teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer, load_unet=cfg.stage1_p > 0)
-    inv = PromptInverter.from_pretrained(inverter)
+    with model_option("--arc2face", arc2face):
+        teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer, load_unet=cfg.stage1_p > 0)
+    with model_option("--inverter", inverter):
+        inv = PromptInverter.from_pretrained(inverter)
     for m in (text_encoder, unet, vae, teacher):
         m.requires_grad_(False).to(device, weight_dtype)
     if cfg.gradient_checkpointing:
@@ -461,14 +466,6 @@ def write_summary(output_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run(cfg: Stage2Config) -> RunResult:
-    """Train stage 2 according to a validated config (parse_stage2_config)."""
-    return run_training(cfg, Stage2.build)
-
-
-def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
-    """The `training/stage2.py` command line (returns the exit status)."""
-    def parse(args: list[str] | None, world_size: int) -> Stage2Config:
-        return parse_stage2_config(args, default_config=default_config, world_size=world_size)
-
-    return cli_main("stage2", argv, parse, Stage2.build)
+_ENTRY = StageEntry("stage2", Stage2.build, parse_stage2_config)
+run = _ENTRY.run  # train stage 2 according to a validated config (parse_stage2_config)
+main = _ENTRY.main  # the `training/stage2.py` command line (returns the exit status)
