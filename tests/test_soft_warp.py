@@ -308,10 +308,10 @@ def test_bad_input_names_the_argument(args, kwargs, match):
 
 def test_forced_tiles_rejects_bad_tiles():
     with pytest.raises(ValueError, match="power of two"):
-        with forced_tiles(K, BLOCK_N=24):
+        with forced_tiles(K, BWD_BLOCK_N=24):
             pass
     with pytest.raises(ValueError, match="power of two >= 16"):
-        with forced_tiles(K, BLOCK_N=8):
+        with forced_tiles(K, BWD_BLOCK_N=8):
             pass
     with pytest.raises(ValueError, match="unknown tile 'BLOCK_Q'"):
         with forced_tiles(K, BLOCK_Q=16):
