@@ -5,7 +5,7 @@ E = 1, is read at copy 0 through a copy stride of 0 and is never copied E times)
 masked, broadcast dimensions read with stride 0); causal: j > l masked.
 
 Forward (one program per (b·h, L-block); loops: key blocks outside, copies e inside, so the bias tile and a
-shared k/v tile are loaded once per key block):
+shared k/v tile are loaded once per key block; the loop is `_key_loop`, which the dQ kernel shares):
     s[l, e, j] = scale · q_e[l]·k_e[j] + β[l, j]                 (computed in base 2: × log2 e)
     m = max_{e,j} s,   ℓ = Σ_{e,j} exp(s − m),   O[l] = Σ_{e,j} exp(s − m) v_e[j] / ℓ
 with the usual online rescaling (m and ℓ carried across (key block, copy) steps, fp32 accumulators).
@@ -20,14 +20,16 @@ Backward, with dO the output gradient and P[l, e, j] = exp(s[l, e, j] − LSE[l]
     dQ_e[l]  = scale · Σ_j dS[l, e, j] k_e[j]          (shared q: also Σ over e)
     dK_e[j]  = scale · Σ_l dS[l, e, j] q_e[l]          (shared k: also Σ over e)
     dV_e[j]  = Σ_l P[l, e, j] dO[l]                    (shared v: also Σ over e)
-Two kernels, no atomics, nothing of size E materialised for a shared projection:
+Two kernels, no atomics:
   * dQ (+Δ): one program per (b·h, L-block, e if q is expanded). It first computes Δ for its rows (stored by
     the e = 0 program, read by the next kernel), then loops over key blocks and copies (all E copies when q
     is shared, summing into one fp32 accumulator).
-  * dK/dV: one program per (b·h, S-block, e if k and v are both expanded). It loops over copies (outside) and
-    query blocks (inside); the dK accumulator is reset and stored per copy when k is expanded and summed over
-    copies when k is shared, likewise dV. With causal, query blocks that lie entirely before the key block
-    are skipped (and the forward / dQ kernels stop at the diagonal).
+  * dK/dV: one program per (b·h, S-block, copy e), looping over query blocks. Each program writes its own
+    [B, H, S, E, D] slot: copy e of an expanded projection's gradient, or copy e's fp32 partial of a shared one's,
+    and the launcher sums the partials over the E copies (a fixed-order reduction, no atomics: the result is
+    deterministic; the E copies fill the grid instead of running one after another in one program). With causal,
+    query blocks that lie entirely before the key block are skipped (and the forward / dQ loop stops at the
+    diagonal).
 
 Head dimensions that are not a power of two (e.g. 40) are padded to the next power of two ≥ 16 with masked
 loads; L and S of any size are masked per tile. fp16 / bf16 tiles feed tl.dot directly (fp32 accumulate);
@@ -35,12 +37,15 @@ P and dS are rounded to that dtype before their dots, as in FlashAttention;
 fp32 inputs use IEEE fp32 dots unless torch allows TF32 matmuls. The bias is a constant (no gradient). Under TRITON_INTERPRET=1, bf16 tiles are
 cast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
 
-Tiles (`gpu_tiles`): on CUDA BLOCK_L × BLOCK_S = 64 × 64 (forward), 64 × 32 (dQ), 32 × 64 (dK/dV), shrunk to the
-next power of two ≥ 16 of short sequences, 4 warps (8 for D > 64), 3 pipeline stages (fp32: 2, or 1 and
-tiles ≤ 32 for D > 64, to stay under ~99 KB of shared memory on sm_86); under the interpreter one tile up to 128
-covers a short sequence (`interpreter_tiles`: its cost is per op, not per element). b·h is grid axis 0 (no
-65535 limit). The launchers take their tiles from `tiles` (kernels/_runtime.py says how tests swap it), and
-allocate every buffer through `_empty` (tests fill them with NaN, so an element a kernel forgets shows).
+Tiles (`gpu_tiles`): on CUDA, for tensor-core dots (fp16, bf16, fp32 as TF32), BLOCK_L × BLOCK_S = 64 × 64
+(forward), 64 × 32 (dQ), 32 × 64 (dK/dV), shrunk to the next power of two ≥ 16 of short sequences, 4 warps (8 for
+D > 64), 3 pipeline stages (fp32: 2, or 1 and tiles ≤ 32 for D > 64, to stay under ~99 KB of shared memory on
+sm_86). IEEE fp32 dots run on the FMA units with both operands' rows in registers: smaller tiles
+(`_IEEE_TILES`, 32 × 32 forward and dQ, 16 × 32 dK/dV at D ≤ 64) keep them free of register spills. Under
+the interpreter one tile up to 128 covers a short sequence (`interpreter_tiles`: its cost is per op, not per
+element). b·h is grid axis 0 (no 65535 limit). The launchers take their tiles from `tiles` (kernels/_runtime.py
+says how tests swap it), and allocate every buffer through `_empty` (tests fill them with NaN, so an element a
+kernel forgets shows).
 """
 
 from __future__ import annotations
@@ -307,13 +312,27 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
-def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str, int]:
-    """BLOCK_L, BLOCK_S, warps and pipeline stages of kernel `kind` ("fwd", "dq", "dkdv") on CUDA.
+# IEEE fp32 dots run on the FMA units, each thread holding its rows of both operands in registers: per kernel
+# and head width (BLOCK_D > 64), the largest tiles (BLOCK_L, BLOCK_S, warps) that ptxas keeps within 255 registers
+# without spilling on sm_80 and sm_90 (bench/kernel_resources.py).
+_IEEE_TILES = {
+    ("fwd", False): (32, 32, 4), ("dq", False): (32, 32, 4), ("dkdv", False): (16, 32, 4),
+    ("fwd", True): (16, 32, 8), ("dq", True): (16, 16, 8), ("dkdv", True): (16, 32, 8),
+}
 
-    fp32 tiles are twice as large as fp16/bf16 ones: with D > 64 they shrink (and pipeline less) to stay
-    under ~99 KB of shared memory (sm_86).
+
+def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, prec: str, kind: str) -> dict[str, int]:
+    """BLOCK_L, BLOCK_S, warps and pipeline stages of kernel `kind` ("fwd", "dq", "dkdv") on CUDA, for operands of
+    `dtype` multiplied at `prec` (`_dot_flags`).
+
+    Tensor-core dots (fp16, bf16; fp32 as TF32): fp32 tiles are twice as large as fp16/bf16 ones, so with D > 64
+    they shrink (and pipeline less) to stay under ~99 KB of shared memory (sm_86). IEEE fp32: `_IEEE_TILES`.
     """
     block_d = _np2(D)
+    if dtype == torch.float32 and prec == "ieee":
+        bl, bs, warps = _IEEE_TILES[kind, block_d > 64]
+        stages = 2 if block_d <= 64 else 1
+        return {"BLOCK_L": min(_np2(L), bl), "BLOCK_S": min(_np2(S), bs), "num_warps": warps, "num_stages": stages}
     wide = dtype == torch.float32 and block_d > 64
     big = 32 if wide else 64
     if kind == "dkdv":
@@ -329,7 +348,7 @@ def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str
     return {"BLOCK_L": bl, "BLOCK_S": bs, "num_warps": 4 if block_d <= 64 else 8, "num_stages": stages}
 
 
-def interpreter_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str, int]:
+def interpreter_tiles(L: int, S: int, D: int, dtype: torch.dtype, prec: str, kind: str) -> dict[str, int]:
     """One tile up to 128 covers a short sequence: few, large programs."""
     return {"BLOCK_L": min(_np2(L), 128), "BLOCK_S": min(_np2(S), 128), "num_warps": 4, "num_stages": 1}
 
@@ -371,8 +390,8 @@ def expanded_attention_fwd(
         lse.fill_(float("inf"))
         return out, lse
     block_d = _np2(D)
-    cfg = tiles(L, S, D, q.dtype, "fwd")
     dot_f32, prec = _dot_flags(q.dtype)
+    cfg = tiles(L, S, D, q.dtype, prec, "fwd")
     grid = (B * H, triton.cdiv(L, cfg["BLOCK_L"]))
     _fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
@@ -406,7 +425,7 @@ def expanded_attention_bwd(
     )
     qk_scale = scale * _LOG2E
 
-    cfg = tiles(L, S, D, q.dtype, "dq")
+    cfg = tiles(L, S, D, q.dtype, prec, "dq")
     q_split = Eq > 1  # expanded q: one program per copy; shared q: each program sums over the E copies
     _bwd_dq_kernel[(B * H, triton.cdiv(L, cfg["BLOCK_L"]), Eq)](
         q, k, v, bias_arg, out, dout, lse, delta, dq, *strides,
@@ -415,7 +434,7 @@ def expanded_attention_bwd(
 
     # dK/dV: one program per (b·h, S-block, copy), each writing its own [B, H, S, E, D] slot; a shared k or v
     # gets fp32 per-copy partials, summed over the copies afterwards (no atomics: deterministic).
-    cfg = tiles(L, S, D, q.dtype, "dkdv")
+    cfg = tiles(L, S, D, q.dtype, prec, "dkdv")
     dk = _empty((B, H, S, E, D), device=k.device, dtype=k.dtype if Ek == E else torch.float32)
     dv = _empty((B, H, S, E, D), device=v.device, dtype=v.dtype if Ev == E else torch.float32)
     _bwd_dkdv_kernel[(B * H, triton.cdiv(S, cfg["BLOCK_S"]), E)](
