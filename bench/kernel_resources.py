@@ -8,9 +8,10 @@ memory, occupancy and tensor-core use, per target architecture, without a GPU.
 
 The configurations are tests/triton_compile_check.py's table (one enumeration: the ops called at the tests',
 benchmarks' and paper's shapes with the CUDA launch choices, each compiled with the JIT's specialisation).
-Each is compiled by `triton.compile` for the target; then the PTX goes through `ptxas -v` (registers and spill
-bytes per thread) and the cubin through `cuobjdump -sass` (tensor-core instructions), both from Triton's
-`backends/nvidia/bin`. One JSON row per kernel, configuration and architecture:
+Each is compiled by the check's `compile_config` for the target; then the PTX goes through `ptxas -v` (registers
+and spill bytes per thread: the check's `ptxas_report`, which its `--fail-on-paper-spill` also reads) and the
+cubin through `cuobjdump -sass` (tensor-core instructions), both from Triton's `backends/nvidia/bin`.
+One JSON row per kernel, configuration and architecture:
     kernel, arch, config (argument types, constexprs, warps, stages, JIT hints), paper_shape (launched at the
     paper's shapes: SD-1.5's 64², 32², 16², 8² layers at the paper's batches), registers (per thread),
     spill_bytes (spill stores + loads per thread), shared_bytes (per block), occupancy_warps (resident warps
