@@ -313,11 +313,12 @@ def _np2(n: int) -> int:
 
 
 # IEEE fp32 dots run on the FMA units, each thread holding its rows of both operands in registers: per kernel
-# and head width (BLOCK_D > 64), the largest tiles (BLOCK_L, BLOCK_S, warps) that ptxas keeps within 255 registers
-# without spilling on sm_80 and sm_90 (bench/kernel_resources.py).
+# and head width (BLOCK_D > 64), tiles (BLOCK_L, BLOCK_S, warps, stages) that ptxas compiles without spilling on
+# sm_80 and sm_90 at the paper's shape (multi-Q/V, D = 64), and the backward in every copy mode; the forward of
+# some other modes spills at most 32 bytes per thread (bench/kernel_resources.py).
 _IEEE_TILES = {
-    ("fwd", False): (32, 32, 4), ("dq", False): (32, 32, 4), ("dkdv", False): (16, 32, 4),
-    ("fwd", True): (16, 32, 8), ("dq", True): (16, 16, 8), ("dkdv", True): (16, 32, 8),
+    ("fwd", False): (32, 32, 4, 2), ("dq", False): (32, 32, 4, 2), ("dkdv", False): (16, 32, 4, 2),
+    ("fwd", True): (16, 32, 8, 1), ("dq", True): (16, 16, 8, 1), ("dkdv", True): (16, 32, 8, 1),
 }
 
 
@@ -330,8 +331,7 @@ def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, prec: str, kind: str) 
     """
     block_d = _np2(D)
     if dtype == torch.float32 and prec == "ieee":
-        bl, bs, warps = _IEEE_TILES[kind, block_d > 64]
-        stages = 2 if block_d <= 64 else 1
+        bl, bs, warps, stages = _IEEE_TILES[kind, block_d > 64]
         return {"BLOCK_L": min(_np2(L), bl), "BLOCK_S": min(_np2(S), bs), "num_warps": warps, "num_stages": stages}
     wide = dtype == torch.float32 and block_d > 64
     big = 32 if wide else 64
