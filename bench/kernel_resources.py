@@ -8,9 +8,10 @@ memory, occupancy and tensor-core use, per target architecture, without a GPU.
 
 The configurations are tests/triton_compile_check.py's table (one enumeration: the ops called at the tests',
 benchmarks' and paper's shapes with the CUDA launch choices, each compiled with the JIT's specialisation).
-Each is compiled by `triton.compile` for the target; then the PTX goes through `ptxas -v` (registers and spill
-bytes per thread) and the cubin through `cuobjdump -sass` (tensor-core instructions), both from Triton's
-`backends/nvidia/bin`. One JSON row per kernel, configuration and architecture:
+Each is compiled by the check's `compile_config` for the target; then the PTX goes through `ptxas -v` (registers
+and spill bytes per thread: the check's `ptxas_report`, which its `--fail-on-paper-spill` also reads) and the
+cubin through `cuobjdump -sass` (tensor-core instructions), both from Triton's `backends/nvidia/bin`.
+One JSON row per kernel, configuration and architecture:
     kernel, arch, config (argument types, constexprs, warps, stages, JIT hints), paper_shape (launched at the
     paper's shapes: SD-1.5's 64², 32², 16², 8² layers at the paper's batches), registers (per thread),
     spill_bytes (spill stores + loads per thread), shared_bytes (per block), occupancy_warps (resident warps
@@ -34,6 +35,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adaface.testing.scripts import load_script  # noqa: E402
+
+CHECK = load_script(ROOT / "tests" / "triton_compile_check.py")  # the table, its compile and the ptxas report
+parse_ptxas = CHECK.parse_ptxas
 
 # Per-SM limits by compute capability, from the CUDA C++ Programming Guide's "Technical Specifications per
 # Compute Capability" table (resident warps, resident blocks, 32-bit registers, shared memory per SM) and the
@@ -60,43 +64,21 @@ def occupancy_warps(arch: int, num_warps: int, registers: int, shared_bytes: int
     return blocks * num_warps
 
 
-def _tool(name: str) -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-def parse_ptxas(log: str) -> dict[str, int]:
-    """Registers and spill bytes per thread from `ptxas -v`'s report."""
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if regs is None or spill is None:
-        raise RuntimeError(f"unexpected ptxas -v output: {log[-300:]}")
-    return {"registers": int(regs.group(1)), "spill_store_bytes": int(spill.group(1)),
-            "spill_load_bytes": int(spill.group(2))}
-
-
 def resources(rec: dict, arch: int) -> dict:
     """One JSON row: compile `rec` for sm_`arch` and read the compiler's figures."""
-    check = load_script(ROOT / "tests" / "triton_compile_check.py")
     config = {k: v for k, v in rec.items() if k not in ("module", "kernel", "paper_shape")}
     row = {"kernel": f"{rec['module'].rsplit('.', 1)[-1]}.{rec['kernel']}", "arch": arch, "config": config,
            "paper_shape": bool(rec.get("paper_shape"))}
     try:
-        compiled = check.compile_config(rec, arch)
-        target = compiled.metadata.target.arch
-        gpu = f"sm_{target}" + ("a" if target == 90 else "")
+        compiled = CHECK.compile_config(rec, arch)
+        figures = CHECK.ptxas_report(compiled)
         with tempfile.TemporaryDirectory() as tmp:
-            ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
-            ptx.write_text(compiled.asm["ptx"])
+            cubin = Path(tmp, "k.cubin")
             cubin.write_bytes(compiled.asm["cubin"])
-            log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp, "v.o"))],
-                                 capture_output=True, text=True, check=True).stderr
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+            sass = subprocess.run([CHECK.nvidia_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                                   check=True).stdout
     except Exception as exc:  # noqa: BLE001 - reported per row
         return dict(row, error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:300])
-    figures = parse_ptxas(log)
     shared = int(compiled.metadata.shared)
     mma_count = len(MMA_OPCODES.findall(sass))
     occupancy = occupancy_warps(arch, rec["num_warps"], figures["registers"], shared)

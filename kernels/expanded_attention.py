@@ -5,7 +5,7 @@ E = 1, is read at copy 0 through a copy stride of 0 and is never copied E times)
 masked, broadcast dimensions read with stride 0); causal: j > l masked.
 
 Forward (one program per (b·h, L-block); loops: key blocks outside, copies e inside, so the bias tile and a
-shared k/v tile are loaded once per key block):
+shared k/v tile are loaded once per key block; the loop is `_key_loop`, which the dQ kernel shares):
     s[l, e, j] = scale · q_e[l]·k_e[j] + β[l, j]                 (computed in base 2: × log2 e)
     m = max_{e,j} s,   ℓ = Σ_{e,j} exp(s − m),   O[l] = Σ_{e,j} exp(s − m) v_e[j] / ℓ
 with the usual online rescaling (m and ℓ carried across (key block, copy) steps, fp32 accumulators).
@@ -20,14 +20,16 @@ Backward, with dO the output gradient and P[l, e, j] = exp(s[l, e, j] − LSE[l]
     dQ_e[l]  = scale · Σ_j dS[l, e, j] k_e[j]          (shared q: also Σ over e)
     dK_e[j]  = scale · Σ_l dS[l, e, j] q_e[l]          (shared k: also Σ over e)
     dV_e[j]  = Σ_l P[l, e, j] dO[l]                    (shared v: also Σ over e)
-Two kernels, no atomics, nothing of size E materialised for a shared projection:
+Two kernels, no atomics:
   * dQ (+Δ): one program per (b·h, L-block, e if q is expanded). It first computes Δ for its rows (stored by
     the e = 0 program, read by the next kernel), then loops over key blocks and copies (all E copies when q
     is shared, summing into one fp32 accumulator).
-  * dK/dV: one program per (b·h, S-block, e if k and v are both expanded). It loops over copies (outside) and
-    query blocks (inside); the dK accumulator is reset and stored per copy when k is expanded and summed over
-    copies when k is shared, likewise dV. With causal, query blocks that lie entirely before the key block
-    are skipped (and the forward / dQ kernels stop at the diagonal).
+  * dK/dV: one program per (b·h, S-block, copy e), looping over query blocks. Each program writes its own
+    [B, H, S, E, D] slot: copy e of an expanded projection's gradient, or copy e's fp32 partial of a shared one's,
+    and the launcher sums the partials over the E copies (a fixed-order reduction, no atomics: the result is
+    deterministic; the E copies fill the grid instead of running one after another in one program). With causal,
+    query blocks that lie entirely before the key block are skipped (and the forward / dQ loop stops at the
+    diagonal).
 
 Head dimensions that are not a power of two (e.g. 40) are padded to the next power of two ≥ 16 with masked
 loads; L and S of any size are masked per tile. fp16 / bf16 tiles feed tl.dot directly (fp32 accumulate);
@@ -35,12 +37,15 @@ P and dS are rounded to that dtype before their dots, as in FlashAttention;
 fp32 inputs use IEEE fp32 dots unless torch allows TF32 matmuls. The bias is a constant (no gradient). Under TRITON_INTERPRET=1, bf16 tiles are
 cast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
 
-Tiles (`gpu_tiles`): on CUDA BLOCK_L × BLOCK_S = 64 × 64 (forward), 64 × 32 (dQ), 32 × 64 (dK/dV), shrunk to the
-next power of two ≥ 16 of short sequences, 4 warps (8 for D > 64), 3 pipeline stages (fp32: 2, or 1 and
-tiles ≤ 32 for D > 64, to stay under ~99 KB of shared memory on sm_86); under the interpreter one tile up to 128
-covers a short sequence (`interpreter_tiles`: its cost is per op, not per element). b·h is grid axis 0 (no
-65535 limit). The launchers take their tiles from `tiles` (kernels/_runtime.py says how tests swap it), and
-allocate every buffer through `_empty` (tests fill them with NaN, so an element a kernel forgets shows).
+Tiles (`gpu_tiles`): on CUDA, for tensor-core dots (fp16, bf16, fp32 as TF32), BLOCK_L × BLOCK_S = 64 × 64
+(forward), 64 × 32 (dQ), 32 × 64 (dK/dV), shrunk to the next power of two ≥ 16 of short sequences, 4 warps (8 for
+D > 64), 3 pipeline stages (fp32: 2, or 1 and tiles ≤ 32 for D > 64, to stay under ~99 KB of shared memory on
+sm_86). IEEE fp32 dots run on the FMA units with both operands' rows in registers: smaller tiles
+(`_IEEE_TILES`, 32 × 32 forward and dQ, 16 × 32 dK/dV at D ≤ 64) keep them free of register spills. Under
+the interpreter one tile up to 128 covers a short sequence (`interpreter_tiles`: its cost is per op, not per
+element). b·h is grid axis 0 (no 65535 limit). The launchers take their tiles from `tiles` (kernels/_runtime.py
+says how tests swap it), and allocate every buffer through `_empty` (tests fill them with NaN, so an element a
+kernel forgets shows).
 """
 
 from __future__ import annotations
@@ -80,49 +85,72 @@ def _query_block(H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _key_bases(K, V, BIAS, b, h, skb, skh, svb, svh, sbb, sbh):
-    """Where head (b, h) starts in k, v and the bias."""
-    return K + b * skb + h * skh, V + b * svb + h * svh, BIAS + b * sbb + h * sbh
-
-
-@triton.jit
-def _key_end(S, pid_l, BLOCK_L: tl.constexpr, CAUSAL: tl.constexpr):
-    """The keys a query block reads stop at S, or with causal at the block's diagonal."""
-    if CAUSAL:
-        return tl.minimum(S, (pid_l + 1) * BLOCK_L)
-    return S
-
-
-@triton.jit
-def _key_block(
-    s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base,
-    sks, skd, svs, svd, sbl, sbs,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+def _key_loop(
+    acc, m_i, l_i, do, lse, delta, e0, E_LOOP,
+    q_ptrs, k_base, v_base, bias_base, pid_l, offs_l, lmask, offs_d, dmask, S,
+    sqe, sks, ske, skd, svs, sve, svd, sbl, sbs, qk_scale,
+    GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q_EXP: tl.constexpr, K_EXP: tl.constexpr, V_EXP: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Key block [s0, s0 + BLOCK_S) of a query block: which (l, j) are live, the bias (base 2) and k/v pointers."""
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    smask = offs_s < S
-    valid = lmask[:, None] & smask[None, :]
-    if CAUSAL:
-        valid = valid & (offs_s[None, :] <= offs_l[:, None])
-    if HAS_BIAS:
-        bias = tl.load(bias_base + offs_l[:, None] * sbl + offs_s[None, :] * sbs, mask=valid, other=0.0)
-        bias = bias * 1.4426950408889634
-    else:
-        bias = tl.zeros([BLOCK_L, BLOCK_S], dtype=tl.float32)
-    kvmask = smask[:, None] & dmask[None, :]
-    k_ptrs = k_base + offs_s[:, None] * sks + offs_d[None, :] * skd
-    v_ptrs = v_base + offs_s[:, None] * svs + offs_d[None, :] * svd
-    return valid, bias, kvmask, k_ptrs, v_ptrs
+    """The forward's and dQ's loop: key blocks (outside) × copies e0 .. e0 + E_LOOP − 1 (inside) of one query block.
 
-
-@triton.jit
-def _scores(q, k, bias, valid, qk_scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-    """Base-2 logits of one (query block, key block, copy): scale·q kᵀ·log2 e + bias, −inf where not valid."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if HAS_BIAS:
-        s = s + bias
-    return tl.where(valid, s, float("-inf"))
+    A shared projection's tile (q: once; k, v: once per key block) is loaded outside the copy loop, an expanded
+    one's per copy. GRAD false (forward): the online softmax, acc = Σ exp(s − m) v with (m_i, l_i); `do`, `lse`,
+    `delta` are not read. GRAD true (dQ): acc += dS k with P = exp(s − lse); m_i and l_i come back untouched.
+    """
+    qmask = lmask[:, None] & dmask[None, :]
+    if not Q_EXP:
+        q_shared = _load_operand(q_ptrs, qmask, DOT_F32)
+    hi = tl.minimum(S, (pid_l + 1) * BLOCK_L) if CAUSAL else S  # causal: stop at the block's diagonal
+    for s0 in range(0, hi, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        smask = offs_s < S
+        valid = lmask[:, None] & smask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_s[None, :] <= offs_l[:, None])
+        if HAS_BIAS:
+            bias = tl.load(bias_base + offs_l[:, None] * sbl + offs_s[None, :] * sbs, mask=valid, other=0.0)
+            bias = bias * 1.4426950408889634
+        kvmask = smask[:, None] & dmask[None, :]
+        k_ptrs = k_base + offs_s[:, None] * sks + offs_d[None, :] * skd
+        v_ptrs = v_base + offs_s[:, None] * svs + offs_d[None, :] * svd
+        if not K_EXP:
+            k_shared = _load_operand(k_ptrs, kvmask, DOT_F32)
+        if not V_EXP:
+            v_shared = _load_operand(v_ptrs, kvmask, DOT_F32)
+        for ee in range(E_LOOP):
+            e = e0 + ee
+            if Q_EXP:
+                q = _load_operand(q_ptrs + e * sqe, qmask, DOT_F32)
+            else:
+                q = q_shared
+            if K_EXP:
+                k = _load_operand(k_ptrs + e * ske, kvmask, DOT_F32)
+            else:
+                k = k_shared
+            if V_EXP:
+                v = _load_operand(v_ptrs + e * sve, kvmask, DOT_F32)
+            else:
+                v = v_shared
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # base-2 logits
+            if HAS_BIAS:
+                s = s + bias
+            s = tl.where(valid, s, float("-inf"))
+            if GRAD:
+                p = tl.math.exp2(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_safe)
+                p = tl.math.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+                m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -139,47 +167,21 @@ def _fwd_kernel(
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     bh, b, h, pid_l, offs_l, offs_d, lmask, dmask = _query_block(H, L, D, BLOCK_L, BLOCK_D)
-    q_ptrs = Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd
-    qmask = lmask[:, None] & dmask[None, :]
-    k_base, v_base, bias_base = _key_bases(K, V, BIAS, b, h, skb, skh, svb, svh, sbb, sbh)
-
-    if not Q_EXP:
-        q = _load_operand(q_ptrs, qmask, DOT_F32)
-
     m_i = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_L], dtype=tl.float32)
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-
-    for s0 in range(0, _key_end(S, pid_l, BLOCK_L, CAUSAL), BLOCK_S):
-        valid, bias, kvmask, k_ptrs, v_ptrs = _key_block(
-            s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base, sks, skd, svs, svd, sbl, sbs,
-            HAS_BIAS, CAUSAL, BLOCK_L, BLOCK_S,
-        )
-        if not K_EXP:
-            k = _load_operand(k_ptrs, kvmask, DOT_F32)
-        if not V_EXP:
-            v = _load_operand(v_ptrs, kvmask, DOT_F32)
-        for e in range(E):
-            if Q_EXP:
-                q = _load_operand(q_ptrs + e * sqe, qmask, DOT_F32)
-            if K_EXP:
-                k = _load_operand(k_ptrs + e * ske, kvmask, DOT_F32)
-            if V_EXP:
-                v = _load_operand(v_ptrs + e * sve, kvmask, DOT_F32)
-            s = _scores(q, k, bias, valid, qk_scale, HAS_BIAS, PREC)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-
+    acc, m_i, l_i = _key_loop(
+        acc, m_i, l_i, acc, m_i, l_i, 0, E,
+        Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd,
+        K + b * skb + h * skh, V + b * svb + h * svh, BIAS + b * sbb + h * sbh,
+        pid_l, offs_l, lmask, offs_d, dmask, S, sqe, sks, ske, skd, svs, sve, svd, sbl, sbs, qk_scale,
+        False, HAS_BIAS, CAUSAL, Q_EXP, K_EXP, V_EXP, BLOCK_L, BLOCK_S, DOT_F32, PREC,
+    )
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     lse = tl.where(has_mass, m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0)), float("inf"))
     o_ptrs = OUT + bh * L * D + offs_l[:, None] * D + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=qmask)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=lmask[:, None] & dmask[None, :])
     tl.store(LSE + bh * L + offs_l, lse, mask=lmask)
 
 
@@ -211,35 +213,14 @@ def _bwd_dq_kernel(
     if DOT_F32:
         do = do.to(tl.float32)
 
-    q_ptrs = Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd
-    if not Q_EXP:
-        q = _load_operand(q_ptrs, rmask, DOT_F32)
-    k_base, v_base, bias_base = _key_bases(K, V, BIAS, b, h, skb, skh, svb, svh, sbb, sbh)
     dq = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-
-    for s0 in range(0, _key_end(S, pid_l, BLOCK_L, CAUSAL), BLOCK_S):
-        valid, bias, kvmask, k_ptrs, v_ptrs = _key_block(
-            s0, offs_l, lmask, offs_d, dmask, S, k_base, v_base, bias_base, sks, skd, svs, svd, sbl, sbs,
-            HAS_BIAS, CAUSAL, BLOCK_L, BLOCK_S,
-        )
-        if not K_EXP:
-            k = _load_operand(k_ptrs, kvmask, DOT_F32)
-        if not V_EXP:
-            v = _load_operand(v_ptrs, kvmask, DOT_F32)
-        for ee in range(E_LOOP):
-            e = pid_e + ee
-            if Q_EXP:
-                q = _load_operand(q_ptrs + e * sqe, rmask, DOT_F32)
-            if K_EXP:
-                k = _load_operand(k_ptrs + e * ske, kvmask, DOT_F32)
-            if V_EXP:
-                v = _load_operand(v_ptrs + e * sve, kvmask, DOT_F32)
-            s = _scores(q, k, bias, valid, qk_scale, HAS_BIAS, PREC)
-            p = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-
+    dq, lse, delta = _key_loop(
+        dq, lse, delta, do, lse, delta, pid_e, E_LOOP,
+        Q + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :] * sqd,
+        K + b * skb + h * skh, V + b * svb + h * svh, BIAS + b * sbb + h * sbh,
+        pid_l, offs_l, lmask, offs_d, dmask, S, sqe, sks, ske, skd, svs, sve, svd, sbl, sbs, qk_scale,
+        True, HAS_BIAS, CAUSAL, Q_EXP, K_EXP, V_EXP, BLOCK_L, BLOCK_S, DOT_F32, PREC,
+    )
     dq_ptrs = DQ + bh * L * DQ_E * D + offs_l[:, None] * (DQ_E * D) + pid_e * D + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
 
@@ -252,15 +233,14 @@ def _bwd_dkdv_kernel(
     svb, svh, svs, sve, svd,
     sbb, sbh, sbl, sbs,
     sdob, sdoh, sdol, sdod,
-    H, L, S, E_LOOP, DK_E, DV_E, D, qk_scale, scale,
+    H, L, S, E, D, qk_scale, scale,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-    Q_EXP: tl.constexpr, K_EXP: tl.constexpr, V_EXP: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    pid_e = tl.program_id(2)
+    e = tl.program_id(2)  # this program's copy (a shared projection is read with copy stride 0)
     b = bh // H
     h = bh % H
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -268,63 +248,40 @@ def _bwd_dkdv_kernel(
     smask = offs_s < S
     dmask = offs_d < D
     kvmask = smask[:, None] & dmask[None, :]
-    q_base = Q + b * sqb + h * sqh
+    q_base = Q + b * sqb + h * sqh + e * sqe
     do_base = DO + b * sdob + h * sdoh
     bias_base = BIAS + b * sbb + h * sbh
-    k_ptrs = K + b * skb + h * skh + offs_s[:, None] * sks + offs_d[None, :] * skd
-    v_ptrs = V + b * svb + h * svh + offs_s[:, None] * svs + offs_d[None, :] * svd
-    dk_ptrs = DK + bh * S * DK_E * D + offs_s[:, None] * (DK_E * D) + offs_d[None, :]
-    dv_ptrs = DV + bh * S * DV_E * D + offs_s[:, None] * (DV_E * D) + offs_d[None, :]
+    k = _load_operand(K + b * skb + h * skh + e * ske + offs_s[:, None] * sks + offs_d[None, :] * skd, kvmask, DOT_F32)
+    v = _load_operand(V + b * svb + h * svh + e * sve + offs_s[:, None] * svs + offs_d[None, :] * svd, kvmask, DOT_F32)
 
-    if CAUSAL:
-        lo = (pid_s * BLOCK_S // BLOCK_L) * BLOCK_L
-    else:
-        lo = 0
+    lo = (pid_s * BLOCK_S // BLOCK_L) * BLOCK_L if CAUSAL else 0  # causal: query blocks before the keys see none
     dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for ee in range(E_LOOP):
-        e = pid_e + ee
-        if K_EXP:
-            dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        if V_EXP:
-            dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        k = tl.load(k_ptrs + e * ske, mask=kvmask, other=0.0)
-        v = tl.load(v_ptrs + e * sve, mask=kvmask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        for l0 in range(lo, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            lmask = offs_l < L
-            rmask = lmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + e * sqe + offs_l[:, None] * sql + offs_d[None, :] * sqd, mask=rmask, other=0.0)
-            do = tl.load(do_base + offs_l[:, None] * sdol + offs_d[None, :] * sdod, mask=rmask, other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + bh * L + offs_l, mask=lmask, other=float("inf"))
-            delta = tl.load(DELTA + bh * L + offs_l, mask=lmask, other=0.0)
-            valid = smask[:, None] & lmask[None, :]
-            if CAUSAL:
-                valid = valid & (offs_s[:, None] <= offs_l[None, :])
-            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_L] = sᵀ
-            if HAS_BIAS:
-                bias = tl.load(bias_base + offs_s[:, None] * sbs + offs_l[None, :] * sbl, mask=valid, other=0.0)
-                st = st + bias * 1.4426950408889634
-            st = tl.where(valid, st, float("-inf"))
-            pt = tl.math.exp2(st - lse[None, :])
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-        if K_EXP:
-            tl.store(dk_ptrs + e * D, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
-        if V_EXP:
-            tl.store(dv_ptrs + e * D, dv.to(DV.dtype.element_ty), mask=kvmask)
-    if not K_EXP:
-        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
-    if not V_EXP:
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kvmask)
+    for l0 in range(lo, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        lmask = offs_l < L
+        rmask = lmask[:, None] & dmask[None, :]
+        q = _load_operand(q_base + offs_l[:, None] * sql + offs_d[None, :] * sqd, rmask, DOT_F32)
+        do = _load_operand(do_base + offs_l[:, None] * sdol + offs_d[None, :] * sdod, rmask, DOT_F32)
+        lse = tl.load(LSE + bh * L + offs_l, mask=lmask, other=float("inf"))
+        delta = tl.load(DELTA + bh * L + offs_l, mask=lmask, other=0.0)
+        valid = smask[:, None] & lmask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_s[:, None] <= offs_l[None, :])
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_L] = sᵀ
+        if HAS_BIAS:
+            bias = tl.load(bias_base + offs_s[:, None] * sbs + offs_l[None, :] * sbl, mask=valid, other=0.0)
+            st = st + bias * 1.4426950408889634
+        st = tl.where(valid, st, float("-inf"))
+        pt = tl.math.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    # [B, H, S, E, D] outputs: copy e of an expanded projection's gradient, or its fp32 partial when shared
+    out = bh * S * E * D + offs_s[:, None] * (E * D) + e * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -355,13 +312,27 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
-def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str, int]:
-    """BLOCK_L, BLOCK_S, warps and pipeline stages of kernel `kind` ("fwd", "dq", "dkdv") on CUDA.
+# IEEE fp32 dots run on the FMA units, each thread holding its rows of both operands in registers: per kernel
+# and head width (BLOCK_D > 64), tiles (BLOCK_L, BLOCK_S, warps, stages) that ptxas compiles without spilling on
+# sm_80 and sm_90 at the paper's shape (multi-Q/V, D = 64), and the backward in every copy mode; the forward of
+# some other modes spills at most 32 bytes per thread (bench/kernel_resources.py).
+_IEEE_TILES = {
+    ("fwd", False): (32, 32, 4, 2), ("dq", False): (32, 32, 4, 2), ("dkdv", False): (16, 32, 4, 2),
+    ("fwd", True): (16, 32, 8, 1), ("dq", True): (16, 16, 8, 1), ("dkdv", True): (16, 32, 8, 1),
+}
 
-    fp32 tiles are twice as large as fp16/bf16 ones: with D > 64 they shrink (and pipeline less) to stay
-    under ~99 KB of shared memory (sm_86).
+
+def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, prec: str, kind: str) -> dict[str, int]:
+    """BLOCK_L, BLOCK_S, warps and pipeline stages of kernel `kind` ("fwd", "dq", "dkdv") on CUDA, for operands of
+    `dtype` multiplied at `prec` (`_dot_flags`).
+
+    Tensor-core dots (fp16, bf16; fp32 as TF32): fp32 tiles are twice as large as fp16/bf16 ones, so with D > 64
+    they shrink (and pipeline less) to stay under ~99 KB of shared memory (sm_86). IEEE fp32: `_IEEE_TILES`.
     """
     block_d = _np2(D)
+    if dtype == torch.float32 and prec == "ieee":
+        bl, bs, warps, stages = _IEEE_TILES[kind, block_d > 64]
+        return {"BLOCK_L": min(_np2(L), bl), "BLOCK_S": min(_np2(S), bs), "num_warps": warps, "num_stages": stages}
     wide = dtype == torch.float32 and block_d > 64
     big = 32 if wide else 64
     if kind == "dkdv":
@@ -377,7 +348,7 @@ def gpu_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str
     return {"BLOCK_L": bl, "BLOCK_S": bs, "num_warps": 4 if block_d <= 64 else 8, "num_stages": stages}
 
 
-def interpreter_tiles(L: int, S: int, D: int, dtype: torch.dtype, kind: str) -> dict[str, int]:
+def interpreter_tiles(L: int, S: int, D: int, dtype: torch.dtype, prec: str, kind: str) -> dict[str, int]:
     """One tile up to 128 covers a short sequence: few, large programs."""
     return {"BLOCK_L": min(_np2(L), 128), "BLOCK_S": min(_np2(S), 128), "num_warps": 4, "num_stages": 1}
 
@@ -419,8 +390,8 @@ def expanded_attention_fwd(
         lse.fill_(float("inf"))
         return out, lse
     block_d = _np2(D)
-    cfg = tiles(L, S, D, q.dtype, "fwd")
     dot_f32, prec = _dot_flags(q.dtype)
+    cfg = tiles(L, S, D, q.dtype, prec, "fwd")
     grid = (B * H, triton.cdiv(L, cfg["BLOCK_L"]))
     _fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
@@ -441,10 +412,8 @@ def expanded_attention_bwd(
     B, H, L, Eq, D = q.shape
     S, Ek, Ev = k.shape[2], k.shape[3], v.shape[3]
     dq = _empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = _empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = _empty(v.shape, device=v.device, dtype=v.dtype)
     if B * H == 0 or D == 0 or L == 0 or S == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), k.new_zeros(k.shape), v.new_zeros(v.shape)
     block_d = _np2(D)
     dot_f32, prec = _dot_flags(q.dtype)
     delta = _empty((B, H, L), device=q.device, dtype=torch.float32)
@@ -456,19 +425,27 @@ def expanded_attention_bwd(
     )
     qk_scale = scale * _LOG2E
 
-    cfg = tiles(L, S, D, q.dtype, "dq")
+    cfg = tiles(L, S, D, q.dtype, prec, "dq")
     q_split = Eq > 1  # expanded q: one program per copy; shared q: each program sums over the E copies
     _bwd_dq_kernel[(B * H, triton.cdiv(L, cfg["BLOCK_L"]), Eq)](
         q, k, v, bias_arg, out, dout, lse, delta, dq, *strides,
         H, L, S, 1 if q_split else E, Eq, D, qk_scale, scale, **cfg, **flags,
     )
 
-    cfg = tiles(L, S, D, q.dtype, "dkdv")
-    kv_split = Ek > 1 and Ev > 1  # both expanded: one program per copy; otherwise loop over copies inside
-    _bwd_dkdv_kernel[(B * H, triton.cdiv(S, cfg["BLOCK_S"]), E if kv_split else 1)](
+    # dK/dV: one program per (b·h, S-block, copy), each writing its own [B, H, S, E, D] slot; a shared k or v
+    # gets fp32 per-copy partials, summed over the copies afterwards (no atomics: deterministic).
+    cfg = tiles(L, S, D, q.dtype, prec, "dkdv")
+    dk = _empty((B, H, S, E, D), device=k.device, dtype=k.dtype if Ek == E else torch.float32)
+    dv = _empty((B, H, S, E, D), device=v.device, dtype=v.dtype if Ev == E else torch.float32)
+    _bwd_dkdv_kernel[(B * H, triton.cdiv(S, cfg["BLOCK_S"]), E)](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
-        H, L, S, 1 if kv_split else E, Ek, Ev, D, qk_scale, scale, **cfg, **flags,
+        H, L, S, E, D, qk_scale, scale, HAS_BIAS=bias is not None, CAUSAL=causal,
+        BLOCK_D=block_d, DOT_F32=dot_f32, PREC=prec, **cfg,
     )
+    if Ek != E:
+        dk = dk.sum(3, keepdim=True).to(k.dtype)
+    if Ev != E:
+        dv = dv.sum(3, keepdim=True).to(v.dtype)
     return dq, dk, dv
 
 

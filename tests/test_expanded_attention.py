@@ -11,6 +11,11 @@ forgets to write fails the comparison.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +35,10 @@ from adaface.testing.attention_inputs import (
     make_qkv,
     sdpa_composition,
 )
+from adaface.testing.scripts import load_script
 from adaface.testing.tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nan_empty(*args, **kwargs):
@@ -128,6 +136,16 @@ def test_multi_block_paths(blocks, L, S, causal, mode, force_blocks, device):
     """Tiles forced small: several L and S blocks, causal block skipping with BLOCK_L ≠ BLOCK_S."""
     force_blocks(*blocks)
     _compare(device, 1, 2, L, S, 32, 3, mode, causal=causal, mask="bool_ls")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_copies_on_the_dkdv_grid(mode, causal, force_blocks, device):
+    """dK/dV runs one program per (S-block, copy): odd E, L, S and D, several S and L blocks; a shared k or v is
+    the sum of its per-copy partials, an expanded one gets each copy's gradient."""
+    force_blocks(16, 16)
+    L, S = (37, 37) if causal else (29, 43)
+    _compare(device, 2, 1, L, S, 21, 1 if mode == "none" else 5, mode, causal=causal, mask="kpm", seed=len(mode))
 
 
 @pytest.mark.parametrize(
@@ -362,3 +380,68 @@ def test_no_keys_is_a_clear_error(backend):
     k = torch.randn(1, 2, 0, 1, 8)
     with pytest.raises(ValueError, match=r"`k` and `v` must hold at least one key .* got S=0"):
         expanded_attention(q, k, k, backend=backend)
+
+
+def test_fp32_dots_follow_allow_tf32():
+    """fp32 inputs use TF32 dots (tensor-core tiles) only where torch allows TF32 matmuls, IEEE dots (smaller FMA
+    tiles) otherwise; fp16 / bf16 tiles are the same either way."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert ek._dot_flags(torch.float32)[1] == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert ek._dot_flags(torch.float32)[1] == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    for kind in ("fwd", "dq", "dkdv"):
+        ieee, tf32 = (ek.gpu_tiles(77, 77, 64, torch.float32, p, kind) for p in ("ieee", "tf32"))
+        assert ieee["BLOCK_L"] * ieee["BLOCK_S"] < tf32["BLOCK_L"] * tf32["BLOCK_S"]
+        assert ek.gpu_tiles(77, 77, 64, torch.float16, "tf32", kind) == ek.gpu_tiles(77, 77, 64, torch.float16,
+                                                                                     "ieee", kind)
+
+
+def _compile_check(records: list[dict], tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """tests/triton_compile_check.py compiling `records` (without the interpreter, as a user runs it)."""
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "tests/triton_compile_check.py", "--_compile", str(path), "--jobs", "2",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def _paper_records() -> list[dict]:
+    """The expanded-attention configurations the compile check records at the paper's shapes."""
+    check = load_script(ROOT / "tests" / "triton_compile_check.py")
+    with check.recording() as records, check.cuda_choices():
+        check.paper_attention()
+    return [dict(rec, paper_shape=True) for rec in records.values()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records launches through Triton's interpreter")
+def test_paper_shape_configurations_do_not_spill(tmp_path):
+    """Every configuration the paper's shapes launch (fp32 IEEE, fp16, bf16) keeps its values in registers on sm_80
+    and sm_90 (ptxas -v: 0 bytes of spill stores and loads)."""
+    records = _paper_records()
+    assert {r["kernel"] for r in records} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    run = _compile_check(records, tmp_path, "--arch", "80", "--arch", "90", "--fail-on-paper-spill")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"checked for spills: {2 * len(records)}, spilling: 0" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records launches through Triton's interpreter")
+def test_compile_check_fails_on_a_paper_shape_spill(tmp_path):
+    """An fp32 IEEE forward with 64 × 64 tiles spills: in a paper-shape row --fail-on-paper-spill fails and names
+    the kernel, its configuration and the architecture; without the option, or outside the paper's shapes, it
+    passes."""
+    (fwd,) = [r for r in _paper_records() if r["kernel"] == "_fwd_kernel" and r["signature"]["Q"] == "*fp32"]
+    fwd["constexprs"].update(BLOCK_L=64, BLOCK_S=64)
+    run = _compile_check([fwd], tmp_path, "--arch", "90", "--fail-on-paper-spill")
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("FAIL")]
+    assert "FAIL sm_90 expanded_attention._fwd_kernel *fp32" in line and "'BLOCK_L': 64" in line
+    assert "paper-shape configuration spills" in line and "registers" in line
+    assert _compile_check([fwd], tmp_path, "--arch", "90").returncode == 0
+    assert _compile_check([dict(fwd, paper_shape=False)], tmp_path, "--arch", "90",
+                          "--fail-on-paper-spill").returncode == 0

@@ -2,6 +2,7 @@
 
     python tests/triton_compile_check.py                 # sm_80, sm_86, sm_89, sm_90
     python tests/triton_compile_check.py --arch 86 --arch 90 --json out.json
+    python tests/triton_compile_check.py --arch 80 --arch 90 --fail-on-paper-spill
 
 Why: the CPU test suite runs the kernels under TRITON_INTERPRET=1, which never lowers them to PTX, so a kernel
 that does not compile for a GPU (a Triton version's API change, a type error only the compiler sees) or that
@@ -16,7 +17,10 @@ constants — Triton's own `specialize_impl` decides) and skipped: `table()`. A 
 shape is marked `paper_shape`. tests/test_gpu_configs.py executes every configuration of this table
 under the interpreter. (2) `compile`, in another child without the interpreter: each distinct configuration is compiled
 with `triton.compile` for each target (ptxas included) and its shared memory is checked against the
-architecture's limit per block. Exit status 1 when any configuration fails.
+architecture's limit per block; with `--fail-on-paper-spill`, `ptxas -v` also reports each paper-shape
+configuration's registers, and one that spills to local memory fails (a spill in the shapes training runs is a
+slow kernel). Exit status 1 when any configuration fails. bench/kernel_resources.py reports on this same table
+with the same compile (`compile_config`) and ptxas report (`ptxas_report`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,8 +71,7 @@ def _paper_workloads():
     Inverter (CLIP-L text: 12 heads of 64, 77 tokens, causal, multi-Q/V E = 8)."""
     import torch
 
-    from adaface.ops import delta_cosine_loss, expanded_attention, soft_warp_loss
-    from adaface.testing.attention_inputs import as_views, make_leaves
+    from adaface.ops import delta_cosine_loss, soft_warp_loss
     from adaface.testing.soft_warp_inputs import make_mask
 
     B = STAGE2_BATCH
@@ -80,11 +84,7 @@ def _paper_workloads():
                 xs = [torch.zeros(B, N, C, dtype=dtype, requires_grad=True) for _ in range(4)]
                 mask = make_mask("bool", B, N, torch.device("cpu"), torch.Generator().manual_seed(0))
                 torch.autograd.grad(soft_warp_loss(*xs, mask, backend="triton", precision=precision), xs)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            leaves = make_leaves(4, 12, 77, 77, 64, 8, "qv", dtype=dtype, layout="proj")
-            q, k, v = as_views(leaves, "proj", 8)
-            out = expanded_attention(q, k, v, causal=True, backend="triton")
-            torch.autograd.grad(out, leaves, torch.ones_like(out))
+        paper_attention()
         for N, C in SD15_LAYERS:
             side = int(N**0.5)
             rows = ((side - 4) // 2 + 1) ** 2 if side > 8 else N
@@ -93,6 +93,21 @@ def _paper_workloads():
                 torch.autograd.grad(delta_cosine_loss(*xs, reduction="none", backend="triton").sum(), xs[:2])
         xs = [torch.zeros(B, 77, 768, requires_grad=i < 2) for i in range(4)]
         torch.autograd.grad(delta_cosine_loss(*xs, reduction="none", backend="triton").sum(), xs[:2])
+
+
+def paper_attention() -> None:
+    """Stage 1's Prompt Inverter attention (CLIP-L text: 12 heads of 64, 77 tokens, causal, multi-Q/V E = 8, batch
+    4), forward and backward, in each input dtype."""
+    import torch
+
+    from adaface.ops import expanded_attention
+    from adaface.testing.attention_inputs import as_views, make_leaves
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        leaves = make_leaves(4, 12, 77, 77, 64, 8, "qv", dtype=dtype, layout="proj")
+        q, k, v = as_views(leaves, "proj", 8)
+        out = expanded_attention(q, k, v, causal=True, backend="triton")
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
 
 
 def _workloads():
@@ -254,23 +269,64 @@ def compile_config(rec: dict, arch: int):
                           options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
 
 
-def _compile_one(rec: dict, arch: int) -> dict:
-    """Compile one recorded configuration for one target; the row says whether it fits."""
-    row = {"kernel": rec["kernel"], "arch": arch, "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
-           "constexprs": {k: v for k, v in rec["constexprs"].items() if v is not None}}
+def nvidia_tool(name: str) -> str:
+    """A CUDA binary utility shipped with Triton (ptxas, cuobjdump)."""
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def parse_ptxas(log: str) -> dict[str, int]:
+    """Registers and spill bytes per thread from `ptxas -v`'s report."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"unexpected ptxas -v output: {log[-300:]}")
+    return {"registers": int(regs.group(1)), "spill_store_bytes": int(spill.group(1)),
+            "spill_load_bytes": int(spill.group(2))}
+
+
+def ptxas_report(compiled) -> dict[str, int]:
+    """`ptxas -v`'s registers and spill bytes per thread for a `compile_config` result, on its own target."""
+    target = compiled.metadata.target.arch
+    gpu = f"sm_{target}" + ("a" if target == 90 else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp, "k.ptx")
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([nvidia_tool("ptxas"), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp, "k.o"))],
+                             capture_output=True, text=True, check=True).stderr
+    return parse_ptxas(log)
+
+
+def _compile_one(rec: dict, arch: int, fail_on_paper_spill: bool = False) -> dict:
+    """Compile one recorded configuration for one target; the row says whether it fits (and, with
+    `fail_on_paper_spill`, whether a paper-shape configuration keeps every value in registers)."""
+    row = {"kernel": f"{rec['module'].rsplit('.', 1)[-1]}.{rec['kernel']}", "arch": arch,
+           "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
+           "constexprs": {k: v for k, v in rec["constexprs"].items() if v is not None},
+           "pointers": sorted({v for v in rec["signature"].values() if v.startswith("*")}),
+           "paper_shape": bool(rec.get("paper_shape"))}
     try:
         compiled = compile_config(rec, arch)
         row["shared"] = int(compiled.metadata.shared)
         row["ok"] = row["shared"] <= SHARED_LIMIT[arch]
         if not row["ok"]:
             row["error"] = f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B"
+        elif fail_on_paper_spill and row["paper_shape"]:
+            figures = ptxas_report(compiled)
+            spill = figures["spill_store_bytes"] + figures["spill_load_bytes"]
+            row.update(figures, spill_bytes=spill, ok=spill == 0)
+            if spill:
+                row["error"] = (f"paper-shape configuration spills {spill} B per thread "
+                                f"({figures['spill_store_bytes']} B stores + {figures['spill_load_bytes']} B loads) "
+                                f"at {figures['registers']} registers")
     except Exception as exc:  # noqa: BLE001 - reported per configuration
         row["ok"] = False
         row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:300]
     return row
 
 
-def _compile(path: str, archs: list[int], out_json: str | None, jobs: int) -> int:
+def _compile(path: str, archs: list[int], out_json: str | None, jobs: int, fail_on_paper_spill: bool = False) -> int:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -278,17 +334,21 @@ def _compile(path: str, archs: list[int], out_json: str | None, jobs: int) -> in
     from tqdm import tqdm
 
     records = json.loads(Path(path).read_text())
-    work = [(rec, arch) for arch in archs for rec in records]
+    work = [(rec, arch, fail_on_paper_spill) for arch in archs for rec in records]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         results = list(tqdm(pool.map(_compile_one, *zip(*work), chunksize=4), total=len(work),
                             desc="compiling", unit="config"))
     failures = [r for r in results if not r["ok"]]
     for r in failures:
-        print(f"FAIL sm_{r['arch']} {r['kernel']} {r['constexprs']} warps={r['num_warps']} "
+        print(f"FAIL sm_{r['arch']} {r['kernel']} {'/'.join(r['pointers'])} {r['constexprs']} warps={r['num_warps']} "
               f"stages={r['num_stages']}: {r['error']}")
     largest = {a: max((r.get("shared", 0) for r in results if r["arch"] == a), default=0) for a in archs}
     print(f"triton {triton.__version__}: {len(records)} configurations x {len(archs)} targets, {len(failures)} failed; "
           "largest shared memory: " + ", ".join(f"sm_{a} {largest[a]} B (limit {SHARED_LIMIT[a]})" for a in archs))
+    if fail_on_paper_spill:
+        paper = [r for r in results if "spill_bytes" in r]
+        print(f"paper-shape configurations checked for spills: {len(paper)}, spilling: "
+              f"{sum(r['spill_bytes'] > 0 for r in paper)}")
     if out_json:
         Path(out_json).write_text(json.dumps(results, indent=1))
     return 1 if failures else 0
@@ -300,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute capability ×10 (repeatable; default: all of 80, 86, 89, 90)")
     ap.add_argument("--json", help="write one row per (configuration, target) here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
+    ap.add_argument("--fail-on-paper-spill", action="store_true",
+                    help="also fail when a paper-shape configuration spills registers (ptxas -v)")
     ap.add_argument("--_record", help=argparse.SUPPRESS)
     ap.add_argument("--_compile", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -308,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         _record(args._record)
         return 0
     if args._compile:
-        return _compile(args._compile, archs, args.json, args.jobs)
+        return _compile(args._compile, archs, args.json, args.jobs, args.fail_on_paper_spill)
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1")
@@ -316,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         extra = [a for arch in archs for a in ("--arch", str(arch))] + ["--jobs", str(args.jobs)]
         extra += ["--json", args.json] if args.json else []
+        extra += ["--fail-on-paper-spill"] if args.fail_on_paper_spill else []
         return subprocess.run([sys.executable, __file__, "--_compile", rec, *extra], env=env, cwd=ROOT).returncode
 
 
