@@ -179,6 +179,16 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _row_block(w_ptr, N, BLOCK_R: tl.constexpr):
+    """This row program's batch, rows, rows inside N, and rows selected (weight ≠ 0) — grid (row blocks, B)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rv = offs_r < N
+    wt = tl.load(w_ptr + b * N + offs_r, mask=rv, other=0.0)
+    return b, offs_r, rv, rv & (wt != 0)
+
+
+@triton.jit
 def _row_sums(o_b, fs_b, offs_r, sel, C, BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr):
     """Per row: O·f, |O|², |f|² (fp32), over C in BLOCK_CC chunks; unselected rows load nothing."""
     acc_of = tl.zeros([BLOCK_R, BLOCK_CC], dtype=tl.float32)
@@ -201,12 +211,7 @@ def _cos_fwd_kernel(
     o_ptr, fs_ptr, w_ptr, loss_ptr, N, C, eps,
     BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    rv = offs_r < N
-    wt = tl.load(w_ptr + b * N + offs_r, mask=rv, other=0.0)
-    sel = rv & (wt != 0)
+    b, offs_r, rv, sel = _row_block(w_ptr, N, BLOCK_R)
     s_of, s_oo, s_ff = _row_sums(o_ptr + b * N * C, fs_ptr + b * N * C, offs_r, sel, C, BLOCK_R, BLOCK_CC)
     n_o = tl.maximum(tl.sqrt(s_oo), eps)
     n_f = tl.maximum(tl.sqrt(s_ff), eps)
@@ -219,12 +224,7 @@ def _bwd_prep_kernel(
     g_ptr, o_ptr, fs_ptr, w_ptr, do_ptr, di_ptr, dfs_ptr, N, C, eps,
     BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr, NEED_DO: tl.constexpr, NEED_DFS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    rv = offs_r < N
-    wt = tl.load(w_ptr + b * N + offs_r, mask=rv, other=0.0)
-    sel = rv & (wt != 0)
+    b, offs_r, rv, sel = _row_block(w_ptr, N, BLOCK_R)
     o_b = o_ptr + b * N * C
     fs_b = fs_ptr + b * N * C
     s_of, s_oo, s_ff = _row_sums(o_b, fs_b, offs_r, sel, C, BLOCK_R, BLOCK_CC)
