@@ -417,6 +417,9 @@ def _size_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
     _edit_json(deep / "config.json", text_config={**config["text_config"], "num_hidden_layers": 1_000_000})
     _case(cases, deep.parent, "inverter-layers", call="adaface.models.prompt_inverter:PromptInverter.from_pretrained",
           args=[str(deep)])
+    snapshot = _hub_repo(root / "hub", "fake/sd15-vocab", sd)  # the same for a hub id, on its snapshot
+    _edit_json(snapshot / "text_encoder" / "config.json", vocab_size=20_000_000)
+    _case(cases, root / "hub", "hub-vocab", call="adaface.models._io:load_clip_text_model", args=["fake/sd15-vocab"])
     _case(cases, sd, "clean-pipeline", call="adaface.models._io:check_model_source", args=[str(sd)],
           kwargs={"models": "pipeline"})
     _case(cases, a2f, "clean-arc2face", call="adaface.models.arc2face:Arc2Face.from_pretrained", args=[str(a2f)],
@@ -767,6 +770,8 @@ def test_the_arc2face_unet_config_is_checked_by_the_training_command(outcomes):
     ("encoder-vocab", ("encoder/config.json: declares a CLIPTextModel of 10,246,352,461 elements",
                        "pytorch_model.bin holds at most")),
     ("unet-modules", ("unet/config.json: builds more than MAX_MODULES = 12,000 modules",)),
+    ("hub-vocab", (f"snapshots/{HUB_COMMIT}/text_encoder/config.json: declares a CLIPTextModel of 10,246,352,461",
+                   "model.safetensors holds 6,659,072")),
     ("inverter-layers", ("num_hidden_layers declares 1,000,000 layers or blocks, over MAX_LAYERS = 256",))])
 def test_a_model_declaring_more_than_its_weights_is_refused_before_allocation(outcomes, case, fragments):
     _refused_by_loader(outcomes["results"][case], "UnsafeFileError", *fragments)
@@ -834,3 +839,28 @@ def test_declared_size_of_released_shapes_is_counted_without_allocating(tmp_path
                    projection_dim=768).save_pretrained(tmp_path / "text")
     assert declared_size(UNet2DConditionModel, tmp_path / "unet")[0] == 859_520_964
     assert declared_size(CLIPTextModel, tmp_path / "text")[0] == 123_060_480 + 77
+
+
+def test_sharded_weights_are_counted_from_their_index(tmp_path):
+    # A sharded checkpoint holds the sum of its shards' headers; a shard named outside the folder is refused.
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adaface.models._io import UnsafeFileError, check_model_size, stored_elements
+
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    model.save_pretrained(tmp_path / "text", max_shard_size="100KB")
+    index = tmp_path / "text" / "model.safetensors.index.json"
+    assert index.is_file() and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
+    stored, said = stored_elements(tmp_path / "text")
+    assert stored == sum(p.numel() for p in model.parameters()) and said.startswith(f"{index} holds")
+    check_model_size(tmp_path / "text", CLIPTextModel)
+    _edit_json(tmp_path / "text" / "config.json", vocab_size=20_000_000)
+    declared = r"declares a CLIPTextModel of 1,280,068,112 elements .*index\.json holds 132,096;"
+    with pytest.raises(UnsafeFileError, match=declared):
+        check_model_size(tmp_path / "text", CLIPTextModel)
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {**weight_map, "x": "../model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UnsafeFileError, match="is not a file name beside the index"):
+        stored_elements(tmp_path / "text")
