@@ -374,7 +374,8 @@ def _size_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
     command: the Arc2Face UNet 64 times wider (12 GiB from a 4 MB folder); text encoders with 20 million
     tokens (38 GiB), one pickled (the Arc2Face encoder's pytorch_model.bin) and one in an SD pipeline; a text
     encoder of a million layers, a UNet of 200 transformer layers per block (more modules than MAX_MODULES), an
-    inverter of a million layers. The clean tiny models are the control."""
+    inverter of a million layers, a scheduler of a billion training timesteps (its tables would take 27 GiB).
+    The clean tiny models are the control."""
     def copy(case_id: str, source: Path, name: str) -> Path:
         shutil.copytree(source, root / case_id / name)
         return root / case_id / name
@@ -408,6 +409,10 @@ def _size_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
     _edit_json(deep / "text_encoder" / "config.json", num_hidden_layers=1_000_000)
     _case(cases, deep.parent, "pipeline-layers", main="adaface.training.method.stage1",
           argv=[*_stage1_args(deep, a2f), "--output-dir", str(deep.parent / "out")])
+    steps = copy("scheduler-steps", sd, "sd15")
+    _edit_json(steps / "scheduler" / "scheduler_config.json", num_train_timesteps=1_000_000_000)
+    _case(cases, steps.parent, "scheduler-steps", main="adaface.training.method.stage1",
+          argv=[*_stage1_args(steps, a2f), "--output-dir", str(steps.parent / "out")])
     many = copy("unet-modules", sd, "sd15")
     _edit_json(many / "unet" / "config.json", transformer_layers_per_block=200)
     _case(cases, many.parent, "unet-modules", call="adaface.models._io:check_model_source", args=[str(many)],
@@ -781,7 +786,9 @@ def test_a_model_declaring_more_than_its_weights_is_refused_before_allocation(ou
     ("unet-wide-stage1", ("--arc2face", "declares a UNet2DConditionModel of 3,177,799,684 elements")),
     ("pipeline-vocab-stage1", ("--sd-model", "text_encoder/config.json: declares a CLIPTextModel of 10,246,352,461",
                                "model.safetensors holds 6,659,072")),
-    ("pipeline-layers", ("--sd-model", "num_hidden_layers declares 1,000,000 layers or blocks"))])
+    ("pipeline-layers", ("--sd-model", "num_hidden_layers declares 1,000,000 layers or blocks")),
+    ("scheduler-steps", ("--sd-model", "scheduler_config.json: num_train_timesteps 1,000,000,000 is over "
+                         "MAX_TRAIN_TIMESTEPS = 100,000"))])
 def test_the_commands_refuse_a_declared_size_in_one_line(outcomes, case, fragments):
     _refused_by_command(outcomes["results"][case], *fragments)
 

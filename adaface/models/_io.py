@@ -41,6 +41,9 @@ MAX_MODULES = 12_000  # modules a model built from a config may register
 # What a model may declare beyond its weights file: non-persistent buffers (CLIP's position ids) are built but
 # not saved. 2**20 elements is 4 MiB in float32.
 DECLARED_SLACK = 2**20
+# A scheduler allocates several tables of num_train_timesteps entries when built (50 million took 1.3 GiB);
+# SD-1.5's has 1000.
+MAX_TRAIN_TIMESTEPS = 100_000
 LAYER_KEY = re.compile(r"(layers?|depths?|blocks|per_block|block_types)$")
 
 
@@ -112,7 +115,8 @@ def read_model_config(path: PathLike) -> dict:
 def check_diffusers_config(cfg: dict, path: PathLike) -> dict:
     """`cfg` (a diffusers config: model, scheduler or `model_index.json`) unless diffusers would load code for it:
     a `_class_name` that is a list names a custom pipeline or model module to import, and a `quantization_config`
-    hands the weights to a quantizer (the gguf and nunchaku ones fetch a kernel from the hub)."""
+    hands the weights to a quantizer (the gguf and nunchaku ones fetch a kernel from the hub). A scheduler's
+    `num_train_timesteps` is bounded by MAX_TRAIN_TIMESTEPS (it sizes the tables built from the config)."""
     name = cfg.get("_class_name")
     if name is not None and not isinstance(name, str):
         raise UnsafeFileError(f"diffusers config {path}: _class_name {name!r} names a custom module (code to "
@@ -120,6 +124,10 @@ def check_diffusers_config(cfg: dict, path: PathLike) -> dict:
     if cfg.get("quantization_config") is not None:
         raise UnsafeFileError(f"diffusers config {path}: names a quantization_config (a quantizer that can fetch "
                               "a kernel from the hub); refused")
+    steps = cfg.get("num_train_timesteps")
+    if isinstance(steps, int) and steps > MAX_TRAIN_TIMESTEPS:
+        raise UnsafeFileError(f"diffusers config {path}: num_train_timesteps {steps:,} is over MAX_TRAIN_TIMESTEPS "
+                              f"= {MAX_TRAIN_TIMESTEPS:,}")
     return cfg
 
 
