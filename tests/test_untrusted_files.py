@@ -374,7 +374,8 @@ def _size_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
     command: the Arc2Face UNet 64 times wider (12 GiB from a 4 MB folder); text encoders with 20 million
     tokens (38 GiB), one pickled (the Arc2Face encoder's pytorch_model.bin) and one in an SD pipeline; a text
     encoder of a million layers, a UNet of 200 transformer layers per block (more modules than MAX_MODULES), an
-    inverter of a million layers, a scheduler of a billion training timesteps (its tables would take 27 GiB).
+    inverter of a million layers, a scheduler of a billion training timesteps (its tables would take 27 GiB),
+    CLIP and DINO processors that would resize every image to 100,000 or a million pixels a side.
     The clean tiny models are the control."""
     def copy(case_id: str, source: Path, name: str) -> Path:
         shutil.copytree(source, root / case_id / name)
@@ -425,6 +426,16 @@ def _size_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
     snapshot = _hub_repo(root / "hub", "fake/sd15-vocab", sd)  # the same for a hub id, on its snapshot
     _edit_json(snapshot / "text_encoder" / "config.json", vocab_size=20_000_000)
     _case(cases, root / "hub", "hub-vocab", call="adaface.models._io:load_clip_text_model", args=["fake/sd15-vocab"])
+    from adaface.testing.tiny_models import save_tiny_clip, save_tiny_dino
+
+    clip = save_tiny_clip(root / "processor-clip" / "clip", sd / "tokenizer")  # --clip: a crop of 100,000 pixels
+    processor = json.loads((clip / "processor_config.json").read_text())
+    processor["image_processor"]["crop_size"] = {"height": 100_000, "width": 100_000}
+    (clip / "processor_config.json").write_text(json.dumps(processor))
+    _case(cases, clip.parent, "processor-clip", call="adaface.models._io:check_model_source", args=[str(clip)])
+    dino = save_tiny_dino(root / "processor-dino" / "dino")  # --dino: images resized to 1,000,000 pixels wide
+    _edit_json(dino / "preprocessor_config.json", size={"height": 32, "width": 1_000_000})
+    _case(cases, dino.parent, "processor-dino", call="adaface.models._io:check_model_source", args=[str(dino)])
     _case(cases, sd, "clean-pipeline", call="adaface.models._io:check_model_source", args=[str(sd)],
           kwargs={"models": "pipeline"})
     _case(cases, a2f, "clean-arc2face", call="adaface.models.arc2face:Arc2Face.from_pretrained", args=[str(a2f)],
@@ -775,6 +786,8 @@ def test_the_arc2face_unet_config_is_checked_by_the_training_command(outcomes):
     ("encoder-vocab", ("encoder/config.json: declares a CLIPTextModel of 10,246,352,461 elements",
                        "pytorch_model.bin holds at most")),
     ("unet-modules", ("unet/config.json: builds more than MAX_MODULES = 12,000 modules",)),
+    ("processor-clip", ("clip/processor_config.json: crop_size 100,000 is over MAX_IMAGE_SIDE = 2,048 pixels",)),
+    ("processor-dino", ("dino/preprocessor_config.json: size 1,000,000 is over MAX_IMAGE_SIDE",)),
     ("hub-vocab", (f"snapshots/{HUB_COMMIT}/text_encoder/config.json: declares a CLIPTextModel of 10,246,352,461",
                    "model.safetensors holds 6,659,072")),
     ("inverter-layers", ("num_hidden_layers declares 1,000,000 layers or blocks, over MAX_LAYERS = 256",))])

@@ -45,6 +45,11 @@ DECLARED_SLACK = 2**20
 # SD-1.5's has 1000.
 MAX_TRAIN_TIMESTEPS = 100_000
 LAYER_KEY = re.compile(r"(layers?|depths?|blocks|per_block|block_types)$")
+# An image processor resizes every image to the sizes its config names before the model sees it: CLIP and DINO
+# use 224 to 518 pixels; 2048 is 48 MiB per image as float32.
+MAX_IMAGE_SIDE = 2048
+IMAGE_SIZE_KEY = re.compile(r"(size|edge|height|width)$")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class UnsafeFileError(OSError):
@@ -89,13 +94,19 @@ def read_json(path: PathLike, *, what: str = "JSON file", max_bytes: int = MAX_J
     return obj
 
 
+def _dicts(cfg: dict) -> Iterator[dict]:
+    stack = [cfg]
+    while stack:
+        d = stack.pop()
+        yield d
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+
+
 def check_model_config(cfg: Any, path: PathLike) -> dict:
     """`cfg` (a config.json's content) unless it would have transformers load code or a kernel from the hub."""
     if not isinstance(cfg, dict):
         raise UnsafeFileError(f"model config {path}: expected a JSON object, got {type(cfg).__name__}")
-    stack = [cfg]
-    while stack:
-        d = stack.pop()
+    for d in _dicts(cfg):
         if "auto_map" in d:
             raise UnsafeFileError(f"model config {path}: names auto_map (code to download and run); refused")
         for key in ("attn_implementation", "_attn_implementation"):
@@ -103,7 +114,6 @@ def check_model_config(cfg: Any, path: PathLike) -> dict:
                 raise UnsafeFileError(
                     f"model config {path}: {key} {d.get(key)!r} could load a kernel from the hub; a config file may "
                     "name only 'eager' or 'sdpa'")
-        stack.extend(v for v in d.values() if isinstance(v, dict))
     return cfg
 
 
@@ -159,8 +169,9 @@ def _check_pipeline_index(root: Path) -> None:
 
 
 def check_model_folder(source: object) -> None:
-    """Check every transformers/diffusers config of a local model or pipeline folder (a hub id: see
-    `check_model_source`); raises UnsafeFileError naming the first file that would load code or a hub kernel."""
+    """Check every transformers/diffusers config and image processor config of a local model or pipeline folder
+    (a hub id: see `check_model_source`); raises UnsafeFileError naming the first file that would load code or
+    a hub kernel, or resize images beyond MAX_IMAGE_SIDE."""
     if not is_local(source):
         return
     root = Path(source).expanduser()
@@ -168,6 +179,10 @@ def check_model_folder(source: object) -> None:
     for path in sorted(configs):
         if path.is_file():
             check_config_file(path)
+    for name in PROCESSOR_FILES:
+        for path in sorted([root / name, *root.glob(f"*/{name}")]):
+            if path.is_file():
+                check_processor_config(path)
     if (root / "model_index.json").is_file():
         _check_pipeline_index(root)
 
@@ -235,29 +250,46 @@ def safetensors_elements(path: PathLike) -> int:
         raise UnsafeFileError(f"weights {path}: not a valid safetensors file ({first_line(e)})") from None
 
 
-def check_structure(cfg: Any, path: PathLike) -> None:
+def _numbers(value: Any, *, lengths: bool) -> list[int]:
+    """The ints inside `value` (through nested lists and dicts), and with `lengths` also its lists' lengths."""
+    found, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, dict)):
+            if lengths and isinstance(v, list):
+                found.append(len(v))
+            stack.extend(v.values() if isinstance(v, dict) else v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            found.append(v)
+    return found
+
+
+def check_structure(cfg: dict, path: PathLike) -> None:
     """Refuse a config that declares more than MAX_LAYERS layers or blocks (any key matching LAYER_KEY, at any
     depth: an int, or a per-block list's length and entries): building a model costs work and memory per layer
     before any weight can be compared with it."""
-    stack = [cfg]
-    while stack:
-        d = stack.pop()
+    for d in _dicts(cfg):
         for key, value in d.items():
-            if isinstance(value, dict):
-                stack.append(value)
-            elif isinstance(key, str) and LAYER_KEY.search(key):
-                counts, inner = [], [value]
-                while inner:
-                    v = inner.pop()
-                    if isinstance(v, list):
-                        counts.append(len(v))
-                        inner.extend(v)
-                    elif isinstance(v, int) and not isinstance(v, bool):
-                        counts.append(v)
-                if counts and max(counts) > MAX_LAYERS:
-                    shown = f"a list of {len(value):,}" if isinstance(value, list) else f"{max(counts):,}"
-                    raise UnsafeFileError(f"model config {path}: {key} declares {shown} layers or blocks, over "
-                                          f"MAX_LAYERS = {MAX_LAYERS}")
+            counts = _numbers(value, lengths=True) if LAYER_KEY.search(key) and not isinstance(value, dict) else []
+            if counts and max(counts) > MAX_LAYERS:
+                shown = f"a list of {len(value):,}" if isinstance(value, list) else f"{max(counts):,}"
+                raise UnsafeFileError(f"model config {path}: {key} declares {shown} layers or blocks, over "
+                                      f"MAX_LAYERS = {MAX_LAYERS}")
+
+
+def check_processor_config(path: PathLike) -> dict:
+    """An image processor's config, read within the JSON limits, whose image sizes (keys matching
+    IMAGE_SIZE_KEY) are at most MAX_IMAGE_SIDE: every image is resized to them before anything else."""
+    cfg = read_json(path, what="processor config")
+    if not isinstance(cfg, dict):
+        raise UnsafeFileError(f"processor config {path}: expected a JSON object, got {type(cfg).__name__}")
+    for d in _dicts(cfg):
+        for key, value in d.items():
+            sides = _numbers(value, lengths=False) if IMAGE_SIZE_KEY.search(key) else []
+            if sides and max(sides) > MAX_IMAGE_SIDE:
+                raise UnsafeFileError(f"processor config {path}: {key} {max(sides):,} is over MAX_IMAGE_SIDE = "
+                                      f"{MAX_IMAGE_SIDE:,} pixels")
+    return cfg
 
 
 @contextmanager
