@@ -39,8 +39,9 @@ FILE_ATTENTION = (None, "eager", "sdpa")  # attn_implementation values a config 
 MAX_LAYERS = 256  # any layer or block count a config declares, and the length of its per-block lists
 MAX_MODULES = 12_000  # modules a model built from a config may register
 # What a model may declare beyond its weights file: non-persistent buffers (CLIP's position ids) are built but
-# not saved. 2**20 elements is 4 MiB in float32.
-DECLARED_SLACK = 2**20
+# not saved, and a loader initialises afresh the layers a checkpoint lacks (a ViT-H's pooler, as AutoModel
+# builds it, is 1.6 million elements). 2**22 elements is 16 MiB in float32.
+DECLARED_SLACK = 2**22
 # A scheduler allocates several tables of num_train_timesteps entries when built (50 million took 1.3 GiB);
 # SD-1.5's has 1000.
 MAX_TRAIN_TIMESTEPS = 100_000
