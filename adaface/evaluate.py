@@ -472,7 +472,7 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         arc = arcface_scores(encoder, items, ref_arcface)
 
     with loading("--clip", args.clip):  # pinned to the files checked (a hub id: its snapshot's commit)
-        _, pin = check_model_source(args.clip)
+        _, pin = check_model_source(args.clip, {"": CLIPModel})
         clip = CLIPModel.from_pretrained(args.clip, **pin).eval().to(device)
         processor = CLIPProcessor.from_pretrained(args.clip, **pin)
     files = [i.file for i in items]
@@ -492,7 +492,7 @@ def evaluate(args: argparse.Namespace, items: list[Item], settings: dict, refs: 
         clip_i = (img @ clip_image_features(clip, processor, refs["images"], device, args.batch_size).T).mean(1)
         if args.dino:
             with loading("--dino", args.dino):
-                _, pin = check_model_source(args.dino)
+                _, pin = check_model_source(args.dino, {"": AutoModel})
                 dmodel = AutoModel.from_pretrained(args.dino, **pin).eval().to(device)
                 dproc = AutoImageProcessor.from_pretrained(args.dino, **pin)
             gen = dino_features(dmodel, dproc, files, device, args.batch_size)

@@ -591,10 +591,10 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
         with loading("--motion-adapter", args.motion_adapter):
-            _, pin = check_model_source(args.motion_adapter)
+            _, pin = check_model_source(args.motion_adapter, {"": MotionAdapter})
             adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype, **pin)
         with loading("--base", args.base):
-            _, pin = check_model_source(args.base)
+            _, pin = check_model_source(args.base, "pipeline")
             pipe = AnimateDiffPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype, **pin)
         if args.free_noise:
             pipe.enable_free_noise(context_length=args.context_length, context_stride=args.context_stride)
@@ -602,7 +602,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         from diffusers import StableDiffusionPipeline
 
         with loading("--base", args.base):
-            _, pin = check_model_source(args.base)
+            _, pin = check_model_source(args.base, "pipeline")
             pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, **pin)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.video)
     if scheduler is not None:

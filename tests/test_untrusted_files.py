@@ -369,6 +369,79 @@ def _unet_config_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
           args=[str(folder / "sd15")])
 
 
+def _size_cases(cases: list, root: Path, sd: Path, a2f: Path) -> None:
+    """Model folders whose configs declare far more than their weights hold, each opened by the loader and by a
+    command: the Arc2Face UNet 64 times wider (12 GiB from a 4 MB folder); text encoders with 20 million
+    tokens (38 GiB), one pickled (the Arc2Face encoder's pytorch_model.bin) and one in an SD pipeline; a text
+    encoder of a million layers, a UNet of 200 transformer layers per block (more modules than MAX_MODULES), an
+    inverter of a million layers, a scheduler of a billion training timesteps (its tables would take 27 GiB),
+    CLIP and DINO processors that would resize every image to 100,000 or a million pixels a side.
+    The clean tiny models are the control."""
+    def copy(case_id: str, source: Path, name: str) -> Path:
+        shutil.copytree(source, root / case_id / name)
+        return root / case_id / name
+
+    tok = str(sd / "tokenizer")
+    wide = copy("unet-wide", a2f, "arc2face-model")
+    unet = json.loads((a2f / "arc2face" / "config.json").read_text())
+    _edit_json(wide / "arc2face" / "config.json", block_out_channels=[64 * c for c in unet["block_out_channels"]])
+    _case(cases, wide.parent, "unet-wide", call="adaface.models.arc2face:Arc2Face.from_pretrained",
+          args=[str(wide)], kwargs={"tokenizer": tok})
+    _case(cases, wide.parent, "unet-wide-stage1", main="adaface.training.method.stage1",
+          argv=[*_stage1_args(sd, wide), "--output-dir", str(wide.parent / "out")])
+    vocab = copy("encoder-vocab", a2f, "arc2face-model")
+    _edit_json(vocab / "encoder" / "config.json", vocab_size=20_000_000)
+    if (vocab / "encoder" / "model.safetensors").exists():  # pickled, as the released encoder is
+        from safetensors.torch import load_file
+
+        torch.save(load_file(vocab / "encoder" / "model.safetensors"), vocab / "encoder" / "pytorch_model.bin")
+        (vocab / "encoder" / "model.safetensors").unlink()
+    _case(cases, vocab.parent, "encoder-vocab", call="adaface.models._io:load_clip_text_model", args=[str(vocab)],
+          kwargs={"subfolder": "encoder", "what": "Arc2Face encoder"})
+    vocab = copy("pipeline-vocab", sd, "sd15")
+    _edit_json(vocab / "text_encoder" / "config.json", vocab_size=20_000_000)
+    _case(cases, vocab.parent, "pipeline-vocab-stage1", main="adaface.training.method.stage1",
+          argv=[*_stage1_args(vocab, a2f), "--output-dir", str(vocab.parent / "out")])
+    _case(cases, vocab.parent, "pipeline-vocab-generate", main="adaface.generate",
+          argv=["--base", str(vocab), "--arc2face", str(a2f), "--inverter", str(root / "tiny-inverter"),
+                "--random-id", "3", "--num-images", "1", "--steps", "1", "--height", "16", "--width", "16",
+                "--device", "cpu", "--out", str(vocab.parent / "out")])
+    deep = copy("pipeline-layers", sd, "sd15")
+    _edit_json(deep / "text_encoder" / "config.json", num_hidden_layers=1_000_000)
+    _case(cases, deep.parent, "pipeline-layers", main="adaface.training.method.stage1",
+          argv=[*_stage1_args(deep, a2f), "--output-dir", str(deep.parent / "out")])
+    steps = copy("scheduler-steps", sd, "sd15")
+    _edit_json(steps / "scheduler" / "scheduler_config.json", num_train_timesteps=1_000_000_000)
+    _case(cases, steps.parent, "scheduler-steps", main="adaface.training.method.stage1",
+          argv=[*_stage1_args(steps, a2f), "--output-dir", str(steps.parent / "out")])
+    many = copy("unet-modules", sd, "sd15")
+    _edit_json(many / "unet" / "config.json", transformer_layers_per_block=200)
+    _case(cases, many.parent, "unet-modules", call="adaface.models._io:check_model_source", args=[str(many)],
+          kwargs={"models": "pipeline"})
+    deep = copy("inverter-layers", root / "tiny-inverter", "inverter")
+    config = json.loads((deep / "config.json").read_text())
+    _edit_json(deep / "config.json", text_config={**config["text_config"], "num_hidden_layers": 1_000_000})
+    _case(cases, deep.parent, "inverter-layers", call="adaface.models.prompt_inverter:PromptInverter.from_pretrained",
+          args=[str(deep)])
+    snapshot = _hub_repo(root / "hub", "fake/sd15-vocab", sd)  # the same for a hub id, on its snapshot
+    _edit_json(snapshot / "text_encoder" / "config.json", vocab_size=20_000_000)
+    _case(cases, root / "hub", "hub-vocab", call="adaface.models._io:load_clip_text_model", args=["fake/sd15-vocab"])
+    from adaface.testing.tiny_models import save_tiny_clip, save_tiny_dino
+
+    clip = save_tiny_clip(root / "processor-clip" / "clip", sd / "tokenizer")  # --clip: a crop of 100,000 pixels
+    processor = json.loads((clip / "processor_config.json").read_text())
+    processor["image_processor"]["crop_size"] = {"height": 100_000, "width": 100_000}
+    (clip / "processor_config.json").write_text(json.dumps(processor))
+    _case(cases, clip.parent, "processor-clip", call="adaface.models._io:check_model_source", args=[str(clip)])
+    dino = save_tiny_dino(root / "processor-dino" / "dino")  # --dino: images resized to 1,000,000 pixels wide
+    _edit_json(dino / "preprocessor_config.json", size={"height": 32, "width": 1_000_000})
+    _case(cases, dino.parent, "processor-dino", call="adaface.models._io:check_model_source", args=[str(dino)])
+    _case(cases, sd, "clean-pipeline", call="adaface.models._io:check_model_source", args=[str(sd)],
+          kwargs={"models": "pipeline"})
+    _case(cases, a2f, "clean-arc2face", call="adaface.models.arc2face:Arc2Face.from_pretrained", args=[str(a2f)],
+          kwargs={"tokenizer": tok})
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict:
     from safetensors.torch import save_file
@@ -510,6 +583,7 @@ def outcomes(tmp_path_factory) -> dict:
     _resume_cases(cases, root, sd, a2f)
     hub = _hub_cases(cases, root, sd, a2f)
     _unet_config_cases(cases, root, sd, a2f)
+    _size_cases(cases, root, sd, a2f)
 
     spec = root / "cases.json"
     spec.write_text(json.dumps(cases))
@@ -704,3 +778,109 @@ def test_diffusers_configs_that_would_load_code_are_refused(outcomes, case, frag
 def test_the_arc2face_unet_config_is_checked_by_the_training_command(outcomes):
     _refused_by_command(outcomes["results"]["unet-quantized-stage1"], "--arc2face", "arc2face/config.json",
                         "quantization_config")
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("unet-wide", ("arc2face/config.json: declares a UNet2DConditionModel of 3,177,799,684 elements",
+                   "diffusion_pytorch_model.safetensors holds 946,564", "refused before allocating it")),
+    ("encoder-vocab", ("encoder/config.json: declares a CLIPTextModel of 10,246,352,461 elements",
+                       "pytorch_model.bin holds at most")),
+    ("unet-modules", ("unet/config.json: builds more than MAX_MODULES = 12,000 modules",)),
+    ("processor-clip", ("clip/processor_config.json: crop_size 100,000 is over MAX_IMAGE_SIDE = 2,048 pixels",)),
+    ("processor-dino", ("dino/preprocessor_config.json: size 1,000,000 is over MAX_IMAGE_SIDE",)),
+    ("hub-vocab", (f"snapshots/{HUB_COMMIT}/text_encoder/config.json: declares a CLIPTextModel of 10,246,352,461",
+                   "model.safetensors holds 6,659,072")),
+    ("inverter-layers", ("num_hidden_layers declares 1,000,000 layers or blocks, over MAX_LAYERS = 256",))])
+def test_a_model_declaring_more_than_its_weights_is_refused_before_allocation(outcomes, case, fragments):
+    _refused_by_loader(outcomes["results"][case], "UnsafeFileError", *fragments)
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("unet-wide-stage1", ("--arc2face", "declares a UNet2DConditionModel of 3,177,799,684 elements")),
+    ("pipeline-vocab-stage1", ("--sd-model", "text_encoder/config.json: declares a CLIPTextModel of 10,246,352,461",
+                               "model.safetensors holds 6,659,072")),
+    ("pipeline-layers", ("--sd-model", "num_hidden_layers declares 1,000,000 layers or blocks")),
+    ("scheduler-steps", ("--sd-model", "scheduler_config.json: num_train_timesteps 1,000,000,000 is over "
+                         "MAX_TRAIN_TIMESTEPS = 100,000"))])
+def test_the_commands_refuse_a_declared_size_in_one_line(outcomes, case, fragments):
+    _refused_by_command(outcomes["results"][case], *fragments)
+
+
+def test_generate_refuses_a_declared_size_in_one_line(outcomes):
+    _refused_by_parser(outcomes["results"]["pipeline-vocab-generate"], "--base",
+                       "text_encoder/config.json: declares a CLIPTextModel of 10,246,352,461 elements")
+
+
+def test_the_clean_tiny_models_pass_the_size_check(outcomes):
+    results = outcomes["results"]
+    for case in ("clean-pipeline", "clean-arc2face"):
+        _bounded(results[case])
+        assert "value" in results[case], results[case]
+    assert results["clean-arc2face"]["value"].startswith("Arc2Face(")
+
+
+def test_declared_sizes_match_the_weights_of_saved_models(tmp_path):
+    # Built on the meta device, a saved model declares what its safetensors file holds, plus its non-persistent
+    # buffers (CLIP's 77 position ids); tied weights count once (GPT-2's output layer is its token table).
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, GPT2Config, GPT2LMHeadModel
+
+    from adaface.models._io import DECLARED_SLACK, check_model_size, declared_size, stored_elements
+    from adaface.testing.tiny_models import save_tiny_sd15
+
+    sd = save_tiny_sd15(tmp_path / "sd15")
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    gpt.save_pretrained(tmp_path / "gpt2")
+    for folder, cls, buffers in ((sd / "text_encoder", CLIPTextModel, 77), (sd / "unet", UNet2DConditionModel, 0),
+                                 (sd / "vae", AutoencoderKL, 0), (tmp_path / "gpt2", GPT2LMHeadModel, 0)):
+        elements, nbytes = declared_size(cls, folder)
+        stored, _ = stored_elements(folder)
+        assert elements - stored == buffers <= DECLARED_SLACK, (folder, elements, stored)
+        assert nbytes == 4 * elements + 4 * buffers  # float32 parameters, int64 position ids
+        check_model_size(folder, cls)
+
+
+def test_declared_size_of_released_shapes_is_counted_without_allocating(tmp_path):
+    # SD-1.5's UNet (859,520,964 parameters, 3.4 GB in float32) and CLIP ViT-L/14's text encoder (123,060,480,
+    # plus 77 position ids), counted from their configs on the meta device.
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adaface.models._io import declared_size
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "sample_size": 64, "cross_attention_dim": 768,
+        "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}))
+    CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768).save_pretrained(tmp_path / "text")
+    assert declared_size(UNet2DConditionModel, tmp_path / "unet")[0] == 859_520_964
+    assert declared_size(CLIPTextModel, tmp_path / "text")[0] == 123_060_480 + 77
+
+
+def test_sharded_weights_are_counted_from_their_index(tmp_path):
+    # A sharded checkpoint holds the sum of its shards' headers; a shard named outside the folder is refused.
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adaface.models._io import UnsafeFileError, check_model_size, stored_elements
+
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    model.save_pretrained(tmp_path / "text", max_shard_size="100KB")
+    index = tmp_path / "text" / "model.safetensors.index.json"
+    assert index.is_file() and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
+    stored, said = stored_elements(tmp_path / "text")
+    assert stored == sum(p.numel() for p in model.parameters()) and said.startswith(f"{index} holds")
+    check_model_size(tmp_path / "text", CLIPTextModel)
+    _edit_json(tmp_path / "text" / "config.json", vocab_size=20_000_000)
+    declared = r"declares a CLIPTextModel of 1,280,068,112 elements .*index\.json holds 132,096;"
+    with pytest.raises(UnsafeFileError, match=declared):
+        check_model_size(tmp_path / "text", CLIPTextModel)
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {**weight_map, "x": "../model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UnsafeFileError, match="is not a file name beside the index"):
+        stored_elements(tmp_path / "text")

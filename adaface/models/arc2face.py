@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._clip_text import clip_text_parts, run_clip_text
-from ._io import PathLike, check_config_file, check_model_source, is_local, load_clip_text_model, load_tokenizer
+from ._io import (
+    PathLike,
+    check_config_file,
+    check_model_size,
+    check_model_source,
+    is_local,
+    load_clip_text_model,
+    load_tokenizer,
+)
 
 PROMPT = "photo of a id person"
 ID_WORD = "id"
@@ -94,12 +102,13 @@ class Arc2Face(nn.Module):
                 path, what="tokenizer"
             )
         if load_unet:  # also where the subfolder is nested deeper than check_model_source looks
+            from diffusers import UNet2DConditionModel
+
             check_config_file(root / unet_subfolder / "config.json")
+            check_model_size(path, UNet2DConditionModel, unet_subfolder, snapshot=(root, pin))
         text_encoder = load_clip_text_model(path, subfolder=encoder_subfolder, what="Arc2Face encoder")
         unet = None
         if load_unet:
-            from diffusers import UNet2DConditionModel
-
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=unet_subfolder, **pin).eval()
         model = cls(text_encoder, tok, unet)
         return model.to(dtype) if dtype is not None else model

@@ -31,6 +31,7 @@ from ._io import (
     UnsafeFileError,
     atomic_save_json,
     atomic_save_safetensors,
+    check_structure,
     is_local,
     load_clip_text_model,
     load_tokenizer,
@@ -217,7 +218,9 @@ class PromptInverter(nn.Module):
         cfg = read_model_config(cfg_path)
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_path} is not a PromptInverter config (format {cfg.get('format')!r})")
-        # The sizes the config declares are allocated below: the weights file must hold that many elements.
+        # The sizes the config declares are allocated below: the weights file must hold that many elements, in
+        # no more layers than MAX_LAYERS (each costs Python objects beyond its weights).
+        check_structure(cfg, cfg_path)
         declared, stored = _declared_parameters(cfg, cfg_path), safetensors_elements(w_path)
         if declared != stored:
             raise UnsafeFileError(f"{cfg_path}: declares a model of {declared:,} parameters but {w_path} holds "

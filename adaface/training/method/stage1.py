@@ -130,6 +130,14 @@ def check_resolution(resolution: int, sd_model: str, unet: Any) -> None:
                           f"scale {vae_scale} x {halvings} for the UNet's down blocks)")
 
 
+def sd_models() -> dict[str, type]:
+    """The SD-1.5 pipeline's models the training stages build, by component folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+
+
 def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.device,
                 weight_dtype: torch.dtype) -> Stage1Models:
     """Student (SD-1.5 text encoder + UNet, frozen), teacher (Arc2Face, frozen), a fresh inverter, and the VAE
@@ -141,8 +149,10 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
 
-    with model_option("--sd-model", sd_model):  # no config may load code or a hub kernel (a hub id: checked on
-        _, pin = check_model_source(sd_model)  # its snapshot, and every load below pinned to the files checked)
+    # No config may load code or a hub kernel, nor declare a model larger than its weights (a hub id: checked on
+    # its snapshot, and every load below pinned to the files checked).
+    with model_option("--sd-model", sd_model):
+        _, pin = check_model_source(sd_model, sd_models())
     scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler", **pin)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:

@@ -309,10 +309,12 @@ def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, 
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.models.unet_feature_capture import UNetFeatureCapture
 
-    from .stage1 import _vae_scale_factor, check_resolution
+    from .stage1 import _vae_scale_factor, check_resolution, sd_models
 
-    with model_option("--sd-model", sd_model):  # no config may load code or a hub kernel (a hub id: checked on
-        _, pin = check_model_source(sd_model)  # its snapshot, and every load below pinned to the files checked)
+    # No config may load code or a hub kernel, nor declare a model larger than its weights (a hub id: checked on
+    # its snapshot, and every load below pinned to the files checked).
+    with model_option("--sd-model", sd_model):
+        _, pin = check_model_source(sd_model, sd_models())
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **pin)
     text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **pin).eval()
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **pin).eval()
