@@ -59,7 +59,7 @@ DELTA = [  # (rows, C): rows-per-program tile 2, 4, 8, 16, 32, and the split pat
     # a time); C = 640 and 128 are stage 2's 32² attention outputs and its attention maps (8 heads x 16 slots)
     (3, 1280), (5, 640), (9, 320), (15, 21), (33, 128), (2, 16 * 4096 + 1),
 ]
-SOFT_WARP = [  # (B, N, M, Dq, C): 64-row/column tiles crossed; Dq = C = 320: 256-wide output chunks crossed;
+SOFT_WARP = [  # (B, N, M, Dq, C): 64-row/column tiles crossed; Dq = C = 320: one program's two pieces, 256 + 64;
     # Dq = 640, C = 1280: the forward's streamed q and 640-wide output chunks (SD-1.5's 32² and 16² layers),
     # past its 32-row and 16- or 32-key blocks
     (2, 65, 65, 320, 320), (2, 65, 65, 40, 24), (1, 33, 33, 640, 1280),

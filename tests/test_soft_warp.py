@@ -371,7 +371,8 @@ def test_forward_plans_against_float64(path, mask_kind, device):
 
 def test_forward_huge_logits_two_pieces(device):
     """|S| ~ 1e4 through the resident two-piece q and a two-piece output: the scores the backward recomputes
-    (over the same 16-wide Dq chunks) must be the forward's to the last bit for its softmax to match."""
+    (over the same 16-wide Dq chunks, as these forced tiles make them) must be the forward's to the last bit for its
+    softmax to match."""
     blocks = dict(SMALL, FWD_D0=16, FWD_D1=16, FWD_C0=16, FWD_C1=16)
     _check((1, 20, 37, 19, 40), torch.float32, device, "bool", huge=True, blocks=blocks, seed=23)
 
@@ -517,7 +518,7 @@ def _bwd_errors(shape, counts, needs, blocks, device, seed=31):
 
 
 BWD_PATHS = {  # (B, N, M, Dq, C), forced tiles, the pieces / chunks they make
-    "one_piece": ((2, 21, 19, 24, 40), {}),  # 24 → (32, 0), 40 → (64, 0)
+    "one_piece": ((2, 21, 19, 24, 64), {}),  # 24 → (32, 0), 64 → (64, 0)
     "two_pieces": ((2, 19, 23, 72, 80), {}),  # 72, 80 → (64, 16): one chunk
     "two_pieces_16_steps": ((2, 37, 35, 72, 80), STEPS16),  # several row, key and Dq / C blocks
     "chunks_328": ((1, 17, 21, 72, 328), dict(STEPS16, BWD_OUT=64)),  # 5 chunks: dq 5 × 16, C 5 × (64 + 16)

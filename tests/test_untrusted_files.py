@@ -884,3 +884,6 @@ def test_sharded_weights_are_counted_from_their_index(tmp_path):
     index.write_text(json.dumps({"weight_map": {**weight_map, "x": "../model-00001-of-00002.safetensors"}}))
     with pytest.raises(UnsafeFileError, match="is not a file name beside the index"):
         stored_elements(tmp_path / "text")
+    index.write_text(json.dumps([weight_map]))  # not an object at the top
+    with pytest.raises(UnsafeFileError, match="expected a weight_map of tensor names to shard files"):
+        stored_elements(tmp_path / "text")

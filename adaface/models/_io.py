@@ -346,7 +346,8 @@ WEIGHTS_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "mo
 
 def _shards(index: Path) -> list[Path]:
     """The shard files a sharded checkpoint's index names: plain file names beside it."""
-    weight_map = read_json(index, what="weights index").get("weight_map") if index.is_file() else None
+    data = read_json(index, what="weights index") if index.is_file() else None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise UnsafeFileError(f"weights index {index}: expected a weight_map of tensor names to shard files")
     names = sorted(set(weight_map.values()))

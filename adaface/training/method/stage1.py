@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -138,19 +138,27 @@ def sd_models() -> dict[str, type]:
     return {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
 
 
-def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.device,
-                weight_dtype: torch.dtype) -> Stage1Models:
-    """Student (SD-1.5 text encoder + UNet, frozen), teacher (Arc2Face, frozen), a fresh inverter, and the VAE
-    when real images are used."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+class SDParts(NamedTuple):
+    """What both stages load from `--sd-model` (the VAE aside: stage 1 needs it only for real images)."""
+
+    pin: dict[str, Any]  # the revision every further load of `--sd-model` must use
+    scheduler: Any
+    prediction_type: str
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+
+
+def load_sd_parts(sd_model: str, resolution: int) -> SDParts:
+    """`--sd-model`'s scheduler, tokenizer, text encoder and UNet (evaluation mode), after its configs are checked.
+
+    No config may load code or a hub kernel, nor declare a model larger than its weights (a hub id: checked on its
+    snapshot, and every load pinned to the files checked)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from adaface.models._io import check_model_source
-    from adaface.models.arc2face import Arc2Face
-    from adaface.models.prompt_inverter import PromptInverter
 
-    # No config may load code or a hub kernel, nor declare a model larger than its weights (a hub id: checked on
-    # its snapshot, and every load below pinned to the files checked).
     with model_option("--sd-model", sd_model):
         _, pin = check_model_source(sd_model, sd_models())
     scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler", **pin)
@@ -161,7 +169,20 @@ def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.d
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **pin)
     text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **pin).eval()
     unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **pin).eval()
-    check_resolution(cfg.resolution, sd_model, unet)
+    check_resolution(resolution, sd_model, unet)
+    return SDParts(pin, scheduler, prediction_type, tokenizer, text_encoder, unet)
+
+
+def load_models(cfg: Stage1Config, sd_model: str, arc2face: str, device: torch.device,
+                weight_dtype: torch.dtype) -> Stage1Models:
+    """Student (SD-1.5 text encoder + UNet, frozen), teacher (Arc2Face, frozen), a fresh inverter, and the VAE
+    when real images are used."""
+    from diffusers import AutoencoderKL
+
+    from adaface.models.arc2face import Arc2Face
+    from adaface.models.prompt_inverter import PromptInverter
+
+    pin, scheduler, prediction_type, tokenizer, text_encoder, unet = load_sd_parts(sd_model, cfg.resolution)
     with model_option("--arc2face", arc2face):
         teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer)
     with model_option("--inverter-init" if cfg.inverter_init else "--sd-model", cfg.inverter_init or sd_model):

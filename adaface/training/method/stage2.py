@@ -46,7 +46,6 @@ from .composition_step import (
     composition_step,
 )
 from .compositions import CompositionPool
-from .distill import PREDICTION_TYPES
 from .stage1 import DistillSettings, Stage1Models, build_tiny_models, stage1_loss
 
 DESCRIPTION = "AdaFace stage 2: composition distillation of the Prompt Inverter (paper §2.3-2.4)."
@@ -301,30 +300,17 @@ def tiny_inverter(root: Path, sd_model: str) -> Path:
 
 def load_models(cfg: Stage2Config, sd_model: str, arc2face: str, inverter: str, device: torch.device,
                 weight_dtype: torch.dtype) -> Stage2Models:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL
 
-    from adaface.models._io import check_model_source
     from adaface.models.arc2face import Arc2Face
     from adaface.models.prompt_inverter import PromptInverter
     from adaface.models.unet_feature_capture import UNetFeatureCapture
 
-    from .stage1 import _vae_scale_factor, check_resolution, sd_models
+    from .stage1 import _vae_scale_factor, load_sd_parts
 
-    # No config may load code or a hub kernel, nor declare a model larger than its weights (a hub id: checked on
-    # its snapshot, and every load below pinned to the files checked).
-    with model_option("--sd-model", sd_model):
-        _, pin = check_model_source(sd_model, sd_models())
-    tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **pin)
-    text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **pin).eval()
-    unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **pin).eval()
-    check_resolution(cfg.resolution, sd_model, unet)
+    # the scheduler's prediction type matters to the stage-1 steps only
+    pin, scheduler, prediction_type, tokenizer, text_encoder, unet = load_sd_parts(sd_model, cfg.resolution)
     vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", **pin).eval()
-    scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler", **pin)
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")  # matters to the stage-1 steps only
-    if prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"--sd-model: the scheduler's prediction_type {prediction_type!r} is not supported "
-                          f"({' or '.join(PREDICTION_TYPES)})")
     with model_option("--arc2face", arc2face):
         teacher = Arc2Face.from_pretrained(arc2face, tokenizer=tokenizer, load_unet=cfg.stage1_p > 0)
     with model_option("--inverter", inverter):
