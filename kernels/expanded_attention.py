@@ -315,9 +315,10 @@ def _np2(n: int) -> int:
 # IEEE fp32 dots run on the FMA units, each thread holding its rows of both operands in registers: per kernel
 # and head width (BLOCK_D > 64), tiles (BLOCK_L, BLOCK_S, warps, stages) that ptxas compiles without spilling on
 # sm_80 and sm_90 at the paper's shape (multi-Q/V, D = 64), and the backward in every copy mode; the forward of
-# some other modes spills at most 32 bytes per thread (bench/kernel_resources.py).
+# some other modes spills at most 32 bytes per thread (bench/kernel_resources.py). The forward at D ≤ 64 runs
+# unpipelined: with two stages triton 3.9 spills it (~1.4 KB per thread), triton 3.8 does not.
 _IEEE_TILES = {
-    ("fwd", False): (32, 32, 4, 2), ("dq", False): (32, 32, 4, 2), ("dkdv", False): (16, 32, 4, 2),
+    ("fwd", False): (32, 32, 4, 1), ("dq", False): (32, 32, 4, 2), ("dkdv", False): (16, 32, 4, 2),
     ("fwd", True): (16, 32, 8, 1), ("dq", True): (16, 16, 8, 1), ("dkdv", True): (16, 32, 8, 1),
 }
 

@@ -288,12 +288,15 @@ def parse_ptxas(log: str) -> dict[str, int]:
 
 def ptxas_report(compiled) -> dict[str, int]:
     """`ptxas -v`'s registers and spill bytes per thread for a `compile_config` result, on its own target."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     target = compiled.metadata.target.arch
     gpu = f"sm_{target}" + ("a" if target == 90 else "")
+    ptxas = get_ptxas(target).path  # the one Triton assembled it with (3.9 uses a newer ptxas from sm_90 up)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp, "k.ptx")
         ptx.write_text(compiled.asm["ptx"])
-        log = subprocess.run([nvidia_tool("ptxas"), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp, "k.o"))],
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp, "k.o"))],
                              capture_output=True, text=True, check=True).stderr
     return parse_ptxas(log)
 
