@@ -95,6 +95,7 @@ def test_upload_generate_and_see_the_image(browser, server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, out = server
@@ -112,7 +113,8 @@ def test_upload_generate_and_see_the_image(browser, server, tmp_path):
         upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photos input[type=file]"))
         upload.send_keys(_photo())
         wait.until(lambda d: "t1.jpg" in d.find_element(By.ID, "photos").text.replace("\n", ""))  # uploaded
-        driver.find_element(By.ID, "generate").click()
+        # the page re-renders around the upload (the detected faces appear): wait for the button it leaves
+        wait.until(expected_conditions.element_to_be_clickable((By.ID, "generate"))).click()
 
         def done(d):
             images = [i for i in d.find_elements(By.CSS_SELECTOR, "#gallery img")
