@@ -161,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL sm_{r['arch']} {r['kernel']} {r['config']}: {r['error']}")
     print(summary(rows))
     paper = [r for r in rows if r["paper_shape"] and "error" not in r]
+    dots = [r for r in paper if _uses_dot(r)]
+    exact = [r for r in dots if _exact_fp32(r)]
     print(f"paper-shape rows: {len(paper)}, with spills: {sum(r['spill_bytes'] > 0 for r in paper)}, "
-          f"soft-warp rows without tensor cores: "
-          f"{sum(not r['mma'] for r in paper if r['kernel'].startswith('soft_warp.') and _uses_dot(r))}")
+          f"soft-warp tf32/bf16/fp16 rows without tensor cores: {sum(not r['mma'] for r in dots if r not in exact)} "
+          f"(exact-fp32 'ieee' rows, on the CUDA cores by definition: {len(exact)})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if failed else 0
@@ -171,7 +173,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _uses_dot(row: dict) -> bool:
     """The soft-warp kernels with matmuls (the cosine and prep kernels have none)."""
-    return row["kernel"].split(".")[-1] in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_col_kernel")
+    return row["kernel"].startswith("soft_warp.") and row["kernel"].split(".")[-1] in (
+        "_fwd_kernel", "_bwd_dq_kernel", "_bwd_col_kernel")
+
+
+def _exact_fp32(row: dict) -> bool:
+    """A soft-warp configuration with fp32 operands and "ieee" dots (`precision="ieee"`: no tensor cores)."""
+    constexprs = row["config"].get("constexprs", {})
+    compute = constexprs.get("COMPUTE")
+    compute = compute.get("triton_dtype") if isinstance(compute, dict) else compute
+    return constexprs.get("PREC") == "ieee" and str(compute) in ("fp32", "tl.float32", "float32")
 
 
 if __name__ == "__main__":
