@@ -179,10 +179,8 @@ def _uses_dot(row: dict) -> bool:
 
 def _exact_fp32(row: dict) -> bool:
     """A soft-warp configuration with fp32 operands and "ieee" dots (`precision="ieee"`: no tensor cores)."""
-    constexprs = row["config"].get("constexprs", {})
-    compute = constexprs.get("COMPUTE")
-    compute = compute.get("triton_dtype") if isinstance(compute, dict) else compute
-    return constexprs.get("PREC") == "ieee" and str(compute) in ("fp32", "tl.float32", "float32")
+    constexprs = row["config"]["constexprs"]  # a dtype constexpr is recorded as {"triton_dtype": name}
+    return constexprs["PREC"] == "ieee" and constexprs["COMPUTE"] == {"triton_dtype": "fp32"}
 
 
 if __name__ == "__main__":
